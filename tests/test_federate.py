@@ -1,0 +1,233 @@
+"""Tests for federate.py: hand-computed aggregators, DISCO key updates / clustering, SSA weights, client sampling,
+bad-client screening, and the end-to-end mechanism test on a tiny model (DISCO keeps stage-1 accuracy and
+routes each task to its own subspace; Finetune forgets)."""
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import federate as fd
+
+
+# ----------------------------------------------------------------------------------------------------
+# client sampling
+
+
+def test_sample_clients_deterministic_local_rng():
+    np.random.seed(123)
+    random.seed(5)
+    torch.manual_seed(7)
+    np_state, py_state, t_state = np.random.get_state()[1].copy(), random.getstate(), torch.get_rng_state()
+    a = fd.sample_clients(50, 5, seed=0, stage=1, rnd=3)
+    b = fd.sample_clients(50, 5, seed=0, stage=1, rnd=3)
+    assert a == b and len(set(a)) == 5 and all(0 <= c < 50 for c in a)
+    assert (np.random.get_state()[1] == np_state).all() and random.getstate() == py_state
+    assert torch.equal(torch.get_rng_state(), t_state)
+    draws = {tuple(fd.sample_clients(50, 5, 0, s, r)) for s in range(3) for r in range(10)}
+    assert len(draws) > 25                       # different per (stage, round)
+    assert fd.sample_clients(50, 5, 1, 1, 3) != a   # and per seed
+    assert sorted(fd.sample_clients(4, 4, 0, 0, 0)) == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        fd.sample_clients(3, 4, 0, 0, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# aggregators, hand-computed
+
+
+G = {"w": torch.tensor([0.0, 0.0])}
+C = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}]
+N = [1, 3]                                  # p = [0.25, 0.75] -> weighted mean [2.5, 5.0]
+
+
+@pytest.mark.parametrize("kind", ["fedavg", "fedprox"])
+def test_fedavg_weighted_by_samples(kind):
+    out = fd.aggregate(G, C, N, fd.ServerOptimizer(kind))
+    assert torch.allclose(out["w"], torch.tensor([2.5, 5.0]))
+    out = fd.aggregate(G, C, [1, 1], fd.ServerOptimizer(kind))
+    assert torch.allclose(out["w"], torch.tensor([2.0, 4.0]))
+
+
+def test_fedavgm_two_rounds():
+    opt = fd.ServerOptimizer("fedavgm", lr=1.0, momentum=0.5)
+    x1 = fd.aggregate(G, C, N, opt)["w"]                # m = Δ = [2.5, 5]; x = [2.5, 5]
+    assert torch.allclose(x1, torch.tensor([2.5, 5.0]))
+    x2 = fd.aggregate({"w": x1}, C, N, opt)["w"]        # Δ = 0; m = 0.5 m; x = [3.75, 7.5]
+    assert torch.allclose(x2, torch.tensor([3.75, 7.5]))
+    opt = fd.ServerOptimizer("fedavgm", lr=0.5, momentum=0.0)   # η scales the step
+    assert torch.allclose(fd.aggregate(G, C, N, opt)["w"], torch.tensor([1.25, 2.5]))
+
+
+def _adaptive_ref(kind, deltas, lr, b1, b2, tau):
+    """Scalar reference of Reddi et al. 2021 Algorithm 2, one coordinate, starting at x = 0."""
+    x, m, v = 0.0, 0.0, tau * tau
+    for d in deltas:
+        m = b1 * m + (1 - b1) * d
+        if kind == "fedadagrad":
+            v = v + d * d
+        elif kind == "fedadam":
+            v = b2 * v + (1 - b2) * d * d
+        else:
+            v = v - (1 - b2) * d * d * math.copysign(1.0, v - d * d) if v != d * d else v
+        x = x + lr * m / (math.sqrt(v) + tau)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["fedadagrad", "fedadam", "fedyogi"])
+def test_adaptive_server_optimizers(kind):
+    lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
+    opt = fd.ServerOptimizer(kind, lr=lr, beta1=b1, beta2=b2, tau=tau)
+    x = G
+    deltas = {0: [], 1: []}
+    for rnd in range(3):
+        clients = [{"w": x["w"] + torch.tensor([1.0, -2.0]) * (rnd + 1)}, {"w": x["w"] + torch.tensor([3.0, 0.5])}]
+        for i in range(2):   # Δ = 0.25 c1 + 0.75 c2 (relative)
+            deltas[i].append(0.25 * [1.0, -2.0][i] * (rnd + 1) + 0.75 * [3.0, 0.5][i])
+        x = fd.aggregate(x, clients, N, opt)
+    for i in range(2):
+        ref = _adaptive_ref(kind, deltas[i], lr, b1, b2, tau)
+        assert abs(float(x["w"][i]) - ref) < 1e-5, (kind, i, float(x["w"][i]), ref)
+    # first step of FedAdam by hand: Δ=2.5, m=0.25, v=0.99e-6+0.0625 -> x = 0.1*0.25/(sqrt(v)+1e-3)
+    if kind == "fedadam":
+        opt = fd.ServerOptimizer("fedadam", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+        x1 = fd.aggregate(G, C, N, opt)["w"]
+        v = 0.99e-6 + 0.01 * 2.5 ** 2
+        assert abs(float(x1[0]) - 0.1 * 0.25 / (math.sqrt(v) + 1e-3)) < 1e-6
+
+
+def test_yogi_sign_branch():
+    # v > Δ² -> yogi *increases* v (v - (1-β2)Δ² * sign(+)) ... i.e. decreases by (1-β2)Δ²; Adam would shrink v
+    opt = fd.ServerOptimizer("fedyogi", lr=1.0, beta1=0.0, beta2=0.5, tau=1.0)   # v0 = τ² = 1
+    x = opt.step("w", torch.tensor([0.0]), torch.tensor([0.5]))   # Δ²=.25 < v: v = 1 - .5*.25 = .875
+    assert torch.allclose(opt.v["w"], torch.tensor([0.875]))
+    assert torch.allclose(x, torch.tensor([0.5 / (math.sqrt(0.875) + 1.0)]))
+    x = opt.step("w", x, torch.tensor([2.0]))                     # Δ²=4 > v: v = .875 + .5*4 = 2.875
+    assert torch.allclose(opt.v["w"], torch.tensor([2.875]))
+
+
+def test_aggregate_prefix_keeps_separate_state():
+    opt = fd.ServerOptimizer("fedavgm", lr=1.0, momentum=0.9)
+    fd.aggregate(G, C, N, opt, prefix="s0/")
+    fd.aggregate(G, C, N, opt, prefix="s1/")
+    assert set(opt.m) == {"s0/w", "s1/w"}
+    sd = opt.state_dict()
+    opt2 = fd.ServerOptimizer("fedavgm", lr=1.0, momentum=0.9)
+    opt2.load_state_dict(sd)
+    assert torch.equal(opt2.m["s0/w"], opt.m["s0/w"])
+
+
+def test_product_average_vs_factor_average():
+    A1, B1 = torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0], [0.0]])
+    A2, B2 = torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0], [0.0]])
+    g = {"m.A.0": torch.zeros(1, 2), "m.B.0": torch.zeros(2, 1), "proj": torch.zeros(1)}
+    cs = [{"m.A.0": A1, "m.B.0": B1, "proj": torch.ones(1)}, {"m.A.0": A2, "m.B.0": B2, "proj": torch.ones(1) * 3}]
+    fac = fd.aggregate(g, cs, [1, 1], fd.ServerOptimizer("fedavg"))
+    prod = fd.aggregate(g, cs, [1, 1], fd.ServerOptimizer("fedavg"), lora_avg="product")
+    want = torch.tensor([[2.0, 0.0], [0.0, 0.0]])          # both clients' BA are exactly this
+    assert torch.allclose(prod["m.B.0"] @ prod["m.A.0"], want, atol=1e-6)
+    assert torch.allclose(fac["m.B.0"] @ fac["m.A.0"], torch.tensor([[2.25, 0.0], [0.0, 0.0]]))   # cross terms
+    assert torch.allclose(prod["proj"], torch.tensor([2.0])) and torch.allclose(fac["proj"], torch.tensor([2.0]))
+    # rank truncation: Σ of two orthogonal rank-1 products keeps the top singular direction
+    cs = [{"m.A.0": torch.tensor([[1.0, 0.0]]), "m.B.0": torch.tensor([[3.0], [0.0]]), "proj": torch.zeros(1)},
+          {"m.A.0": torch.tensor([[0.0, 1.0]]), "m.B.0": torch.tensor([[0.0], [1.0]]), "proj": torch.zeros(1)}]
+    prod = fd.aggregate(g, cs, [1, 1], fd.ServerOptimizer("fedavg"), lora_avg="product")
+    assert torch.allclose(prod["m.B.0"] @ prod["m.A.0"], torch.tensor([[1.5, 0.0], [0.0, 0.0]]), atol=1e-6)
+    with pytest.raises(ValueError):
+        fd.FedConfig(aggregator="fedadam", lora_avg="product")
+
+
+def test_screen_clients_drops_nan_and_empty():
+    ok = {"client": 1, "n": 4, "loss": 0.5, "state": {"w": torch.ones(2)}}
+    bad = {"client": 2, "n": 4, "loss": 0.5, "state": {"w": torch.tensor([1.0, float("nan")])}}
+    inf = {"client": 3, "n": 4, "loss": float("inf"), "state": {"w": torch.ones(2)}}
+    empty = {"client": 4, "n": 0, "loss": None, "state": {}}
+    kept, dropped = fd.screen_clients([ok, bad, inf, empty])
+    assert [u["client"] for u in kept] == [1]
+    assert {d["client"]: d["reason"] for d in dropped} == {
+        2: "non-finite parameters after local training", 3: "non-finite training loss (inf)", 4: "empty client data"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# DISCO: key updates and clustering
+
+
+def _unit(*v):
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def test_update_keys_running_mean_not_precedence_bug():
+    keys, sizes = torch.zeros(3, 2), torch.zeros(3, dtype=torch.float64)
+    keys[0], sizes[0] = _unit(1.0, 0.0), 2
+    mu = torch.stack([_unit(0.0, 1.0), _unit(0.0, 3.0), _unit(5.0, 5.0)])
+    fd.update_keys(keys, sizes, [0, 0, 1], mu, [2, 1, 4])
+    # slot 0: (2*[1,0] + 2*[0,1] + 1*[0,3]) / (2+3) = [0.4, 1.0]; the official bug gives [2, 1]
+    assert torch.allclose(keys[0], _unit(0.4, 1.0)) and float(sizes[0]) == 5
+    assert torch.allclose(keys[1], _unit(5.0, 5.0)) and float(sizes[1]) == 4       # new slot: weighted mean
+    assert float(sizes[2]) == 0 and torch.equal(keys[2], torch.zeros(2))
+
+
+def test_organize_first_round_clusters_among_clients():
+    keys, sizes = torch.zeros(4, 3), torch.zeros(4, dtype=torch.float64)
+    mu = torch.stack([_unit(1, 0, 0), _unit(2, 0.1, 0), _unit(0, 1, 0), _unit(0, 0, 1), _unit(0, 1.1, 0.05)])
+    slot, opened = fd.organize(mu, [10, 10, 10, 10, 10], keys, sizes, tau=0.9)
+    assert slot == [0, 0, 1, 2, 1] and opened == [0, 1, 2]
+
+
+def test_organize_matches_global_keys_and_opens_on_miss():
+    keys, sizes = torch.zeros(4, 2), torch.zeros(4, dtype=torch.float64)
+    keys[1], sizes[1] = _unit(1.0, 0.0), 100         # slot 0 empty, slot 1 used
+    mu = torch.stack([_unit(1.0, 0.05), _unit(0.0, 1.0), _unit(0.02, 1.0)])
+    slot, opened = fd.organize(mu, [5, 5, 5], keys, sizes, tau=0.9)
+    assert slot == [1, 0, 0] and opened == [0]       # first empty slot is reused
+
+
+def test_organize_exact_threshold():
+    keys, sizes = torch.zeros(2, 2), torch.zeros(2, dtype=torch.float64)
+    keys[0], sizes[0] = _unit(1.0, 0.0), 10
+    at = _unit(0.9, math.sqrt(1 - 0.81))                 # cos = 0.9 exactly (up to rounding) -> match
+    below = _unit(0.8999, math.sqrt(1 - 0.8999 ** 2))    # cos = 0.8999 -> miss
+    assert fd.organize(at[None], [5], keys, sizes, tau=0.9) == ([0], [])
+    assert fd.organize(below[None], [5], keys, sizes, tau=0.9) == ([1], [1])
+    # same edge between clients of one round
+    keys2, sizes2 = torch.zeros(3, 2), torch.zeros(3, dtype=torch.float64)
+    assert fd.organize(torch.stack([_unit(1, 0), at]), [5, 5], keys2, sizes2, 0.9)[0] == [0, 0]
+    assert fd.organize(torch.stack([_unit(1, 0), below]), [5, 5], keys2, sizes2, 0.9)[0] == [0, 1]
+
+
+def test_organize_no_overlapping_clusters():
+    # cos(0,1) >= τ, cos(1,2) >= τ, cos(0,2) < τ: the official code yields overlapping [0,1] and [2,1]
+    a = math.radians(20)
+    mu = torch.stack([_unit(1, 0), _unit(math.cos(a), math.sin(a)), _unit(math.cos(2 * a), math.sin(2 * a))])
+    slot, opened = fd.organize(mu, [1, 1, 1], torch.zeros(3, 2), torch.zeros(3, dtype=torch.float64), 0.9)
+    assert slot == [0, 0, 1] and opened == [0, 1]
+
+
+def test_small_client_joins_nearest_even_when_first():
+    keys, sizes = torch.zeros(4, 3), torch.zeros(4, dtype=torch.float64)
+    mu = torch.stack([_unit(0.3, 0.1, 1.0), _unit(1, 0, 0), _unit(0, 1, 0)])
+    n = [1, 1000, 1000]                                  # 1/2001 < 1e-3, and it comes first
+    slot, opened = fd.organize(mu, n, keys, sizes, tau=0.9, small_client=1e-3)
+    assert opened == [0, 1] and slot == [0, 0, 1]       # joined client 1's cluster (nearest), no own slot
+    # not small (2/2002 > 1e-3): opens its own subspace
+    slot, opened = fd.organize(mu, [3, 1000, 1000], keys, sizes, tau=0.9, small_client=1e-3)
+    assert opened == [0, 1, 2] and slot == [0, 1, 2]
+    # small client nearest to an existing key joins that key
+    keys[3], sizes[3] = _unit(0.0, 0.2, 1.0), 50
+    slot, opened = fd.organize(mu, n, keys, sizes, tau=0.99, small_client=1e-3)
+    assert slot == [3, 0, 1] and opened == [0, 1]
+    # a lone small client with nothing to join opens a subspace instead of being dropped
+    slot, opened = fd.organize(mu[:1], [1], torch.zeros(2, 3), torch.zeros(2, dtype=torch.float64), 0.9, 0.5)
+    assert slot == [0]
+
+
+def test_organize_capacity_error():
+    keys, sizes = torch.zeros(2, 2), torch.zeros(2, dtype=torch.float64)
+    mu = torch.stack([_unit(1, 0), _unit(0, 1), _unit(-1, 0)])
+    with pytest.raises(fd.CapacityError, match="raise --num-subspaces"):
+        fd.organize(mu, [5, 5, 5], keys, sizes, tau=0.9)
+    keys[0], keys[1], sizes[:] = _unit(1, 0), _unit(0, 1), 5
+    assert fd.organize(mu[:2], [5, 5], keys, sizes, 0.9) == ([0, 1], [])     # full but matched: fine
+    with pytest.raises(fd.CapacityError):
+        fd.organize(mu[2:], [5], keys, sizes, 0.9)
