@@ -1,0 +1,922 @@
+"""LoRA with task subspaces, orthogonalization, routing and PEFT-compatible adapters.
+
+One small layer carries every LoRA flavour the project needs (fcit_paper.md §4.2, §4.5):
+
+* DISCO (FCIT): K subspaces per layer, `A_j (r, in)`, `B_j (out, r)` with `r = rank // K`; training
+  touches one subspace (`set_active`), inference mixes all of them per sample with weights
+  alpha = softmax(cos(identity, keys) / 0.05) (`route`, `set_routing`):
+      y = W x + s * B_cat diag(alpha_b) A_cat x            (no per-sample weight matrix is built)
+* plain sequential LoRA / FedIT: K = 1;
+* O-LoRA: `olora_penalty` (sum |A_old A_new^T|), plus hard orthogonalization (`orthogonalize_subspace`);
+* CoIN MoELoRA: a token-level trainable linear gate over the K experts (`set_moe`).
+
+Scaling is explicit: "fcit" = alpha / rank_total (FCIT code: r=64, alpha=128, K=8 -> 2), "peft" = alpha / r
+(r = per-subspace rank). Init "fcit": A ~ N(0, 0.01^2); "peft": kaiming_uniform(a=sqrt(5)); B = 0.
+
+Dropout is applied once per *shared input*: the wrapped siblings of one parent module (gate_proj and
+up_proj of an MLP both read the same `x`) share one `_SharedDropout`. The first sibling that sees a
+tensor draws the mask, the others reuse the dropped tensor while the parent's forward runs (identity and
+`_version` of `x` are checked); a forward hook on the parent clears it. down_proj reads a different
+tensor, so it draws its own mask.
+
+Parameter names inside the model: the wrapped layer keeps the base `weight`/`bias` under their original
+names (`lm.layers.0.mlp.gate_proj.weight`) and adds `...gate_proj.A.{j}`, `...gate_proj.B.{j}` and, for
+MoELoRA, `...gate_proj.router.weight`. `lora_state` uses exactly these names.
+
+Adapters on disk (model_formats.md §6): `save_peft_adapter` writes a PEFT LoRA adapter
+(`adapter_config.json` + `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained` loads on the
+equivalent transformers model; `load_peft_adapter` reads one written by peft. `save_adapter` /
+`load_adapter` is our own exact format: every subspace, routers, extra tensors (identity keys...) and
+JSON metadata in one safetensors file.
+
+Imports only torch, safetensors and the standard library.
+"""
+import json
+import math
+import os
+import re
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+DEFAULT_TARGETS = ("gate_proj", "up_proj", "down_proj")  # fcit_paper.md §4.2: MLP only, no attention
+DEFAULT_INCLUDE = r"^lm\."
+# never wrapped, whatever `include` says: vision tower, text tower, projector, output head
+NEVER = r"(^|\.)(vision|vision_tower|vision_model|text_tower|text_model|clip_text|projector|multi_modal_projector|mm_projector|lm_head)(\.|$)"
+MODES = ("single", "routed", "moe", "merged", "off")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the layer
+
+
+class _SharedDropout:
+    """Input dropout shared by the LoRA layers of one parent module (one mask per distinct input tensor).
+
+    Lives as a plain attribute (not a submodule). Registered as a forward hook on the parent, which clears
+    the cached dropped tensor after the parent's forward, so nothing outlives one call. Under
+    (non-reentrant) gradient checkpointing the recomputation draws in the same order with the same
+    preserved RNG state, so it reproduces the masks."""
+
+    def __init__(self, p):
+        self.p = float(p)
+        self._x = None        # the input tensor object seen last (strong ref, only during the parent forward)
+        self._version = None
+        self._out = None
+
+    def __call__(self, x, training):
+        if self.p <= 0.0 or not training:
+            return x
+        if self._x is x and self._version == x._version:
+            return self._out
+        out = F.dropout(x, self.p, True)
+        self._x, self._version, self._out = x, x._version, out
+        return out
+
+    def clear(self, *args):  # also the parent's forward hook: (module, inputs, output)
+        self._x = self._version = self._out = None
+
+    def __getstate__(self):
+        return {"p": self.p, "_x": None, "_version": None, "_out": None}
+
+    def __deepcopy__(self, memo):
+        new = _SharedDropout(self.p)
+        memo[id(self)] = new
+        return new
+
+
+class _ParentHook:
+    """Forward hook object clearing a _SharedDropout cache (deep-copies with it)."""
+
+    def __init__(self, drop):
+        self.drop = drop
+
+    def __call__(self, module, inputs, output):
+        self.drop.clear()
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus K LoRA subspaces (fcit_paper.md §4.2).
+
+    base: nn.Linear whose `weight` (out, in) and `bias` are taken over under the same names (frozen).
+    rank: TOTAL rank, split into K = num_subspaces blocks of r = rank // K.
+    scaling: "fcit" -> alpha / rank, "peft" -> alpha / r.
+    init: "fcit" -> A ~ N(0, 0.01^2); "peft" -> kaiming_uniform_(a=sqrt(5)) (PEFT default). B = 0.
+    Modes (attribute `mode`):
+      "single": y = W x + s B_j A_j drop(x), j = self.active (training one subspace)
+      "routed": y = W x + s B_cat diag(alpha) A_cat drop(x); alpha (K,) or per sample (B, K)
+      "moe":    y = W x + s sum_j g_j(x) B_j A_j drop(x); g = softmax(router(x)) per token (CoIN MoELoRA)
+      "merged": y = W' x with W' = W + s B_cat diag(alpha) A_cat (see merge/unmerge)
+      "off":    y = W x
+    The LoRA branch runs in the LoRA parameter dtype (fp32 by default, like PEFT's autocast_adapter_dtype).
+    """
+
+    def __init__(self, base, rank, alpha, num_subspaces=1, scaling="fcit", init="fcit", dropout=0.0,
+                 dtype=torch.float32, generator=None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
+        K = int(num_subspaces)
+        if K < 1 or rank < 1 or rank % K:
+            raise ValueError(f"rank={rank} must be a positive multiple of num_subspaces={K}")
+        if scaling not in ("fcit", "peft"):
+            raise ValueError(f"scaling must be 'fcit' or 'peft', got {scaling!r}")
+        if init not in ("fcit", "peft"):
+            raise ValueError(f"init must be 'fcit' or 'peft', got {init!r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight                     # (out, in), frozen
+        self.weight.requires_grad_(False)
+        if base.bias is not None:
+            self.bias = base.bias
+            self.bias.requires_grad_(False)
+        else:
+            self.register_parameter("bias", None)
+        self.num_subspaces, self.r, self.rank, self.lora_alpha = K, rank // K, int(rank), float(alpha)
+        self.scaling_mode, self.init_mode = scaling, init
+        self.scaling = float(alpha) / (rank if scaling == "fcit" else rank // K)
+        dev = base.weight.device
+        self.A = nn.ParameterList([nn.Parameter(torch.empty(self.r, self.in_features, device=dev, dtype=dtype))
+                                   for _ in range(K)])
+        self.B = nn.ParameterList([nn.Parameter(torch.zeros(self.out_features, self.r, device=dev, dtype=dtype))
+                                   for _ in range(K)])
+        for j in range(K):
+            self.reset_subspace(j, generator=generator)
+        self.router = None                            # nn.Linear(in, K, bias=False) once set_moe is called
+        self.moe_top_k = None
+        self.drop = _SharedDropout(dropout)           # replaced by a shared one in apply_lora
+        self.mode, self.active = "single", 0
+        self.alpha = None                             # routing weights (K,) or (B, K), fp32
+        self._merged = None                           # (original weight copy, previous mode) while merged
+        self._cache = None                            # (key, A_cat, s*B_cat) for no-grad routed inference
+
+    @property
+    def dropout(self):
+        return self.drop.p
+
+    def reset_subspace(self, j, generator=None):
+        """Re-initialise subspace j: A_j per init mode, B_j = 0."""
+        with torch.no_grad():
+            if self.init_mode == "fcit":
+                self.A[j].normal_(0.0, 0.01, generator=generator)
+            else:
+                nn.init.kaiming_uniform_(self.A[j], a=math.sqrt(5), generator=generator)
+            self.B[j].zero_()
+
+    def extra_repr(self):
+        return (f"in={self.in_features}, out={self.out_features}, K={self.num_subspaces}, r={self.r}, "
+                f"scaling={self.scaling:g} ({self.scaling_mode}), mode={self.mode}")
+
+    # ---- helpers
+    def _cat(self):
+        """A_cat (K r, in), s * B_cat (out, K r). Cached when no gradient is needed."""
+        need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in list(self.A) + list(self.B))
+        if need_grad:
+            return torch.cat(list(self.A), 0), torch.cat(list(self.B), 1) * self.scaling
+        key = tuple((p.data_ptr(), p._version) for p in list(self.A) + list(self.B))
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, torch.cat(list(self.A), 0), torch.cat(list(self.B), 1) * self.scaling)
+        return self._cache[1], self._cache[2]
+
+    def _gates(self, alpha, x):
+        """alpha (K,) or (B, K) -> multiplier over the K r LoRA channels, broadcastable to (..., K r)."""
+        a = alpha.to(device=x.device, dtype=self.A[0].dtype).repeat_interleave(self.r, dim=-1)
+        if a.dim() == 2:
+            if a.shape[0] != x.shape[0] or x.dim() < 2:
+                raise ValueError(f"routing weights for {a.shape[0]} samples but input of shape {tuple(x.shape)}")
+            a = a.view(a.shape[0], *([1] * (x.dim() - 2)), a.shape[1])
+        return a
+
+    def delta_weight(self, alpha=None):
+        """s * B_cat diag(alpha) A_cat (out, in) in the LoRA dtype; alpha (K,) (default: what the current
+        single/routed mode computes)."""
+        alpha = self._effective_alpha() if alpha is None else torch.as_tensor(alpha, dtype=torch.float32)
+        if alpha.dim() != 1 or alpha.numel() != self.num_subspaces:
+            raise ValueError(f"merge needs alpha of shape ({self.num_subspaces},), got {tuple(alpha.shape)}")
+        A = torch.cat(list(self.A), 0)
+        B = torch.cat(list(self.B), 1)
+        a = alpha.to(device=A.device, dtype=A.dtype).repeat_interleave(self.r)
+        return (B * a) @ A * self.scaling
+
+    def _effective_alpha(self):
+        if self.mode == "single":
+            return F.one_hot(torch.tensor(self.active), self.num_subspaces).float()
+        if self.mode == "routed" and self.alpha is not None and self.alpha.dim() == 1:
+            return self.alpha.float()
+        if self.mode == "off":
+            return torch.zeros(self.num_subspaces)
+        raise ValueError(f"no fixed alpha in mode {self.mode!r} (per-sample or token-routed): pass alpha explicitly")
+
+    # ---- forward
+    def forward(self, x):
+        base = F.linear(x, self.weight, self.bias)
+        mode = self.mode
+        if mode in ("off", "merged"):
+            return base
+        xl = self.drop(x, self.training)
+        A0 = self.A[0]
+        if xl.dtype != A0.dtype:
+            xl = xl.to(A0.dtype)
+        if mode == "single":
+            j = self.active
+            out = F.linear(F.linear(xl, self.A[j]), self.B[j])
+            if out.dtype == base.dtype:
+                return torch.add(base, out, alpha=self.scaling)
+            return (base + out * self.scaling).to(base.dtype)
+        if mode == "routed":
+            if self.alpha is None:
+                raise RuntimeError("routed mode without routing weights: call set_routing(model, alpha)")
+            A, Bs = self._cat()
+            h = F.linear(xl, A) * self._gates(self.alpha, xl)        # (..., K r)
+            out = F.linear(h, Bs)
+        elif mode == "moe":
+            A, Bs = self._cat()
+            g = torch.softmax(self.router(x.to(self.router.weight.dtype)).float(), dim=-1)  # (..., K)
+            if self.moe_top_k is not None and self.moe_top_k < self.num_subspaces:
+                v, i = g.topk(self.moe_top_k, dim=-1)
+                g = torch.zeros_like(g).scatter(-1, i, v / v.sum(-1, keepdim=True))
+            h = F.linear(xl, A) * g.to(A.dtype).repeat_interleave(self.r, dim=-1)
+            out = F.linear(h, Bs)
+        else:
+            raise ValueError(f"unknown LoRA mode {mode!r}")
+        if out.dtype == base.dtype:
+            return base + out
+        return (base + out).to(base.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# injection and modes
+
+
+def lora_modules(model):
+    """{name: LoRALinear} in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _require(model):
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("the model has no LoRA layers (call apply_lora first)")
+    return mods
+
+
+def _get_parent(model, name):
+    if "." in name:
+        parent_name, child = name.rsplit(".", 1)
+        return model.get_submodule(parent_name), parent_name, child
+    return model, "", name
+
+
+def _share_dropout(model, names, p):
+    """One _SharedDropout per parent module for the wrapped layers `names` (see module docstring)."""
+    groups = {}
+    for n in names:
+        groups.setdefault(_get_parent(model, n)[1], []).append(n)
+    for parent_name, children in groups.items():
+        parent = model.get_submodule(parent_name) if parent_name else model
+        drop = None
+        for c in children:
+            layer = model.get_submodule(c)
+            if drop is None:
+                drop = layer.drop if layer.drop.p == p else _SharedDropout(p)
+            layer.drop = drop
+        if not any(isinstance(h, _ParentHook) and h.drop is drop for h in parent._forward_hooks.values()):
+            parent.register_forward_hook(_ParentHook(drop))
+
+
+def _freeze_non_lora(model):
+    """Freeze every parameter (LoRA ones included; set_active re-enables the chosen subspace)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def apply_lora(model, rank, alpha, targets=DEFAULT_TARGETS, num_subspaces=1, scaling="fcit", init="fcit",
+               dropout=0.05, include=DEFAULT_INCLUDE, dtype=torch.float32, generator=None):
+    """Wrap every nn.Linear whose last name component is in `targets` and whose full name matches the
+    regex `include` (re.search; default: the decoder `lm.`) -- never the vision/text tower, projector or
+    lm_head. Freezes every parameter of the model, then makes subspace 0 trainable (`set_active(model, 0)`);
+    unfreeze e.g. the projector afterwards if wanted. Returns {name: LoRALinear}.
+
+    rank = TOTAL rank (K blocks of rank // K); fcit_paper.md §4.2: task-related rank=64, alpha=128, K=8."""
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    inc, never = re.compile(include), re.compile(NEVER)
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and name.rsplit(".", 1)[-1] in targets and inc.search(name):
+            raise ValueError(f"{name} already has LoRA; apply_lora once per model")
+        if (type(m) is nn.Linear or isinstance(m, nn.Linear)) and name.rsplit(".", 1)[-1] in targets \
+                and inc.search(name) and not never.search(name):
+            names.append(name)
+    if not names:
+        raise ValueError(f"apply_lora: no nn.Linear named {targets} matches include={include!r}")
+    wrapped = {}
+    for name in names:
+        parent, _, child = _get_parent(model, name)
+        layer = LoRALinear(getattr(parent, child), rank, alpha, num_subspaces, scaling, init, dropout,
+                           dtype=dtype, generator=generator)
+        setattr(parent, child, layer)
+        wrapped[name] = layer
+    _share_dropout(model, names, dropout)
+    _freeze_non_lora(model)
+    set_active(model, 0)
+    return wrapped
+
+
+def remove_lora(model, alpha=None):
+    """Unwrap every LoRALinear back to an nn.Linear (same weight objects). With `alpha` (K,) the subspaces
+    are merged into the weight first; without, the LoRA is dropped (merged layers are unmerged first)."""
+    for name, m in list(lora_modules(model).items()):
+        if m._merged is not None:
+            m_unmerge(m)
+        if alpha is not None:
+            with torch.no_grad():
+                m.weight += m.delta_weight(alpha).to(m.weight.dtype)
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        lin.weight = m.weight
+        if m.bias is not None:
+            lin.bias = m.bias
+        parent, _, child = _get_parent(model, name)
+        setattr(parent, child, lin)
+    for mod in model.modules():
+        for k, h in list(mod._forward_hooks.items()):
+            if isinstance(h, _ParentHook):
+                del mod._forward_hooks[k]
+
+
+def set_active(model, j):
+    """Training mode of DISCO / sequential LoRA: forward uses subspace j only; A_j, B_j require grad and all
+    other LoRA parameters (other subspaces, routers) are frozen. j=None freezes every subspace (mode
+    'single' on subspace 0). Non-LoRA parameters are not touched."""
+    for m in _require(model).values():
+        if j is not None and not 0 <= j < m.num_subspaces:
+            raise IndexError(f"subspace {j} out of range (K={m.num_subspaces})")
+        _check_not_merged(m)
+        m.mode, m.active = "single", (0 if j is None else int(j))
+        for i in range(m.num_subspaces):
+            m.A[i].requires_grad_(i == j)
+            m.B[i].requires_grad_(i == j)
+        if m.router is not None:
+            m.router.weight.requires_grad_(False)
+
+
+def set_routing(model, alpha):
+    """Inference with a weight per subspace (DISCO SSA, fcit_paper.md §4.5): alpha (K,) for every sample
+    or (B, K) per sample (broadcast over tokens; the batch stays B during KV-cache generation). Stored in
+    fp32; requires_grad flags are not changed."""
+    alpha = torch.as_tensor(alpha).detach().float()
+    for m in _require(model).values():
+        _check_not_merged(m)
+        if alpha.shape[-1] != m.num_subspaces or alpha.dim() not in (1, 2):
+            raise ValueError(f"alpha must be (K,) or (B, K) with K={m.num_subspaces}, got {tuple(alpha.shape)}")
+        m.mode, m.alpha = "routed", alpha.to(m.A[0].device)
+
+
+def set_moe(model, top_k=None, generator=None, trainable=True):
+    """CoIN MoELoRA mode: a token-level linear gate (in -> K, no bias) per layer, g = softmax(router(x));
+    y = W x + s sum_j g_j B_j A_j x (optionally keep the top_k gates, renormalised). Routers are created on
+    first use (init N(0, 1/in)); with trainable=True all experts and the routers require grad."""
+    for m in _require(model).values():
+        _check_not_merged(m)
+        if m.router is None:
+            m.router = nn.Linear(m.in_features, m.num_subspaces, bias=False, device=m.A[0].device,
+                                 dtype=m.A[0].dtype)
+            with torch.no_grad():
+                m.router.weight.normal_(0.0, m.in_features ** -0.5, generator=generator)
+        m.mode, m.moe_top_k = "moe", top_k
+        for p in list(m.A) + list(m.B) + [m.router.weight]:
+            p.requires_grad_(trainable)
+
+
+def disable_lora(model):
+    """Base model only (e.g. zero-shot evaluation); set_active / set_routing re-enable."""
+    for m in _require(model).values():
+        _check_not_merged(m)
+        m.mode = "off"
+
+
+def _check_not_merged(m):
+    if m._merged is not None:
+        raise RuntimeError("LoRA weights are merged; call unmerge(model) first")
+
+
+def merge(model, alpha=None):
+    """Fold s * B_cat diag(alpha) A_cat into the base weight (alpha (K,); default: the current single/routed
+    choice). The original weight is kept and restored bit-exactly by `unmerge`."""
+    for m in _require(model).values():
+        _check_not_merged(m)
+        dw = m.delta_weight(alpha)
+        with torch.no_grad():
+            orig = m.weight.detach().clone()
+            m.weight.copy_((m.weight.float() + dw.float()).to(m.weight.dtype) if m.weight.dtype != dw.dtype
+                           else m.weight + dw)
+        m._merged = (orig, m.mode)
+        m.mode = "merged"
+
+
+def m_unmerge(m):
+    orig, mode = m._merged
+    with torch.no_grad():
+        m.weight.copy_(orig)
+    m._merged, m.mode = None, mode
+
+
+def unmerge(model):
+    """Restore the exact pre-merge weights and the previous mode."""
+    for m in _require(model).values():
+        if m._merged is not None:
+            m_unmerge(m)
+
+
+# ----------------------------------------------------------------------------------------------------
+# parameters and state
+
+
+def trainable_parameters(model):
+    """[(name, parameter)] with requires_grad (for the optimizer and for logging)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def lora_state(model, subspaces=None, router=None):
+    """Detached copies of the LoRA tensors, keyed by model parameter name:
+    '<module>.A.<j>' (r, in), '<module>.B.<j>' (out, r), '<module>.router.weight' (K, in).
+    subspaces: None = all (and routers), an int or an iterable of ints = those subspaces only (routers
+    only if router=True)."""
+    if subspaces is None:
+        js, with_router = None, True if router is None else router
+    else:
+        js = [subspaces] if isinstance(subspaces, int) else list(subspaces)
+        with_router = bool(router)
+    out = {}
+    for name, m in _require(model).items():
+        for j in (range(m.num_subspaces) if js is None else js):
+            if not 0 <= j < m.num_subspaces:
+                raise IndexError(f"subspace {j} out of range (K={m.num_subspaces}) at {name}")
+            out[f"{name}.A.{j}"] = m.A[j].detach().clone()
+            out[f"{name}.B.{j}"] = m.B[j].detach().clone()
+        if with_router and m.router is not None:
+            out[f"{name}.router.weight"] = m.router.weight.detach().clone()
+    return out
+
+
+def _parse_key(key):
+    parts = key.rsplit(".", 2)
+    if len(parts) == 3 and parts[1] in ("A", "B") and parts[2].isdigit():
+        return parts[0], parts[1], int(parts[2])
+    if len(parts) == 3 and parts[1] == "router" and parts[2] == "weight":
+        return parts[0], "router", None
+    raise KeyError(f"not a LoRA state key: {key!r} (expected '<module>.A.<j>', '<module>.B.<j>' or "
+                   f"'<module>.router.weight')")
+
+
+def load_lora_state(model, state):
+    """Copy tensors from `lora_state` output (any subset of keys) into the model, in place (dtype cast to the
+    parameter's). Unknown modules and wrong shapes raise, naming the key."""
+    mods = _require(model)
+    with torch.no_grad():
+        for key, t in state.items():
+            name, kind, j = _parse_key(key)
+            m = mods.get(name)
+            if m is None:
+                raise KeyError(f"{key}: module {name!r} has no LoRA in this model")
+            if kind == "router":
+                if m.router is None:
+                    m.router = nn.Linear(m.in_features, m.num_subspaces, bias=False, device=m.A[0].device,
+                                         dtype=m.A[0].dtype)
+                    m.router.weight.requires_grad_(False)
+                p = m.router.weight
+            else:
+                if j >= m.num_subspaces:
+                    raise KeyError(f"{key}: subspace {j} out of range (K={m.num_subspaces})")
+                p = (m.A if kind == "A" else m.B)[j]
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"{key}: shape {tuple(t.shape)} does not fit the model's {tuple(p.shape)}")
+            p.copy_(t)
+
+
+def subspace_bytes(model, j=0):
+    """Bytes of subspace j over all layers (A_j and B_j in their stored dtype): what a client uploads."""
+    return sum(m.A[j].numel() * m.A[j].element_size() + m.B[j].numel() * m.B[j].element_size()
+               for m in _require(model).values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# orthogonalization (O-LoRA and hard projection)
+
+
+def _as_list(x):
+    return [x] if isinstance(x, int) else list(x)
+
+
+def olora_penalty(model, new, old, weight=1.0):
+    """O-LoRA orthogonality loss: weight * sum_layers sum_{o in old} sum |A_o A_new^T| (absolute entries).
+    Old subspaces are detached (only the new one is pushed)."""
+    old = _as_list(old)
+    total = None
+    for m in _require(model).values():
+        for o in old:
+            t = (m.A[o].detach() @ m.A[new].t()).abs().sum()
+            total = t if total is None else total + t
+    if total is None:
+        return torch.zeros((), device=next(iter(_require(model).values())).A[0].device)
+    return total * weight
+
+
+def _old_basis(m, old):
+    """Orthonormal basis (in, k) of the row spaces of the old A's, float64 (QR of A_old^T)."""
+    M = torch.cat([m.A[o].detach() for o in old], 0).double()       # (k, in)
+    if M.shape[0] >= m.in_features:
+        raise ValueError(f"old subspaces span {M.shape[0]} >= in_features={m.in_features} dims: no complement")
+    Q, _ = torch.linalg.qr(M.t(), mode="reduced")                   # (in, k)
+    return Q
+
+
+def orthogonalize_subspace(model, j, old, grad_hook=False):
+    """Project A_j onto the orthogonal complement of the row spaces of A_o, o in old (QR basis, applied
+    twice in float64), so that |A_o A_j^T| is at float precision. With grad_hook=True also registers a hook
+    projecting A_j's gradient every backward (exact for SGD; with Adam call this function after each step).
+    Returns the hook handles (empty list without grad_hook)."""
+    old = [o for o in _as_list(old) if o != j]
+    handles = []
+    if not old:
+        return handles
+    for m in _require(model).values():
+        Q = _old_basis(m, old)
+        with torch.no_grad():
+            a = m.A[j].detach().double()
+            for _ in range(2):
+                a = a - (a @ Q) @ Q.t()
+            m.A[j].copy_(a.to(m.A[j].dtype))
+        if grad_hook:
+            handles.append(m.A[j].register_hook(
+                lambda g, Q=Q: (g.double() - (g.double() @ Q) @ Q.t()).to(g.dtype)))
+    return handles
+
+
+def subspace_overlap(model, reduce="mean"):
+    """(K, K) overlap ||A_i A_j^T||_F / (||A_i||_F ||A_j||_F), averaged (or max) over layers; 0 where a
+    subspace is all zero. Diagonal entries are self-overlaps (1 for a rank-1 A)."""
+    vals = []
+    for m in _require(model).values():
+        A = [a.detach().float() for a in m.A]
+        n = torch.stack([a.norm() for a in A])
+        G = torch.stack([torch.stack([(A[i] @ A[k].t()).norm() for k in range(len(A))]) for i in range(len(A))])
+        den = n[:, None] * n[None, :]
+        vals.append(torch.where(den > 0, G / den.clamp_min(1e-30), torch.zeros_like(G)))
+    V = torch.stack(vals)
+    return V.max(0).values if reduce == "max" else V.mean(0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# routing (fcit_paper.md §4.5 and the ablation's variants)
+
+
+def route(features, keys, mode="softmax", temperature=0.05, valid=None):
+    """Routing weights (B, K) in fp32 from identity features (B, D) (or (D,)) and keys (K, D).
+
+    s = cos(features, keys) (a zero key gives 0, as in the DISCO code's empty slots)
+      "softmax": softmax(s / temperature)  (DISCO SSA, temperature 0.05)
+      "argmax":  one-hot of argmax s
+      "concat":  all ones (uniform concatenation of the subspaces)
+      "cosine":  s itself
+    valid (K,) bool: slots outside it get weight 0 (excluded from softmax/argmax). No valid slot -> zeros.
+    Per sample; DISCO's code averages the features over the (size 1) eval batch first."""
+    f = torch.as_tensor(features).float()
+    if f.dim() == 1:
+        f = f[None]
+    k = torch.as_tensor(keys).float().to(f.device)
+    Bn, K = f.shape[0], k.shape[0]
+    if f.shape[-1] != k.shape[-1]:
+        raise ValueError(f"feature dim {f.shape[-1]} != key dim {k.shape[-1]}")
+    v = torch.ones(K, dtype=torch.bool, device=f.device) if valid is None else \
+        torch.as_tensor(valid, dtype=torch.bool, device=f.device)
+    s = F.normalize(f, dim=-1) @ F.normalize(k, dim=-1).t()         # (B, K)
+    if mode == "concat":
+        return v.float().expand(Bn, K).clone()
+    if mode == "cosine":
+        return s * v.float()
+    if not bool(v.any()):
+        return torch.zeros(Bn, K, device=f.device)
+    if mode == "softmax":
+        return torch.softmax((s / temperature).masked_fill(~v, float("-inf")), dim=-1)
+    if mode == "argmax":
+        return F.one_hot(s.masked_fill(~v, float("-inf")).argmax(-1), K).float()
+    raise ValueError(f"unknown routing mode {mode!r} (softmax|argmax|concat|cosine)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# files
+
+
+def _atomic_save_safetensors(tensors, path, metadata):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=d)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _atomic_write_text(text, path):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _read_safetensors(path):
+    """(tensors, metadata); a clear error for anything that is not a safetensors file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except Exception as e:  # SafetensorError, header errors
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                         f"only safetensors adapters are supported") from e
+
+
+def _hf_name(model, name, legacy=False):
+    fn = getattr(model, "hf_module_name", None)
+    return fn(name, legacy) if callable(fn) else name
+
+
+def _num(x):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _target_regex(model, hf_names, legacy):
+    """A regex (re.fullmatch, PEFT semantics) matching exactly `hf_names` among all the model's modules:
+    layer indices generalised to \\d+ when that stays exact, else an explicit alternation."""
+    all_hf = set()
+    for n, _ in model.named_modules():
+        if n:
+            try:
+                all_hf.add(_hf_name(model, n, legacy))
+            except Exception:
+                pass
+    want = set(hf_names)
+    general = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(h)) for h in want})
+    rx = "(" + "|".join(general) + ")"
+    if {h for h in all_hf if re.fullmatch(rx, h)} == want:
+        return rx
+    return "(" + "|".join(re.escape(h) for h in sorted(want)) + ")"
+
+
+def save_peft_adapter(model, out_dir, alpha=None, legacy_names=False, dtype=torch.float32,
+                      base_model_name_or_path=None):
+    """Write a PEFT LoRA adapter (model_formats.md §6): adapter_config.json + adapter_model.safetensors.
+
+    A K-subspace layer with fixed weights alpha (K,) (default: the current single/routed choice) is exported
+    as ONE rank-(K r) LoRA: lora_A = A_cat, lora_B = B_cat diag(alpha) * (s / s_peft) with
+    s_peft = lora_alpha / (K r) and lora_alpha = s * K r, so PEFT's alpha/r reproduces our s exactly
+    (fcit scaling: lora_alpha = alpha; peft scaling: lora_alpha = alpha * K). Keys are
+    'base_model.model.<hf path>.lora_{A,B}.weight' with the hf path from model.hf_module_name(name, legacy)
+    (the name itself if the model lacks it); target_modules is a regex over exactly the wrapped modules."""
+    mods = _require(model)
+    tensors, hf_names, ranks, alphas, drops = {}, [], set(), set(), set()
+    for name, m in mods.items():
+        if m._merged is not None:
+            raise RuntimeError("LoRA weights are merged; call unmerge(model) before saving an adapter")
+        a = m._effective_alpha() if alpha is None else torch.as_tensor(alpha, dtype=torch.float32)
+        if a.dim() != 1 or a.numel() != m.num_subspaces:
+            raise ValueError(f"{name}: alpha must have shape ({m.num_subspaces},), got {tuple(a.shape)}")
+        R = m.num_subspaces * m.r
+        lora_alpha = m.scaling * R
+        A = torch.cat([p.detach().float() for p in m.A], 0)
+        B = torch.cat([p.detach().float() for p in m.B], 1) * a.float().repeat_interleave(m.r).to(A.device)
+        hf = _hf_name(model, name, legacy_names)
+        hf_names.append(hf)
+        tensors[f"base_model.model.{hf}.lora_A.weight"] = A.to(dtype)
+        tensors[f"base_model.model.{hf}.lora_B.weight"] = B.to(dtype)
+        ranks.add(R)
+        alphas.add(lora_alpha)
+        drops.add(m.dropout)
+    if len(ranks) != 1 or len(alphas) != 1:
+        raise ValueError(f"layers differ in exported rank {sorted(ranks)} or lora_alpha {sorted(alphas)}; "
+                         f"one adapter needs one r and lora_alpha")
+    R, lora_alpha = ranks.pop(), alphas.pop()
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": R, "lora_alpha": _num(lora_alpha), "lora_dropout": max(drops), "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "inference_mode": True, "target_modules": _target_regex(model, hf_names, legacy_names),
+        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    _atomic_save_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), {"format": "pt"})
+    _atomic_write_text(json.dumps(config, indent=2), os.path.join(out_dir, "adapter_config.json"))
+    return out_dir
+
+
+# model_formats.md §1.5, reduced to the decoder (fallback when the model has no hf_module_name)
+_CANON = [(r"^language_model\.model\.(.*)", r"lm.\1"), (r"^model\.language_model\.(.*)", r"lm.\1"),
+          (r"^model\.(embed_tokens|layers|norm)(.*)", r"lm.\1\2")]
+
+
+def _pattern_value(patterns, hf, default):
+    for k, v in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({k})$", hf):
+            return v
+    return default
+
+
+def load_peft_adapter(model, adapter_dir, subspace=None):
+    """Load a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, as peft writes it).
+
+    Names: 'base_model.model.' is stripped and the rest matched to our modules through
+    model.hf_module_name (current and legacy) or the §1.5 decoder rules. A module without LoRA is wrapped
+    as a K=1 layer with peft scaling (exact copy of A, B); a module that already has LoRA receives it in
+    `subspace` (r must match), or, with subspace=None, in subspace 0 (K=1) or split over the K subspaces
+    when the adapter rank is K r (B rescaled so the function matches with alpha = 1 for all). Wrong shapes,
+    modules not in the model / not targeted, non-LoRA tensors and non-safetensors files raise, naming the
+    key. Returns the list of our module names loaded."""
+    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: missing (not a PEFT adapter directory)")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA").upper() != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    if cfg.get("use_dora"):
+        raise ValueError(f"{cfg_path}: DoRA adapters are not supported")
+    if cfg.get("fan_in_fan_out"):
+        raise ValueError(f"{cfg_path}: fan_in_fan_out adapters (Conv1D models) are not supported")
+    wpath = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.isfile(wpath):
+        others = [p for p in os.listdir(adapter_dir) if p.startswith("adapter_model")]
+        raise ValueError(f"{adapter_dir}: no adapter_model.safetensors (found {others}); only safetensors "
+                         f"adapters are supported")
+    tensors, _ = _read_safetensors(wpath)
+
+    lookup = {}
+    has_hf = callable(getattr(model, "hf_module_name", None))
+    for n, mod in model.named_modules():
+        if not n or not isinstance(mod, (nn.Linear, LoRALinear)):
+            continue
+        lookup.setdefault(n, n)
+        if has_hf:
+            for legacy in (False, True):
+                try:
+                    lookup.setdefault(model.hf_module_name(n, legacy), n)
+                except Exception:
+                    pass
+
+    def ours(path, key):
+        if path in lookup:
+            return lookup[path]
+        for pat, rep in _CANON:
+            if re.match(pat, path):
+                cand = re.sub(pat, rep, path)
+                if cand in lookup:
+                    return lookup[cand]
+        raise ValueError(f"{key}: module {path!r} is not in the model")
+
+    pairs = {}
+    for key, t in tensors.items():
+        k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+        mt = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", k)
+        if mt is None:
+            raise ValueError(f"{key}: unsupported adapter tensor (only Linear lora_A/lora_B weights; no "
+                             f"embedding LoRA, DoRA, lora bias or modules_to_save)")
+        pairs.setdefault(mt.group(1), {})[mt.group(2)] = (key, t)
+
+    had_lora = bool(lora_modules(model))
+    loaded, new = [], []
+    never = re.compile(NEVER)
+    for path, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            key = next(iter(ab.values()))[0]
+            raise ValueError(f"{key}: lora_{'B' if 'A' in ab else 'A'} missing for {path}")
+        (ka, A), (kb, B) = ab["A"], ab["B"]
+        name = ours(path, ka)
+        mod = model.get_submodule(name)
+        R = A.shape[0]
+        r_cfg = _pattern_value(cfg.get("rank_pattern"), path, cfg.get("r", 8))
+        a_cfg = _pattern_value(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", 8))
+        if R != r_cfg:
+            raise ValueError(f"{ka}: rank {R} != r={r_cfg} in adapter_config.json")
+        s_file = a_cfg / (math.sqrt(R) if cfg.get("use_rslora") else R)
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != mod.in_features or B.shape != (mod.out_features, R):
+            raise ValueError(f"{ka}: shapes A {tuple(A.shape)}, B {tuple(B.shape)} do not fit {name} "
+                             f"(in={mod.in_features}, out={mod.out_features})")
+        if isinstance(mod, nn.Linear):
+            if had_lora:
+                raise ValueError(f"{ka}: module {name} is not targeted by LoRA in this model")
+            if never.search(name):
+                raise ValueError(f"{ka}: module {name} is outside the language model")
+            parent, _, child = _get_parent(model, name)
+            mod = LoRALinear(mod, R, a_cfg, 1, scaling="peft", init="peft",
+                             dropout=float(cfg.get("lora_dropout", 0.0)))
+            setattr(parent, child, mod)
+            new.append(name)
+        with torch.no_grad():
+            ratio = s_file / mod.scaling
+            Bs = B.float() * ratio if ratio != 1.0 else B
+            if subspace is not None:
+                if R != mod.r:
+                    raise ValueError(f"{ka}: rank {R} != subspace rank {mod.r} of {name}")
+                mod.A[subspace].copy_(A)
+                mod.B[subspace].copy_(Bs)
+            elif mod.num_subspaces == 1 or R == mod.num_subspaces * mod.r:
+                if R != mod.num_subspaces * mod.r:
+                    raise ValueError(f"{ka}: rank {R} != {mod.num_subspaces * mod.r} of {name}")
+                for j in range(mod.num_subspaces):
+                    mod.A[j].copy_(A[j * mod.r:(j + 1) * mod.r])
+                    mod.B[j].copy_(Bs[:, j * mod.r:(j + 1) * mod.r])
+            else:
+                raise ValueError(f"{ka}: rank {R} fits neither one subspace nor all {mod.num_subspaces}; "
+                                 f"pass subspace=")
+        loaded.append(name)
+    if new:
+        _share_dropout(model, new, float(cfg.get("lora_dropout", 0.0)))
+        _freeze_non_lora(model)
+        set_active(model, 0)
+    return loaded
+
+
+FORMAT_KEY = "fcit_lora"
+
+
+def _layer_config(m):
+    return {"rank": m.rank, "num_subspaces": m.num_subspaces, "alpha": m.lora_alpha,
+            "scaling": m.scaling_mode, "init": m.init_mode, "dropout": m.dropout,
+            "in": m.in_features, "out": m.out_features, "router": m.router is not None,
+            "dtype": str(m.A[0].dtype).replace("torch.", "")}
+
+
+def save_adapter(model, path, extra=None, metadata=None):
+    """Our full format, one safetensors file: every subspace (and router) under its lora_state name,
+    `extra` tensors under 'extra.<key>' (e.g. identity keys / sizes), the per-layer LoRA configuration and
+    the JSON-serialisable `metadata` in the safetensors header. Atomic. Round-trips exactly."""
+    mods = _require(model)
+    tensors = lora_state(model)
+    for k, v in (extra or {}).items():
+        tensors[f"extra.{k}"] = torch.as_tensor(v)
+    header = {"format": "pt",
+              FORMAT_KEY: json.dumps({"version": 1, "layers": {n: _layer_config(m) for n, m in mods.items()}}),
+              "metadata": json.dumps(metadata if metadata is not None else {})}
+    _atomic_save_safetensors(tensors, path, header)
+    return path
+
+
+def load_adapter(model, path):
+    """Load a `save_adapter` file. Modules without LoRA are wrapped with the stored configuration (then
+    everything else is frozen and subspace 0 is active); modules with LoRA must match it. Returns
+    (extra: dict[str, Tensor], metadata)."""
+    tensors, header = _read_safetensors(path)
+    if FORMAT_KEY not in header:
+        raise ValueError(f"{path}: not an fcit LoRA adapter (no '{FORMAT_KEY}' header; for PEFT adapters use "
+                         f"load_peft_adapter)")
+    layers = json.loads(header[FORMAT_KEY])["layers"]
+    new = []
+    for name, c in layers.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: module {name!r} is not in the model") from None
+        if isinstance(mod, nn.Linear):
+            if (mod.in_features, mod.out_features) != (c["in"], c["out"]):
+                raise ValueError(f"{name}: adapter is for ({c['in']} -> {c['out']}), model has "
+                                 f"({mod.in_features} -> {mod.out_features})")
+            parent, _, child = _get_parent(model, name)
+            layer = LoRALinear(mod, c["rank"], c["alpha"], c["num_subspaces"], c["scaling"], c["init"],
+                               c["dropout"], dtype=getattr(torch, c.get("dtype", "float32")))
+            setattr(parent, child, layer)
+            new.append(name)
+        elif isinstance(mod, LoRALinear):
+            got = (mod.rank, mod.num_subspaces, mod.lora_alpha, mod.scaling_mode)
+            want = (c["rank"], c["num_subspaces"], c["alpha"], c["scaling"])
+            if got != want:
+                raise ValueError(f"{name}: model LoRA (rank, K, alpha, scaling)={got} != adapter {want}")
+        else:
+            raise ValueError(f"{name}: is a {type(mod).__name__}, not a linear layer")
+    if new:
+        p = {c["dropout"] for c in layers.values()}
+        _share_dropout(model, new, max(p))
+    state = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
+    for k in state:
+        name = _parse_key(k)[0]
+        if name not in layers:
+            raise ValueError(f"{k}: module not described in the adapter header")
+    load_lora_state(model, state)
+    if new:
+        _freeze_non_lora(model)
+        set_active(model, 0)
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return extra, json.loads(header.get("metadata", "{}"))

@@ -1,0 +1,541 @@
+"""Tests for lora.py: hand-computed forward/merge/orthogonalization/routing checks, state and adapter
+round trips, and PEFT interoperability (transformers + peft as oracles, skipped when absent)."""
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lora
+
+
+# ----------------------------------------------------------------------------------------------------
+# tiny modules with the project's names
+
+
+class MLP(nn.Module):
+    def __init__(self, d, h, bias=False):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, h, bias=bias)
+        self.up_proj = nn.Linear(d, h, bias=bias)
+        self.down_proj = nn.Linear(h, d, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attn(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        return self.q_proj(x)
+
+
+class Block(nn.Module):
+    def __init__(self, d, h, bias=False):
+        super().__init__()
+        self.self_attn = Attn(d)
+        self.mlp = MLP(d, h, bias)
+
+    def forward(self, x):
+        x = x + self.self_attn(x)
+        return x + self.mlp(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, d, h, n, bias=False):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(d, h, bias) for _ in range(n)])
+
+    def forward(self, x):
+        for b in self.layers:
+            x = b(x)
+        return x
+
+
+class Tiny(nn.Module):
+    def __init__(self, d=8, h=12, n=2, bias=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.lm = Decoder(d, h, n, bias)
+        self.vision = Decoder(d, h, 1, bias)          # has mlp.gate_proj too: must never be wrapped
+        self.lm_head = nn.Linear(d, 5, bias=False)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x):
+        return self.lm_head(self.lm(x))
+
+
+def randomize_lora(model, seed=1, scale=0.2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora.lora_modules(model).values():
+            for p in list(m.A) + list(m.B):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def make(K=4, rank=8, alpha=16, scaling="fcit", dropout=0.0, bias=False, **kw):
+    model = Tiny(bias=bias)
+    wrapped = lora.apply_lora(model, rank, alpha, num_subspaces=K, scaling=scaling, dropout=dropout,
+                              generator=torch.Generator().manual_seed(3), **kw)
+    return model, wrapped
+
+
+# ----------------------------------------------------------------------------------------------------
+# injection
+
+
+def test_apply_lora_targets_and_freezing():
+    model, wrapped = make()
+    assert sorted(wrapped) == sorted(f"lm.layers.{i}.mlp.{p}" for i in range(2)
+                                     for p in ("gate_proj", "up_proj", "down_proj"))
+    assert isinstance(model.vision.layers[0].mlp.gate_proj, nn.Linear)
+    assert isinstance(model.lm.layers[0].self_attn.q_proj, nn.Linear)
+    names = {n for n, _ in lora.trainable_parameters(model)}
+    assert names == {f"{n}.{w}.0" for n in wrapped for w in ("A", "B")}
+    # base names are kept, LoRA names documented
+    sd = model.state_dict()
+    assert "lm.layers.0.mlp.gate_proj.weight" in sd and "lm.layers.0.mlp.gate_proj.A.3" in sd
+    with pytest.raises(ValueError, match="already has LoRA"):
+        lora.apply_lora(model, 8, 16, num_subspaces=4)
+    with pytest.raises(ValueError, match="multiple"):
+        lora.apply_lora(Tiny(), 10, 16, num_subspaces=4)
+    # include cannot reach the vision tower
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        lora.apply_lora(Tiny(), 8, 16, include=r"^vision\.")
+
+
+def test_scaling_and_init():
+    m = lora.LoRALinear(nn.Linear(4096, 64), 64, 128, num_subspaces=8, scaling="fcit")
+    assert m.r == 8 and m.scaling == 2.0                       # fcit_paper.md §4.2
+    assert abs(torch.cat(list(m.A)).std().item() - 0.01) < 5e-4
+    assert all(float(b.detach().abs().max()) == 0 for b in m.B)
+    p = lora.LoRALinear(nn.Linear(4096, 64), 64, 128, num_subspaces=8, scaling="peft", init="peft")
+    assert p.scaling == 16.0
+    bound = 1 / math.sqrt(4096)                                 # kaiming_uniform(a=sqrt(5))
+    A = torch.cat(list(p.A)).detach()
+    assert float(A.abs().max()) <= bound and float(A.abs().max()) > 0.9 * bound
+
+
+# ----------------------------------------------------------------------------------------------------
+# forward modes
+
+
+def manual(m, x, alpha):
+    """W x + b + s * sum_j alpha_bj B_j A_j x, per sample (alpha (B, K))."""
+    y = x @ m.weight.t() + (m.bias if m.bias is not None else 0)
+    for b in range(x.shape[0]):
+        for j in range(m.num_subspaces):
+            y[b] = y[b] + m.scaling * alpha[b, j] * (x[b] @ m.A[j].t() @ m.B[j].t())
+    return y
+
+
+def test_routed_forward_per_sample_matches_hand_computation():
+    model, wrapped = make(bias=True)
+    randomize_lora(model)
+    model.eval()
+    m = wrapped["lm.layers.0.mlp.gate_proj"]
+    x = torch.randn(3, 5, 8)
+    alpha = torch.tensor([[1.0, 0, 0, 0], [0.2, 0.3, 0.1, 0.4], [0, 0, 0, 2.0]])
+    lora.set_routing(model, alpha)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), manual(m, x, alpha), atol=1e-5, rtol=1e-5)
+        # (K,) alpha broadcasts over the batch
+        lora.set_routing(model, alpha[1])
+        torch.testing.assert_close(m(x), manual(m, x, alpha[1].expand(3, 4)), atol=1e-5, rtol=1e-5)
+        # cached concatenation follows in-place parameter updates
+        m.B[2].add_(1.0)
+        torch.testing.assert_close(m(x), manual(m, x, alpha[1].expand(3, 4)), atol=1e-5, rtol=1e-5)
+        # a batch mismatch is an error, and the whole model runs per sample
+        lora.set_routing(model, alpha)
+        with pytest.raises(ValueError, match="samples"):
+            m(torch.randn(2, 5, 8))
+        full = model(x)
+        for b in range(3):
+            lora.set_routing(model, alpha[b])
+            torch.testing.assert_close(full[b:b + 1], model(x[b:b + 1]), atol=1e-5, rtol=1e-5)
+
+
+def test_single_mode_forward_and_gradient_only_on_active():
+    model, wrapped = make()
+    randomize_lora(model)
+    lora.set_active(model, 2)
+    x = torch.randn(2, 3, 8)
+    m = wrapped["lm.layers.1.mlp.down_proj"]
+    xi = torch.randn(2, 3, 12)
+    onehot = F.one_hot(torch.tensor([2, 2]), 4).float()
+    torch.testing.assert_close(m(xi), manual(m, xi, onehot), atol=1e-5, rtol=1e-5)
+    model(x).pow(2).sum().backward()
+    for name, mod in wrapped.items():
+        for j in range(4):
+            for p in (mod.A[j], mod.B[j]):
+                assert (p.grad is not None) == (j == 2), (name, j)
+        assert mod.weight.grad is None
+    assert all(p.grad is None for p in model.vision.parameters())
+
+
+def test_merge_unmerge_exact():
+    model, wrapped = make(bias=True)
+    randomize_lora(model)
+    model.eval()
+    before = {n: m.weight.detach().clone() for n, m in wrapped.items()}
+    alpha = torch.tensor([0.5, 0.1, 0.0, 0.4])
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        lora.set_routing(model, alpha)
+        routed = model(x)
+        lora.merge(model, alpha)
+        assert all(m.mode == "merged" for m in wrapped.values())
+        torch.testing.assert_close(model(x), routed, atol=1e-5, rtol=1e-5)
+        with pytest.raises(RuntimeError, match="merged"):
+            lora.set_active(model, 0)
+        lora.unmerge(model)
+        for n, m in wrapped.items():
+            assert torch.equal(m.weight, before[n])
+            assert m.mode == "routed"
+        assert torch.equal(model(x), routed)
+        # default alpha in single mode = one-hot of the active subspace
+        lora.set_active(model, 1)
+        single = model(x)
+        lora.merge(model)
+        torch.testing.assert_close(model(x), single, atol=1e-5, rtol=1e-5)
+        lora.unmerge(model)
+        lora.disable_lora(model)
+        off = model(x)
+        ref = copy.deepcopy(model)
+        lora.remove_lora(ref)
+        assert isinstance(ref.lm.layers[0].mlp.gate_proj, nn.Linear)
+        torch.testing.assert_close(ref(x), off)
+
+
+def test_dropout_shared_between_gate_and_up():
+    """gate_proj and up_proj read the same x: one mask; down_proj draws its own; nothing cached after."""
+    d = 6
+    mlp = nn.Module()
+    mlp.lm = nn.Module()
+    mlp.lm.mlp = MLP(d, d)
+    lora.apply_lora(mlp, d, d, targets=("gate_proj", "up_proj", "down_proj"), scaling="peft", dropout=0.5)
+    layers = lora.lora_modules(mlp)
+    with torch.no_grad():
+        for m in layers.values():
+            m.weight.zero_()
+            m.A[0].copy_(torch.eye(d))
+            m.B[0].copy_(torch.eye(d))
+    seen = {}
+    for n, m in layers.items():
+        m.register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, o.detach().clone()))
+    g, u, dn = (layers[f"lm.mlp.{p}"] for p in ("gate_proj", "up_proj", "down_proj"))
+    assert g.drop is u.drop and g.drop is dn.drop  # one object per parent, keyed on the input tensor
+    mlp.train()
+    x = torch.randn(4, 50, d)
+    mlp.lm.mlp(x)
+    assert torch.equal(seen["lm.mlp.gate_proj"], seen["lm.mlp.up_proj"])
+    zeros = seen["lm.mlp.gate_proj"] == 0
+    assert 0.3 < zeros.float().mean() < 0.7
+    torch.testing.assert_close(seen["lm.mlp.gate_proj"][~zeros], 2 * x[~zeros])
+    assert g.drop._x is None                        # cleared by the parent's forward hook
+    # two separate calls with the same tensor draw two masks (the cache lives for one parent forward)
+    mlp.lm.mlp(x)
+    first = seen["lm.mlp.gate_proj"]
+    mlp.lm.mlp(x)
+    assert not torch.equal(first, seen["lm.mlp.gate_proj"])
+    mlp.eval()
+    mlp.lm.mlp(x)
+    torch.testing.assert_close(seen["lm.mlp.gate_proj"], x)
+
+
+def test_moe_router_token_level():
+    model, wrapped = make()
+    randomize_lora(model)
+    lora.set_moe(model, generator=torch.Generator().manual_seed(0))
+    m = wrapped["lm.layers.0.mlp.up_proj"]
+    x = torch.randn(2, 3, 8)
+    g = torch.softmax(x @ m.router.weight.t(), -1)                       # (2, 3, K)
+    want = x @ m.weight.t()
+    for j in range(4):
+        want = want + m.scaling * g[..., j:j + 1] * (x @ m.A[j].t() @ m.B[j].t())
+    torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
+    model(x).sum().backward()
+    assert m.router.weight.grad is not None and all(m.A[j].grad is not None for j in range(4))
+    st = lora.lora_state(model)
+    assert "lm.layers.0.mlp.up_proj.router.weight" in st
+    lora.set_moe(model, top_k=1)
+    with torch.no_grad():
+        top = F.one_hot(g.argmax(-1), 4).float()
+        want = x @ m.weight.t()
+        for j in range(4):
+            want = want + m.scaling * top[..., j:j + 1] * (x @ m.A[j].t() @ m.B[j].t())
+        torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# orthogonalization
+
+
+def test_orthogonalize_and_overlap():
+    model, wrapped = make(K=4, rank=8)                # r = 2, in = 8 or 12
+    randomize_lora(model)
+    ov = lora.subspace_overlap(model)
+    assert ov.shape == (4, 4) and float(ov[0, 1]) > 1e-2
+    lora.orthogonalize_subspace(model, 1, [0])
+    lora.orthogonalize_subspace(model, 2, [0, 1])
+    for m in wrapped.values():
+        for i, j in ((0, 1), (0, 2), (1, 2)):
+            assert float((m.A[i] @ m.A[j].t()).detach().abs().max()) < 1e-6
+    ov = lora.subspace_overlap(model)
+    assert float(ov[0, 1]) < 1e-6 and float(ov[1, 2]) < 1e-6 and float(ov[2, 0]) < 1e-6
+    assert float(ov[0, 3]) > 1e-3
+    # gradient projection hook keeps SGD steps in the complement
+    lora.set_active(model, 3)
+    handles = lora.orthogonalize_subspace(model, 3, [0, 1, 2], grad_hook=True)
+    model(torch.randn(2, 3, 8)).pow(2).sum().backward()
+    for m in wrapped.values():
+        for o in range(3):
+            g = m.A[3].grad
+            assert float((m.A[o] @ g.t()).abs().max()) < 1e-6 * float(g.norm() * m.A[o].norm())
+    for h in handles:
+        h.remove()
+
+
+def test_olora_penalty_direct():
+    model, wrapped = make()
+    randomize_lora(model)
+    lora.set_active(model, 2)
+    pen = lora.olora_penalty(model, 2, [0, 1], weight=0.5)
+    want = 0.5 * sum((m.A[o] @ m.A[2].t()).abs().sum() for m in wrapped.values() for o in (0, 1))
+    torch.testing.assert_close(pen, want)
+    pen.backward()
+    m = wrapped["lm.layers.0.mlp.gate_proj"]
+    assert m.A[2].grad is not None and m.A[0].grad is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# routing
+
+
+def test_route_variants():
+    keys = torch.tensor([[1.0, 0, 0], [0, 2.0, 0], [0, 0, 0], [1, 1, 0]])
+    f = torch.tensor([[3.0, 0, 0], [0, 1.0, 1.0]])
+    cos = torch.tensor([[1, 0, 0, 1 / math.sqrt(2)], [0, 1 / math.sqrt(2), 0, 0.5]])
+    torch.testing.assert_close(lora.route(f, keys, "cosine"), cos)
+    torch.testing.assert_close(lora.route(f, keys, "softmax", 0.05), torch.softmax(cos / 0.05, -1))
+    torch.testing.assert_close(lora.route(f, keys, "argmax"), torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0]]))
+    torch.testing.assert_close(lora.route(f, keys, "concat"), torch.ones(2, 4))
+    valid = torch.tensor([False, True, False, True])
+    sv = lora.route(f, keys, "softmax", 0.05, valid=valid)
+    assert float(sv[:, ~valid].abs().max()) == 0
+    torch.testing.assert_close(sv[:, valid], torch.softmax(cos[:, valid] / 0.05, -1))
+    torch.testing.assert_close(lora.route(f, keys, "argmax", valid=valid), torch.tensor([[0.0, 0, 0, 1], [0, 1, 0, 0]]))
+    torch.testing.assert_close(lora.route(f, keys, "concat", valid=valid), valid.float().expand(2, 4))
+    assert lora.route(f[0], keys).shape == (1, 4)
+    assert lora.route(f.half(), keys.bfloat16()).dtype == torch.float32
+    assert float(lora.route(f, keys, valid=torch.zeros(4, dtype=torch.bool)).abs().sum()) == 0
+    with pytest.raises(ValueError, match="routing mode"):
+        lora.route(f, keys, "topk")
+
+
+# ----------------------------------------------------------------------------------------------------
+# state, bytes, files
+
+
+def test_lora_state_roundtrip_and_errors():
+    model, wrapped = make()
+    randomize_lora(model)
+    st = lora.lora_state(model, subspaces=[1])
+    assert set(st) == {f"{n}.{w}.1" for n in wrapped for w in ("A", "B")}
+    other, _ = make()
+    lora.load_lora_state(other, st)
+    for n, m in lora.lora_modules(other).items():
+        assert torch.equal(m.A[1], wrapped[n].A[1]) and torch.equal(m.B[1], wrapped[n].B[1])
+        assert not torch.equal(m.B[0], wrapped[n].B[0])
+    st["lm.layers.0.mlp.gate_proj.A.1"] = torch.zeros(3, 8)
+    with pytest.raises(ValueError, match=r"lm\.layers\.0\.mlp\.gate_proj\.A\.1"):
+        lora.load_lora_state(other, st)
+    with pytest.raises(KeyError, match="vision"):
+        lora.load_lora_state(other, {"vision.layers.0.mlp.gate_proj.A.0": torch.zeros(2, 8)})
+    with pytest.raises(KeyError, match="out of range"):
+        lora.load_lora_state(other, {"lm.layers.0.mlp.gate_proj.A.7": torch.zeros(2, 8)})
+    # 2 layers x (gate 8->12, up 8->12, down 12->8), r = 2, fp32
+    assert lora.subspace_bytes(model, 0) == 2 * 3 * (2 * 8 + 12 * 2) * 4
+
+
+def test_own_adapter_format_roundtrip(tmp_path):
+    model, wrapped = make(K=4, rank=8, alpha=16)
+    randomize_lora(model)
+    lora.set_moe(model, generator=torch.Generator().manual_seed(5))
+    keys = torch.randn(8, 768)
+    path = str(tmp_path / "a" / "adapter.safetensors")
+    lora.save_adapter(model, path, extra={"keys": keys, "sizes": torch.arange(8)}, metadata={"stage": 3, "clusters": [[0, 1]]})
+    assert not [p for p in os.listdir(tmp_path / "a") if p.startswith(".tmp")]
+    # into a model without LoRA: wrapped from the stored configuration
+    fresh = Tiny()
+    extra, meta = lora.load_adapter(fresh, path)
+    assert meta == {"stage": 3, "clusters": [[0, 1]]}
+    assert torch.equal(extra["keys"], keys) and torch.equal(extra["sizes"], torch.arange(8))
+    a, b = lora.lora_state(model), lora.lora_state(fresh)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    m2 = lora.lora_modules(fresh)["lm.layers.1.mlp.down_proj"]
+    assert (m2.num_subspaces, m2.r, m2.scaling) == (4, 2, 2.0)
+    # into a model with a different LoRA: clear error
+    other, _ = make(K=2, rank=8)
+    with pytest.raises(ValueError, match=r"lm\.layers\.0\.mlp\.gate_proj"):
+        lora.load_adapter(other, path)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="safetensors"):
+        lora.load_adapter(Tiny(), str(bad))
+
+
+def test_peft_format_without_hf_names(tmp_path):
+    """Export K subspaces with fixed alpha as one rank-K r LoRA; load back into a fresh model (K=1)."""
+    model, wrapped = make(K=4, rank=8, alpha=16, scaling="fcit")
+    randomize_lora(model)
+    model.eval()
+    alpha = torch.tensor([0.7, 0.0, 0.2, 0.1])
+    lora.set_routing(model, alpha)
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        want = model(x)
+    lora.save_peft_adapter(model, str(tmp_path))
+    cfg = json.load(open(tmp_path / "adapter_config.json"))
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["peft_type"] == "LORA"
+    import re
+    assert re.fullmatch(cfg["target_modules"], "lm.layers.1.mlp.down_proj")
+    assert not re.fullmatch(cfg["target_modules"], "vision.layers.0.mlp.down_proj")
+    fresh = Tiny()
+    loaded = lora.load_peft_adapter(fresh, str(tmp_path))
+    assert sorted(loaded) == sorted(wrapped)
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), want, atol=1e-5, rtol=1e-5)
+    # same rank split over K subspaces of an existing LoRA: alpha = 1 everywhere reproduces it
+    again, _ = make(K=4, rank=8, alpha=16)
+    lora.load_peft_adapter(again, str(tmp_path))
+    lora.set_routing(again, torch.ones(4))
+    again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), want, atol=1e-5, rtol=1e-5)
+    # errors name the key
+    wrong, _ = make(K=1, rank=4, alpha=16)
+    with pytest.raises(ValueError, match=r"lora_A"):
+        lora.load_peft_adapter(wrong, str(tmp_path))
+    narrow, _ = make(K=1, rank=8, targets=("gate_proj",))
+    with pytest.raises(ValueError, match=r"up_proj.*not targeted|not targeted"):
+        lora.load_peft_adapter(narrow, str(tmp_path))
+    os.replace(tmp_path / "adapter_model.safetensors", tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match="safetensors"):
+        lora.load_peft_adapter(Tiny(), str(tmp_path))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="safetensors"):
+        lora.load_peft_adapter(Tiny(), str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------------
+# PEFT interoperability (transformers + peft as oracles)
+
+
+def tiny_llama(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    return hf
+
+
+def test_peft_oracle_on_transformers_module(tmp_path):
+    """Our LoRA applied to the transformers model itself (names used as is) -> PEFT reproduces logits."""
+    peft = pytest.importorskip("peft")
+    hf = tiny_llama(tmp_path)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    ours = copy.deepcopy(hf)
+    lora.apply_lora(ours, 16, 32, num_subspaces=4, include=r"^model\.layers\.", dropout=0.05)
+    randomize_lora(ours, scale=0.1)
+    lora.set_routing(ours, torch.tensor([0.1, 0.6, 0.0, 0.3]))
+    ours.eval()
+    with torch.no_grad():
+        want = ours(ids).logits
+    lora.save_peft_adapter(ours, str(tmp_path / "ad"))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "ad")).eval()
+    with torch.no_grad():
+        got = pm(ids).logits
+    assert float((got - want).abs().max()) <= 1e-4
+    # and the output differs from the base model (the adapter does something)
+    with torch.no_grad():
+        assert float((hf(ids).logits - want).abs().max()) > 1e-3
+
+
+def test_peft_saved_adapter_into_transformers_module(tmp_path):
+    peft = pytest.importorskip("peft")
+    hf = tiny_llama(tmp_path)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"],
+                          lora_dropout=0.0)
+    pm = peft.get_peft_model(copy.deepcopy(hf), cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    pm.eval()
+    with torch.no_grad():
+        want = pm(ids).logits
+    pm.save_pretrained(str(tmp_path / "pe"))
+    ours = copy.deepcopy(hf)
+    loaded = lora.load_peft_adapter(ours, str(tmp_path / "pe"))
+    assert len(loaded) == 2 * 4
+    ours.eval()
+    with torch.no_grad():
+        got = ours(ids).logits
+    assert float((got - want).abs().max()) <= 1e-4
+
+
+def _model_py():
+    model = pytest.importorskip("model")
+    if not hasattr(model, "load_vlm") or not hasattr(model.VLM, "hf_module_name"):
+        pytest.skip("model.py lacks load_vlm / VLM.hf_module_name")
+    return model
+
+
+def test_peft_roundtrip_with_our_model(tmp_path):
+    """tiny LlamaForCausalLM saved by transformers -> model.load_vlm -> our LoRA -> save_peft_adapter ->
+    PeftModel.from_pretrained(transformers model) gives our logits; and the reverse direction."""
+    mp = _model_py()
+    peft = pytest.importorskip("peft")
+    hf = tiny_llama(tmp_path)
+    hf.save_pretrained(str(tmp_path / "base"))
+    ours = mp.load_vlm(str(tmp_path / "base"), dtype=torch.float32)
+    ours.eval()
+    wrapped = lora.apply_lora(ours, 16, 32, num_subspaces=2)
+    assert all(n.startswith("lm.") for n in wrapped)
+    randomize_lora(ours, scale=0.1)
+    lora.set_routing(ours, torch.tensor([0.25, 0.75]))
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ours(ids)
+    lora.save_peft_adapter(ours, str(tmp_path / "ad"))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "ad")).eval()
+    with torch.no_grad():
+        got = pm(ids).logits
+    assert float((got - want).abs().max()) <= 1e-4
+    # reverse: peft adapter -> our loader on a fresh load_vlm model
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])
+    pm2 = peft.get_peft_model(copy.deepcopy(hf), cfg)
+    with torch.no_grad():
+        for n, p in pm2.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    pm2.eval()
+    pm2.save_pretrained(str(tmp_path / "pe"))
+    fresh = mp.load_vlm(str(tmp_path / "base"), dtype=torch.float32).eval()
+    lora.load_peft_adapter(fresh, str(tmp_path / "pe"))
+    with torch.no_grad():
+        assert float((fresh(ids) - pm2(ids).logits).abs().max()) <= 1e-4
