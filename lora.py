@@ -149,6 +149,7 @@ class LoRALinear(nn.Module):
         self.moe_top_k = None
         self.drop = _SharedDropout(dropout)           # replaced by a shared one in apply_lora
         self.mode, self.active = "single", 0
+        self.train(base.training)                     # inherit train/eval from the replaced layer
         self.alpha = None                             # routing weights (K,) or (B, K), fp32
         self._merged = None                           # (original weight copy, previous mode) while merged
         self._cache = None                            # (key, A_cat, s*B_cat) for no-grad routed inference
