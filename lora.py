@@ -662,17 +662,19 @@ def _num(x):
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _target_regex(model, hf_names, legacy):
-    """A regex (re.fullmatch, PEFT semantics) matching exactly `hf_names` among all the model's modules:
-    layer indices generalised to \\d+ when that stays exact, else an explicit alternation."""
+def _target_regex(model, names, legacy):
+    """A regex (re.fullmatch, PEFT semantics) matching exactly the hf paths of our module `names` among all
+    the model's modules: layer indices generalised to \\d+ when that stays exact, else an explicit
+    alternation. legacy=True matches both the legacy and the current paths (old and new transformers)."""
+    variants = (False, True) if legacy else (False,)
     all_hf = set()
     for n, _ in model.named_modules():
-        if n:
+        for v in variants:
             try:
-                all_hf.add(_hf_name(model, n, legacy))
+                all_hf.add(_hf_name(model, n, v)) if n else None
             except Exception:
                 pass
-    want = set(hf_names)
+    want = {_hf_name(model, n, v) for n in names for v in variants}
     general = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(h)) for h in want})
     rx = "(" + "|".join(general) + ")"
     if {h for h in all_hf if re.fullmatch(rx, h)} == want:
@@ -717,7 +719,7 @@ def save_peft_adapter(model, out_dir, alpha=None, legacy_names=False, dtype=torc
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": R, "lora_alpha": _num(lora_alpha), "lora_dropout": max(drops), "bias": "none",
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-        "inference_mode": True, "target_modules": _target_regex(model, hf_names, legacy_names),
+        "inference_mode": True, "target_modules": _target_regex(model, list(mods), legacy_names),
         "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
     }
     _atomic_save_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), {"format": "pt"})
@@ -798,8 +800,8 @@ def load_peft_adapter(model, adapter_dir, subspace=None):
         pairs.setdefault(mt.group(1), {})[mt.group(2)] = (key, t)
 
     had_lora = bool(lora_modules(model))
-    loaded, new = [], []
     never = re.compile(NEVER)
+    plan = []                                   # validate everything before touching the model
     for path, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             key = next(iter(ab.values()))[0]
@@ -813,7 +815,7 @@ def load_peft_adapter(model, adapter_dir, subspace=None):
         if R != r_cfg:
             raise ValueError(f"{ka}: rank {R} != r={r_cfg} in adapter_config.json")
         s_file = a_cfg / (math.sqrt(R) if cfg.get("use_rslora") else R)
-        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != mod.in_features or B.shape != (mod.out_features, R):
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != mod.in_features or tuple(B.shape) != (mod.out_features, R):
             raise ValueError(f"{ka}: shapes A {tuple(A.shape)}, B {tuple(B.shape)} do not fit {name} "
                              f"(in={mod.in_features}, out={mod.out_features})")
         if isinstance(mod, nn.Linear):
@@ -821,6 +823,17 @@ def load_peft_adapter(model, adapter_dir, subspace=None):
                 raise ValueError(f"{ka}: module {name} is not targeted by LoRA in this model")
             if never.search(name):
                 raise ValueError(f"{ka}: module {name} is outside the language model")
+        elif subspace is not None:
+            if not 0 <= subspace < mod.num_subspaces or R != mod.r:
+                raise ValueError(f"{ka}: rank {R} does not fit subspace {subspace} (K={mod.num_subspaces}, "
+                                 f"r={mod.r}) of {name}")
+        elif R != mod.num_subspaces * mod.r:
+            raise ValueError(f"{ka}: rank {R} fits neither one subspace nor all {mod.num_subspaces} "
+                             f"(r={mod.r}) of {name}; pass subspace=")
+        plan.append((name, mod, A, B, R, a_cfg, s_file))
+    new = []
+    for name, mod, A, B, R, a_cfg, s_file in plan:
+        if isinstance(mod, nn.Linear):
             parent, _, child = _get_parent(model, name)
             mod = LoRALinear(mod, R, a_cfg, 1, scaling="peft", init="peft",
                              dropout=float(cfg.get("lora_dropout", 0.0)))
@@ -830,25 +843,17 @@ def load_peft_adapter(model, adapter_dir, subspace=None):
             ratio = s_file / mod.scaling
             Bs = B.float() * ratio if ratio != 1.0 else B
             if subspace is not None:
-                if R != mod.r:
-                    raise ValueError(f"{ka}: rank {R} != subspace rank {mod.r} of {name}")
                 mod.A[subspace].copy_(A)
                 mod.B[subspace].copy_(Bs)
-            elif mod.num_subspaces == 1 or R == mod.num_subspaces * mod.r:
-                if R != mod.num_subspaces * mod.r:
-                    raise ValueError(f"{ka}: rank {R} != {mod.num_subspaces * mod.r} of {name}")
+            else:
                 for j in range(mod.num_subspaces):
                     mod.A[j].copy_(A[j * mod.r:(j + 1) * mod.r])
                     mod.B[j].copy_(Bs[:, j * mod.r:(j + 1) * mod.r])
-            else:
-                raise ValueError(f"{ka}: rank {R} fits neither one subspace nor all {mod.num_subspaces}; "
-                                 f"pass subspace=")
-        loaded.append(name)
     if new:
         _share_dropout(model, new, float(cfg.get("lora_dropout", 0.0)))
         _freeze_non_lora(model)
         set_active(model, 0)
-    return loaded
+    return [p[0] for p in plan]
 
 
 FORMAT_KEY = "fcit_lora"

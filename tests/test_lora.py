@@ -539,3 +539,68 @@ def test_peft_roundtrip_with_our_model(tmp_path):
     lora.load_peft_adapter(fresh, str(tmp_path / "pe"))
     with torch.no_grad():
         assert float((fresh(ids) - pm2(ids).logits).abs().max()) <= 1e-4
+
+
+def test_peft_roundtrip_llava(tmp_path):
+    """LlavaForConditionalGeneration (CLIP tower): adapter with current and legacy names -> PEFT reproduces
+    our logits with an image; peft's adapter -> our loader; LoRA on the CLIP tower is refused by name."""
+    mp = _model_py()
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    vc = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=28, patch_size=14, projection_dim=16)
+    tc = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  tie_word_embeddings=False)
+    cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=63, vision_feature_layer=-2,
+                                   vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    hf = transformers.LlavaForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(str(tmp_path / "base"))
+    ours = mp.load_vlm(str(tmp_path / "base"), dtype=torch.float32).eval()
+    n = ours.image_seq_len
+    ids = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    ids[:, 1:1 + n] = 63
+    pix = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    wrapped = lora.apply_lora(ours, 8, 16, num_subspaces=2)
+    assert all(k.startswith("lm.layers.") for k in wrapped)
+    randomize_lora(ours, scale=0.1)
+    lora.set_routing(ours, torch.tensor([0.3, 0.7]))
+    with torch.no_grad():
+        want = ours(ids, pixel_values=pix)
+    for legacy in (False, True):
+        out = tmp_path / f"ad{int(legacy)}"
+        lora.save_peft_adapter(ours, str(out), legacy_names=legacy)
+        from safetensors import safe_open
+        with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+            prefix = "base_model.model.language_model.model.layers." if legacy else \
+                "base_model.model.model.language_model.layers."
+            assert all(k.startswith(prefix) for k in f.keys())
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval()
+        with torch.no_grad():
+            assert float((pm(input_ids=ids, pixel_values=pix).logits - want).abs().max()) <= 1e-4
+        # our loader accepts both namings
+        fresh = mp.load_vlm(str(tmp_path / "base"), dtype=torch.float32).eval()
+        lora.load_peft_adapter(fresh, str(out))
+        with torch.no_grad():
+            assert float((fresh(ids, pixel_values=pix) - want).abs().max()) <= 1e-5
+    # reverse: peft on the language model only
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(gate_proj|up_proj|down_proj|q_proj)")
+    pm2 = peft.get_peft_model(copy.deepcopy(hf), cfg)
+    with torch.no_grad():
+        for name, p in pm2.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    pm2.eval()
+    pm2.save_pretrained(str(tmp_path / "pe"))
+    fresh = mp.load_vlm(str(tmp_path / "base"), dtype=torch.float32).eval()
+    lora.load_peft_adapter(fresh, str(tmp_path / "pe"))
+    with torch.no_grad():
+        assert float((fresh(ids, pixel_values=pix) - pm2(input_ids=ids, pixel_values=pix).logits).abs().max()) <= 1e-4
+    # peft's list form also hits CLIP's q_proj: our loader refuses it, naming the key
+    pm3 = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    pm3.save_pretrained(str(tmp_path / "pe3"))
+    m3 = mp.load_vlm(str(tmp_path / "base"), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"vision_tower.*lora_A.*outside the language model"):
+        lora.load_peft_adapter(m3, str(tmp_path / "pe3"))
+    assert not lora.lora_modules(m3)                # validated before anything was wrapped
