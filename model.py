@@ -1,0 +1,1214 @@
+"""LLaVA-style vision-language model in plain PyTorch (FCIT paper §3: the frozen MLLM that LoRA adapts).
+
+One file, nanoGPT/gpt-fast style. It loads real Hugging Face checkpoints from local disk and matches
+transformers to ~1e-5 in float32 (specs: shared/research/model_formats.md, cited as MF §x):
+
+  configs      DecoderConfig / VisionConfig / CLIPTextConfig / VLMConfig, sparse-config defaults (MF §1.6)
+  vision       CLIP ViT (class token, bias-free patch conv, pre_layrnorm, quick_gelu) and SigLIP (MF §2, §7.2)
+  projector    Linear -> GELU -> Linear (MF §1.3)
+  decoder      LLaMA / Qwen2: RMSNorm, RoPE, GQA, SwiGLU, SDPA, KV cache (MF §3)
+  VLM          forward / hidden_states / loss / generate, image tokens already expanded in input_ids
+  CLIPTextTower  EOS-pooled CLIP text encoder (DISCO task-identity features, MF §2.3)
+  loading      load_vlm / save_vlm / load_clip_text: llava-hf, v5 names, original LLaVA, text-only (MF §1)
+  text         Tokenizer (tokenizers' tokenizer.json as shipped), TEMPLATES, encode_example (MF §4, §5)
+  images       ImageProcessor: CLIP (optional LLaVA-1.5 pad-to-square) and SigLIP (MF §2.4)
+
+Internal parameter names (MF §1.5): `lm.` (embed_tokens, layers, norm), `lm_head.`, `vision.` (the CLIP/SigLIP
+`vision_model` contents), `projector.linear_{1,2}`. Module names below `lm.`/`vision.` equal transformers'.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import warnings
+from dataclasses import dataclass, field, fields, asdict
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+ORIGINAL_IMAGE_TOKEN = -200   # LLaVA's IMAGE_TOKEN_INDEX sentinel (original layout has no image token in the vocab)
+_TORCH_GQA = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configs (field defaults = transformers' documented defaults, MF §1.6)
+
+_DECODER_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False, attention_bias=False),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False,
+                  attention_bias=True),   # Qwen2 q/k/v always carry a bias
+}
+_VISION_DEFAULTS = {
+    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu",
+                              layer_norm_eps=1e-5),
+    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
+                                layer_norm_eps=1e-6),
+}
+# LlavaConfig builds this CLIP tower when vision_config is absent (CLIP-L/14-336).
+_LLAVA_VISION_DEFAULT = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                             num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
+                             projection_dim=768)
+
+
+def _pick(d: dict, defaults: dict) -> dict:
+    return {k: (d[k] if d.get(k) is not None else v) for k, v in defaults.items()}
+
+
+@dataclass
+class DecoderConfig:
+    model_type: str = "llama"          # "llama" | "qwen2"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None   # None -> num_attention_heads
+    head_dim: int | None = None              # None -> hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.model_type not in _DECODER_DEFAULTS:
+            raise ValueError(f"unknown decoder model_type {self.model_type!r}; supported: {sorted(_DECODER_DEFAULTS)}")
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, d: dict, model_type: str | None = None) -> "DecoderConfig":
+        mt = model_type or d.get("model_type") or "llama"
+        if mt not in _DECODER_DEFAULTS:
+            raise ValueError(f"unknown text model_type {mt!r} in config.json; supported: {sorted(_DECODER_DEFAULTS)}")
+        kw = _pick(d, _DECODER_DEFAULTS[mt])
+        if mt == "qwen2":
+            kw["attention_bias"] = True
+            if d.get("use_sliding_window"):
+                raise NotImplementedError("Qwen2 use_sliding_window=true is not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"decoder hidden_act {d['hidden_act']!r} (only silu)")
+        if d.get("mlp_bias"):
+            raise NotImplementedError("decoder mlp_bias=true is not supported")
+        rope = d.get("rope_parameters") or {}
+        scaling = d.get("rope_scaling") or {}
+        rtype = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+        if rtype != "default":
+            raise NotImplementedError(f"rope type {rtype!r} is not supported (only 'default')")
+        kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta") or kw["rope_theta"]))
+        return cls(model_type=mt, num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"), **kw)
+
+    def to_hf(self) -> dict:
+        d = asdict(self)
+        d.update(hidden_act="silu", rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+                 architectures=["LlamaForCausalLM" if self.model_type == "llama" else "Qwen2ForCausalLM"])
+        if self.model_type == "qwen2":
+            d.pop("attention_bias")
+        return d
+
+
+@dataclass
+class VisionConfig:
+    model_type: str = "clip_vision_model"    # "clip_vision_model" | "siglip_vision_model"
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 336
+    patch_size: int = 14
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_hf(cls, d: dict | None) -> "VisionConfig":
+        if d is None:   # LlavaConfig default tower
+            d = dict(_LLAVA_VISION_DEFAULT)
+        mt = d.get("model_type") or "clip_vision_model"
+        mt = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}.get(mt, mt)
+        if mt not in _VISION_DEFAULTS:
+            raise ValueError(f"unknown vision model_type {mt!r}; supported: {sorted(_VISION_DEFAULTS)}")
+        return cls(model_type=mt, **_pick(d, _VISION_DEFAULTS[mt]))
+
+    def to_hf(self) -> dict:
+        d = asdict(self)
+        if self.model_type == "siglip_vision_model":
+            d["vision_use_head"] = False
+        return d
+
+    @property
+    def is_clip(self) -> bool:
+        return self.model_type == "clip_vision_model"
+
+
+@dataclass
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512
+    pad_token_id: int = 1
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "CLIPTextConfig":
+        if d.get("model_type") == "clip":   # full CLIPModel config: nested text config (old files: text_config_dict)
+            top = d
+            d = dict(d.get("text_config") or d.get("text_config_dict") or {})
+            d.setdefault("projection_dim", top.get("projection_dim"))
+        elif d.get("model_type") not in (None, "clip_text_model"):
+            raise ValueError(f"unknown CLIP text model_type {d.get('model_type')!r}; expected 'clip' or 'clip_text_model'")
+        return cls(**_pick(d, asdict(cls())))
+
+
+@dataclass
+class VLMConfig:
+    text: DecoderConfig = field(default_factory=DecoderConfig)
+    vision: VisionConfig | None = field(default_factory=VisionConfig)   # None: text-only causal LM
+    image_token_index: int = 32000
+    vision_feature_layer: int | list = -2
+    vision_feature_select_strategy: str = "default"   # "default" drops CLS / first token, "full" keeps all
+    projector_hidden_act: str = "gelu"
+    layout: str = "llava-hf"      # where it was loaded from: "llava-hf" | "original" | "causal-lm"
+    image_aspect_ratio: str | None = None   # original LLaVA config: "pad" -> pad images to square
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "VLMConfig":
+        """config.json of a llava-hf checkpoint (model_type "llava")."""
+        text = dict(d.get("text_config") or {})
+        if text.get("tie_word_embeddings") is None:   # LlavaConfig forwards tying from the top level
+            text["tie_word_embeddings"] = d.get("tie_word_embeddings", False)
+        if d.get("multimodal_projector_bias") is False:
+            raise NotImplementedError("multimodal_projector_bias=false is not supported")
+        return cls(text=DecoderConfig.from_hf(text, text.get("model_type") or "llama"),
+                   vision=VisionConfig.from_hf(d.get("vision_config")),
+                   image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
+                   vision_feature_layer=d.get("vision_feature_layer", -2),
+                   vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+                   projector_hidden_act=d.get("projector_hidden_act", "gelu"))
+
+    def to_hf(self) -> dict:
+        if self.vision is None:
+            return self.text.to_hf()
+        return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+                "text_config": self.text.to_hf(), "vision_config": self.vision.to_hf(),
+                "image_token_index": self.image_token_index, "vision_feature_layer": self.vision_feature_layer,
+                "vision_feature_select_strategy": self.vision_feature_select_strategy,
+                "projector_hidden_act": self.projector_hidden_act, "multimodal_projector_bias": True,
+                "tie_word_embeddings": self.text.tie_word_embeddings, "image_seq_length": image_seq_len(self)}
+
+
+def image_seq_len(cfg: VLMConfig) -> int:
+    """Image tokens per image: patches (+1 CLIP class token), minus one under the "default" strategy (MF §4.2)."""
+    if cfg.vision is None:
+        return 0
+    n = (cfg.vision.image_size // cfg.vision.patch_size) ** 2 + int(cfg.vision.is_clip)
+    return n - int(cfg.vision_feature_select_strategy == "default")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building blocks
+
+def _quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+_ACT = {"gelu": F.gelu, "quick_gelu": _quick_gelu, "gelu_pytorch_tanh": _gelu_tanh, "gelu_new": _gelu_tanh,
+        "silu": F.silu, "relu": F.relu}
+
+
+def _act(name: str):
+    if name not in _ACT:
+        raise ValueError(f"unknown activation {name!r}; supported: {sorted(_ACT)}")
+    return _ACT[name]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):   # fp32 statistics, cast back BEFORE the weight (MF §3.2)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
+    """position_ids (B, T) -> cos, sin (B, 1, T, head_dim), computed in fp32 like transformers."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float()
+                                / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq            # (B, T, d/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated per-layer cache: k, v (B, n_kv, T_max, d)."""
+
+    def __init__(self, B, n_kv, t_max, d, dtype, device):
+        self.k = torch.zeros(B, n_kv, t_max, d, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, start: int, k, v):
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def _sdpa(q, k, v, mask):
+    """q (B, nH, Tq, d), k/v (B, nKV, Tk, d); mask None (causal if Tq == Tk > 1) or bool (B, 1, Tq, Tk)."""
+    n_rep = q.shape[1] // k.shape[1]
+    causal = mask is None and q.shape[2] > 1
+    if n_rep > 1 and mask is None and _TORCH_GQA:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    if n_rep > 1:
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: DecoderConfig):
+        super().__init__()
+        self.nh, self.nkv, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.nh * self.d, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.nkv * self.d, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.nkv * self.d, bias=c.attention_bias)
+        self.o_proj = nn.Linear(self.nh * self.d, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, start: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.d).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.nkv, self.d).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.nkv, self.d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start, k, v)
+        y = _sdpa(q, k, v, mask)                                    # (B, nH, T, d)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: DecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: DecoderConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """LLaMA / Qwen2 body: embed_tokens, layers, norm (transformers' LlamaModel / Qwen2Model names)."""
+
+    def __init__(self, c: DecoderConfig):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, x, position_ids, mask=None, caches=None, start=0):
+        """x (B, T, C) input embeddings -> (B, T, C) after the final norm."""
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        ckpt = self.gradient_checkpointing and caches is None and torch.is_grad_enabled()
+        for i, layer in enumerate(self.layers):
+            if ckpt:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, None if caches is None else caches[i], start)
+        return self.norm(x)
+
+
+def _padding_mask(key_valid, q_len: int, start: int):
+    """key_valid (B, Tk) -> bool (B, 1, q_len, Tk): causal AND key not padding; the diagonal is always allowed so a
+    padding query never has an empty row (its output is garbage either way, as in transformers)."""
+    Tk = key_valid.shape[1]
+    kpos = torch.arange(Tk, device=key_valid.device)
+    qpos = torch.arange(start, start + q_len, device=key_valid.device)
+    causal = kpos[None, :] <= qpos[:, None]
+    m = (causal[None] & key_valid[:, None, :].bool()) | (kpos[None, :] == qpos[:, None])[None]
+    return m[:, None]
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        D = c.hidden_size
+        self.nh = c.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, x, mask=None):
+        B, T, D = x.shape
+        q, k, v = (p(x).view(B, T, self.nh, D // self.nh).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.act = _act(c.hidden_act)
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN transformer block shared by CLIP vision/text and SigLIP vision."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.self_attn = VisionAttention(c)
+        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.mlp = VisionMLP(c)
+
+    def forward(self, x, mask=None):
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.is_clip = c.is_clip
+        if self.is_clip:
+            self.class_embedding = nn.Parameter(torch.zeros(c.hidden_size))
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size, bias=not c.is_clip)
+        self.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2 + int(c.is_clip), c.hidden_size)
+
+    def forward(self, pixel_values):                                  # (B, 3, H, W) -> (B, P(+1), D)
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        if self.is_clip:
+            x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        return x + self.position_embedding.weight[None]
+
+
+class VisionTower(nn.Module):
+    """CLIP / SigLIP `vision_model` (MF §2.1, §7.2). Returns hidden_states[0..n_layers] like output_hidden_states."""
+
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.config = c
+        self.embeddings = VisionEmbeddings(c)
+        if c.is_clip:
+            self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)   # sic
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)     # loaded, unused by LLaVA
+
+    def forward(self, pixel_values, n_layers: int | None = None) -> list:
+        x = self.embeddings(pixel_values)
+        if self.config.is_clip:
+            x = self.pre_layrnorm(x)
+        hs = [x]
+        for layer in self.encoder.layers[:n_layers]:
+            x = layer(x)
+            hs.append(x)
+        return hs
+
+
+class Projector(nn.Module):
+    def __init__(self, in_dim, out_dim, act):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.act = _act(act)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+def _init_weights(m):   # transformers-like init (std 0.02) for models built from scratch
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)
+    elif isinstance(m, VisionEmbeddings) and m.is_clip:
+        nn.init.normal_(m.class_embedding, std=0.02)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
+
+class VLM(nn.Module):
+    """LLaVA: vision tower -> projector -> image rows spliced into the decoder's input embeddings (MF §2.2).
+    With config.vision None it is a plain LLaMA/Qwen2 causal LM (the FedIT setting)."""
+
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        self.config = config
+        t = config.text
+        self.lm = Decoder(t)
+        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        self.vision = self.projector = None
+        if config.vision is not None:
+            self.vision = VisionTower(config.vision)
+            n = len(config.vision_feature_layer) if isinstance(config.vision_feature_layer, list) else 1
+            self.projector = Projector(config.vision.hidden_size * n, t.hidden_size, config.projector_hidden_act)
+        self.apply(_init_weights)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.config.text.tie_word_embeddings:
+            self.lm_head.weight = self.lm.embed_tokens.weight
+
+    @property
+    def image_seq_len(self) -> int:
+        return image_seq_len(self.config)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.lm.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool):
+        self.lm.gradient_checkpointing = bool(on)
+
+    def hf_module_name(self, name: str, legacy: bool = False) -> str:
+        """Our module path -> transformers' in-memory path (5.x; legacy=True: < 4.52 / on-disk names). Used for PEFT."""
+        if self.vision is None:
+            rules = [(r"^lm\.", "model."), (r"^lm_head", "lm_head")]
+        elif legacy:
+            rules = [(r"^lm\.", "language_model.model."), (r"^lm_head", "language_model.lm_head"),
+                     (r"^vision\.", "vision_tower.vision_model."), (r"^projector\.", "multi_modal_projector.")]
+        else:
+            rules = [(r"^lm\.", "model.language_model."), (r"^lm_head", "lm_head"),
+                     (r"^vision\.", "model.vision_tower."), (r"^projector\.", "model.multi_modal_projector.")]
+        for pat, rep in rules:
+            if re.match(pat, name):
+                return re.sub(pat, rep, name, count=1)
+        raise ValueError(f"hf_module_name: {name!r} is not a module path of this model")
+
+    # -- inputs -------------------------------------------------------------------------------------------------
+    def image_features(self, pixel_values):
+        """(N, 3, H, W) -> (N, image_seq_len, C): LLaVA feature selection + projector."""
+        c = self.config
+        layers = c.vision_feature_layer if isinstance(c.vision_feature_layer, list) else [c.vision_feature_layer]
+        L = c.vision.num_hidden_layers
+        idx = [i if i >= 0 else L + 1 + i for i in layers]
+        need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(need_grad):   # frozen tower: keep no activations
+            hs = self.vision(pixel_values, max(idx))
+        f = torch.cat([hs[i] for i in idx], dim=-1)
+        if c.vision_feature_select_strategy == "default":
+            f = f[:, 1:]
+        return self.projector(f.to(self.projector.linear_1.weight.dtype))
+
+    def embed(self, input_ids, pixel_values=None):
+        """input_ids (B, T) with image tokens already expanded -> (B, T, C) embeddings with image rows spliced in."""
+        img = input_ids == self.config.image_token_index
+        ids = input_ids if 0 <= self.config.image_token_index < self.config.text.vocab_size \
+            else input_ids.masked_fill(img, 0)
+        x = self.lm.embed_tokens(ids)
+        if pixel_values is not None:
+            if self.vision is None:
+                raise ValueError("pixel_values given to a text-only model")
+            f = self.image_features(pixel_values).to(x.dtype)
+            n = int(img.sum())
+            if n != f.shape[0] * f.shape[1]:
+                raise ValueError(f"image tokens ({n}) do not match image features ({f.shape[0]} images x "
+                                 f"{f.shape[1]} tokens); expand <image> to model.image_seq_len={f.shape[1]}")
+            x = x.masked_scatter(img[..., None].expand_as(x), f)
+        return x
+
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None):
+        """(B, T, C) after the final norm. With attention_mask, positions are cumsum(mask)-1 (left or right padding)."""
+        x = self.embed(input_ids, pixel_values)
+        mask = None
+        if attention_mask is not None:
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+            if not bool(attention_mask.all()):
+                mask = _padding_mask(attention_mask, input_ids.shape[1], 0)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+        return self.lm(x, position_ids, mask)
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None):
+        """-> logits (B, T, V)."""
+        return self.lm_head(self.hidden_states(input_ids, pixel_values, attention_mask, position_ids))
+
+    def loss(self, input_ids, labels, pixel_values=None, attention_mask=None):
+        """Mean next-token CE over labels != -100 (labels shifted by one inside). lm_head runs only at supervised
+        positions, so no full (B, T, V) logits are materialised."""
+        h = self.hidden_states(input_ids, pixel_values, attention_mask)[:, :-1]
+        tgt = labels[:, 1:].to(h.device)
+        sel = tgt != IGNORE_INDEX
+        if not bool(sel.any()):
+            return h.sum() * 0.0
+        logits = self.lm_head(h[sel]).float()                       # (N_supervised, V)
+        return F.cross_entropy(logits, tgt[sel])
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=128, eos_token_id=None):
+        """Batched greedy decoding with a KV cache; rows are LEFT-padded (attention_mask 0 on the left).
+        Returns the new tokens of each row, stopping before the first EOS (EOS itself not included)."""
+        B, T = input_ids.shape
+        dev = input_ids.device
+        am = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev).long()
+        eos = self.config.text.eos_token_id if eos_token_id is None else eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple, set)) else ([] if eos is None else [eos]))
+        t = self.config.text
+        x = self.embed(input_ids, pixel_values)
+        caches = [KVCache(B, t.num_key_value_heads, T + max_new_tokens, t.head_dim, x.dtype, dev)
+                  for _ in range(t.num_hidden_layers)]
+        padded = not bool(am.all())
+        key_valid = torch.cat([am, am.new_ones(B, max_new_tokens)], dim=1)
+        pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)
+        h = self.lm(x, pos, _padding_mask(key_valid[:, :T], T, 0) if padded else None, caches, 0)
+        logits = self.lm_head(h[:, -1])
+        next_pos = pos[:, -1:] + 1
+        out, done = [[] for _ in range(B)], [False] * B
+        for step in range(max_new_tokens):
+            tok = logits.argmax(-1)
+            for b, v in enumerate(tok.tolist()):
+                if not done[b]:
+                    if v in eos:
+                        done[b] = True
+                    else:
+                        out[b].append(v)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            cur = T + step
+            mask = _padding_mask(key_valid[:, :cur + 1], 1, cur) if padded else None
+            h = self.lm(self.lm.embed_tokens(tok[:, None]), next_pos, mask, caches, cur)
+            logits = self.lm_head(h[:, -1])
+            next_pos = next_pos + 1
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP text tower (DISCO task-identity features, MF §2.3)
+
+class CLIPTextTower(nn.Module):
+    """CLIPTextModel(WithProjection): causal + padding mask, final_layer_norm, EOS pooling as transformers does it."""
+
+    def __init__(self, c: CLIPTextConfig, projection: bool = True):
+        super().__init__()
+        self.config = c
+        self.embeddings = nn.Module()
+        self.embeddings.token_embedding = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embeddings.position_embedding = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.text_projection = nn.Linear(c.hidden_size, c.projection_dim, bias=False) if projection else None
+
+    def forward(self, input_ids, attention_mask=None, project: bool = True):
+        """(B, S) -> (B, D): EOS-pooled states, then text_projection when present and project=True."""
+        B, S = input_ids.shape
+        x = self.embeddings.token_embedding(input_ids) + self.embeddings.position_embedding.weight[:S][None]
+        am = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        mask = _padding_mask(am, S, 0)
+        for layer in self.encoder.layers:
+            x = layer(x, mask)
+        x = self.final_layer_norm(x)
+        if self.config.eos_token_id == 2:   # old OpenAI configs: EOT is the largest id
+            idx = input_ids.to(torch.int).argmax(-1)
+        else:                               # first EOS (pad may equal EOS)
+            idx = (input_ids == self.config.eos_token_id).int().argmax(-1)
+        pooled = x[torch.arange(B, device=x.device), idx]
+        return self.text_projection(pooled) if (project and self.text_projection is not None) else pooled
+
+    @torch.no_grad()
+    def encode_texts(self, tokenizer: "Tokenizer", texts: list, max_length: int | None = None):
+        """Tokenize (BOS text EOS, truncated to max_position_embeddings), right-pad, and embed -> (B, D)."""
+        max_length = max_length or self.config.max_position_embeddings
+        rows = []
+        for s in texts:
+            ids = tokenizer.tok.encode(s, add_special_tokens=False).ids[: max_length - 2]
+            rows.append([tokenizer.bos_id] + ids + [tokenizer.eos_id])
+        S = max(map(len, rows))
+        dev = self.embeddings.token_embedding.weight.device
+        ids = torch.tensor([r + [tokenizer.pad_id] * (S - len(r)) for r in rows], device=dev)
+        am = torch.tensor([[1] * len(r) + [0] * (S - len(r)) for r in rows], device=dev)
+        return self(ids, am)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoint reading (MF §1)
+
+_KEY_RULES = [   # first match wins (MF §1.5)
+    (r"^language_model\.model\.(.*)", r"lm.\1"),
+    (r"^model\.language_model\.(.*)", r"lm.\1"),
+    (r"^(?:language_model\.)?lm_head\.(.*)", r"lm_head.\1"),
+    (r"^(?:model\.)?vision_tower\.(?:vision_tower\.)?(?:vision_model\.)?(.*)", r"vision.\1"),   # incl. v5 prefix drop
+    (r"^vision_model\.(.*)", r"vision.\1"),
+    (r"^(?:model\.)?multi_modal_projector\.(linear_[12])\.(.*)", r"projector.\1.\2"),
+    (r"^model\.mm_projector\.0\.(.*)", r"projector.linear_1.\1"),
+    (r"^model\.mm_projector\.2\.(.*)", r"projector.linear_2.\1"),
+    (r"^model\.(embed_tokens|layers|norm)(.*)", r"lm.\1\2"),
+]
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$|.*position_ids$|^text_model\.|^(visual|text)_projection\.|"
+                      r"^logit_(scale|bias)$|^model\.image_newline$|^vision\.head\.")
+
+
+def canonical_key(key: str) -> str | None:
+    """Checkpoint key -> our parameter name; None for keys that are ignored on purpose."""
+    if _IGNORED.match(key):
+        return None
+    for pat, rep in _KEY_RULES:
+        if re.match(pat, key):
+            name = re.sub(pat, rep, key, count=1)
+            return None if _IGNORED.match(name) else name
+    return key
+
+
+def _read_json(path, default=None):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def checkpoint_files(d: str) -> list:
+    """Weight files of a checkpoint dir: sharded (index json) or single; safetensors preferred over .bin."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        ip = os.path.join(d, index)
+        if os.path.exists(ip):
+            wm = _read_json(ip).get("weight_map")
+            if not isinstance(wm, dict):
+                raise ValueError(f"{ip}: no 'weight_map' object")
+            files = []
+            for key, shard in wm.items():
+                p = os.path.join(d, shard)
+                if not os.path.exists(p):
+                    raise FileNotFoundError(f"{ip} maps {key!r} to shard {shard!r}, but {p} does not exist")
+                if p not in files:
+                    files.append(p)
+            return files
+        if os.path.exists(os.path.join(d, single)):
+            return [os.path.join(d, single)]
+    raise FileNotFoundError(f"no weights in {d}: expected model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
+
+
+def iter_tensors(path: str):
+    """Yield (key, tensor) one at a time from a .safetensors or .bin file (never unpickles arbitrary objects)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        try:
+            f = safe_open(path, framework="pt")
+            keys = list(f.keys())
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+        for k in keys:
+            try:
+                t = f.get_tensor(k)
+            except Exception as e:
+                raise ValueError(f"{path}: cannot read tensor {k!r} (truncated or corrupt?): {e}") from e
+            yield k, t
+        return
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:   # legacy (non-zip) pickles cannot be mmapped
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refusing to load: the file contains pickled objects other than tensors "
+                         f"(torch.load(weights_only=True) said: {str(e).splitlines()[0]})") from e
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read torch checkpoint (truncated or corrupt?): {e}") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    yield from sd.items()
+
+
+def _assign(model: nn.Module, name: str, t: torch.Tensor):
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if attr in mod._parameters:
+        setattr(mod, attr, nn.Parameter(t, requires_grad=t.is_floating_point()))
+    else:
+        mod._buffers[attr] = t
+
+
+def load_weights(model: nn.Module, files: list, rename=canonical_key, dtype=None, device=None,
+                 loaded: set | None = None, unexpected: list | None = None):
+    """Assign tensors file by file into a (meta-device) model; shape-checked, one tensor in flight at a time."""
+    loaded = set() if loaded is None else loaded
+    unexpected = [] if unexpected is None else unexpected
+    targets = dict(model.named_parameters())
+    targets.update(dict(model.named_buffers()))
+    tied = getattr(getattr(model, "config", None), "text", None)
+    tied = bool(tied and tied.tie_word_embeddings)
+    for path in files:
+        for key, t in iter_tensors(path):
+            name = rename(key)
+            if name is None or (tied and name == "lm_head.weight"):
+                continue
+            if name not in targets:
+                unexpected.append(key)
+                continue
+            want = targets[name]
+            if tuple(t.shape) != tuple(want.shape):
+                raise ValueError(f"{path}: shape mismatch for {key!r} (-> {name}): checkpoint has {tuple(t.shape)}, "
+                                 f"config.json implies {tuple(want.shape)}")
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            _assign(model, name, t.to(device) if device is not None else t)
+            loaded.add(name)
+    return loaded, unexpected
+
+
+def _finish_load(model: nn.Module, loaded: set, unexpected: list, where: str, optional=r"^vision\.post_layernorm\.",
+                 dtype=None, device=None):
+    """Raise on missing keys (by name), warn on unexpected ones; materialise optional unused params."""
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = [n for n, _ in list(model.named_parameters()) + list(model.named_buffers()) if n not in loaded]
+    hard = [n for n in missing if not re.match(optional, n)]
+    if hard:
+        raise KeyError(f"{where}: {len(hard)} missing weights after key mapping: {hard[:20]}"
+                       + (" ..." if len(hard) > 20 else ""))
+    for n in missing:   # e.g. vision.post_layernorm: never used by LLaVA, some checkpoints drop it
+        p = dict(model.named_parameters())[n]
+        init = torch.ones if n.endswith("weight") else torch.zeros
+        _assign(model, n, init(p.shape, dtype=dtype or torch.float32, device=device))
+    if unexpected:
+        warnings.warn(f"{where}: ignoring {len(unexpected)} unexpected keys: {unexpected[:20]}"
+                      + (" ..." if len(unexpected) > 20 else ""))
+    return {"missing": missing, "unexpected": unexpected}
+
+
+def _vision_config_from_dir(d: str) -> VisionConfig:
+    cfg = _read_json(os.path.join(d, "config.json"))
+    if cfg is None:
+        raise FileNotFoundError(f"vision tower directory {d} has no config.json")
+    mt = cfg.get("model_type")
+    if mt in ("clip", "siglip"):
+        v = dict(cfg.get("vision_config") or cfg.get("vision_config_dict") or {})
+        v["model_type"] = mt + "_vision_model"
+        return VisionConfig.from_hf(v)
+    if mt in ("clip_vision_model", "siglip_vision_model"):
+        return VisionConfig.from_hf(cfg)
+    raise ValueError(f"{d}/config.json: unknown vision tower model_type {mt!r}; expected clip, siglip, "
+                     f"clip_vision_model or siglip_vision_model")
+
+
+def _vision_dir_key(key: str) -> str | None:
+    """Keys of a standalone CLIP/SigLIP checkpoint -> vision.*; text tower and heads ignored."""
+    k = re.sub(r"^vision_model\.", "", key)
+    if re.match(r"^(embeddings|pre_layrnorm|encoder|post_layernorm)\.", k) and not k.endswith("position_ids"):
+        return "vision." + k
+    return None
+
+
+_LLAVA_TYPES = ("llava", "llava_llama", "llava_qwen2", "llava_qwen")
+
+
+def load_config(path: str, vision_tower: str | None = None) -> VLMConfig:
+    """config.json -> VLMConfig for the llava-hf, original LLaVA and text-only causal-LM layouts."""
+    cfg_path = os.path.join(path, "config.json")
+    cfg = _read_json(cfg_path)
+    if cfg is None:
+        raise FileNotFoundError(f"{cfg_path} does not exist")
+    mt = cfg.get("model_type")
+    if mt in _DECODER_DEFAULTS:
+        return VLMConfig(text=DecoderConfig.from_hf(cfg), vision=None, layout="causal-lm", image_token_index=-1)
+    if mt == "llava" and "text_config" in cfg:
+        c = VLMConfig.from_hf(cfg)
+        c.layout = "llava-hf"
+        return c
+    if mt in _LLAVA_TYPES:   # original haotian-liu/LLaVA layout: LLaMA fields at the top level, mm_* fields
+        vt = vision_tower or cfg.get("mm_vision_tower")
+        if not vt or not os.path.isdir(vt):
+            raise ValueError(f"{cfg_path}: original LLaVA layout needs the CLIP tower as a local directory: pass "
+                             f"vision_tower=<dir> (config names mm_vision_tower={cfg.get('mm_vision_tower')!r})")
+        ptype = cfg.get("mm_projector_type", "linear")
+        if ptype != "mlp2x_gelu":
+            raise NotImplementedError(f"{cfg_path}: mm_projector_type {ptype!r} (only 'mlp2x_gelu')")
+        vcfg = _vision_config_from_dir(vt)
+        c = VLMConfig(text=DecoderConfig.from_hf(cfg, "qwen2" if "qwen" in mt else "llama"), vision=vcfg,
+                      image_token_index=ORIGINAL_IMAGE_TOKEN,
+                      vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
+                      vision_feature_select_strategy="default" if cfg.get("mm_vision_select_feature", "patch") == "patch"
+                      else "full", layout="original", image_aspect_ratio=cfg.get("image_aspect_ratio"))
+        mm = cfg.get("mm_hidden_size")
+        n = len(c.vision_feature_layer) if isinstance(c.vision_feature_layer, list) else 1
+        if mm is not None and mm != vcfg.hidden_size * n:
+            raise ValueError(f"{cfg_path}: mm_hidden_size {mm} != vision hidden_size {vcfg.hidden_size} x {n} layers "
+                             f"from {vt}/config.json")
+        return c
+    raise ValueError(f"{cfg_path}: unknown model_type {mt!r}; supported: llava (llava-hf or original layout), "
+                     f"llava_llama, llava_qwen2, llama, qwen2")
+
+
+def load_vlm(path: str, vision_tower: str | None = None, dtype=None, device=None) -> VLM:
+    """Load a local checkpoint directory (llava-hf / v5 names / original LLaVA + CLIP dir / text-only LLaMA, Qwen2).
+    The model is built on the meta device and tensors are assigned shard by shard, so weights are never held twice.
+    dtype None keeps the on-disk dtype. Missing weights raise (by name); unexpected ones warn (by name)."""
+    path = str(path)
+    config = load_config(path, vision_tower)
+    with torch.device("meta"):
+        model = VLM(config)
+    loaded, unexpected = load_weights(model, checkpoint_files(path), dtype=dtype, device=device)
+    vt = vision_tower or (config.layout == "original" and _read_json(os.path.join(path, "config.json"))
+                          .get("mm_vision_tower"))
+    if model.vision is not None and vt and not any(n.startswith("vision.") for n in loaded):
+        load_weights(model, checkpoint_files(str(vt)), rename=_vision_dir_key, dtype=dtype, device=device,
+                     loaded=loaded, unexpected=[])   # a CLIPModel file: text tower etc. are not ours
+    model.load_info = _finish_load(model, loaded, unexpected, f"load_vlm({path})", dtype=dtype, device=device)
+    model.tie_weights()
+    return model.eval()
+
+
+def _hf_state_dict(model: VLM) -> dict:
+    sd = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.text.tie_word_embeddings:
+            continue
+        if model.vision is None:
+            key = re.sub(r"^lm\.", "model.", name)
+        else:
+            key = model.hf_module_name(name, legacy=True)
+        sd[key] = t.detach().contiguous()
+    return sd
+
+
+def save_vlm(model: VLM, out_dir: str, tokenizer: "Tokenizer | None" = None):
+    """Write config.json + model.safetensors in the llava-hf layout (legacy on-disk names, readable by transformers
+    4.x and 5.x), or the LlamaForCausalLM / Qwen2ForCausalLM layout for a text-only model."""
+    from safetensors.torch import save_file
+    if model.vision is not None and not 0 <= model.config.image_token_index < model.config.text.vocab_size:
+        raise ValueError(f"save_vlm: image_token_index {model.config.image_token_index} is not a vocabulary id; "
+                         f"the llava-hf layout needs <image> in the vocabulary")
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = model.config.to_hf()
+    cfg["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    save_file(_hf_state_dict(model), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(out_dir)
+
+
+def load_clip_text(path: str, dtype=None, device=None):
+    """A CLIPModel / CLIPTextModel(WithProjection) directory -> (CLIPTextTower, Tokenizer)."""
+    path = str(path)
+    cfg = _read_json(os.path.join(path, "config.json"))
+    if cfg is None:
+        raise FileNotFoundError(f"{path}/config.json does not exist")
+    c = CLIPTextConfig.from_hf(cfg)
+    files = checkpoint_files(path)
+    has_proj = False
+    for p in files:   # key listing only (cheap for safetensors; .bin is read twice)
+        if p.endswith(".safetensors"):
+            from safetensors import safe_open
+            try:
+                has_proj |= "text_projection.weight" in safe_open(p, "pt").keys()
+            except Exception as e:
+                raise ValueError(f"{p}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+        else:
+            has_proj |= any(k == "text_projection.weight" for k, _ in iter_tensors(p))
+
+    def rename(k):   # CLIPModel: text_model.* (vision_model.* ignored); CLIPTextModel: with or without the prefix
+        if k == "text_projection.weight":
+            return k
+        k = re.sub(r"^text_model\.", "", k)
+        ok = re.match(r"^(embeddings|encoder|final_layer_norm)\.", k) and not k.endswith("position_ids")
+        return k if ok else None
+
+    with torch.device("meta"):
+        tower = CLIPTextTower(c, projection=has_proj)
+    loaded, unexpected = load_weights(tower, files, rename=rename, dtype=dtype, device=device)
+    tower.load_info = _finish_load(tower, loaded, unexpected, f"load_clip_text({path})", optional=r"^$")
+    return tower.eval(), Tokenizer.from_dir(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenizer and prompts (MF §4, §5)
+
+def _token_str(v):
+    return v.get("content") if isinstance(v, dict) else v
+
+
+class Tokenizer:
+    """Thin wrapper over a shipped tokenizer.json; special ids from tokenizer_config.json /
+    special_tokens_map.json / config.json. encode() never runs the post-processor: BOS is added explicitly."""
+
+    def __init__(self, tok, bos_id=None, eos_id=None, pad_id=None, add_bos=None):
+        self.tok = tok
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        if add_bos is None:   # does the shipped post-processor add BOS? (LLaMA yes, Qwen no)
+            add_bos = bos_id is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+        self.add_bos = bool(add_bos)
+        self.image_token_id = tok.token_to_id("<image>")
+
+    @classmethod
+    def from_dir(cls, path: str) -> "Tokenizer":
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as _Tok
+        path = str(path)
+        tj = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(tj):
+            raise FileNotFoundError(f"{tj} does not exist (tokenizer.model-only checkpoints: convert it once with "
+                                    f"transformers' LlamaTokenizerFast and save tokenizer.json next to it)")
+        tok = _Tok.from_file(tj)
+        tc = _read_json(os.path.join(path, "tokenizer_config.json"), {})
+        sm = _read_json(os.path.join(path, "special_tokens_map.json"), {})
+        mc = _read_json(os.path.join(path, "config.json"), {})
+        for sid, info in sorted((tc.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
+            if tok.token_to_id(info["content"]) is None:   # declared only in tokenizer_config (MF §5.1)
+                tok.add_special_tokens([AddedToken(info["content"], special=info.get("special", True),
+                                                   normalized=info.get("normalized", False),
+                                                   lstrip=info.get("lstrip", False), rstrip=info.get("rstrip", False),
+                                                   single_word=info.get("single_word", False))])
+                if tok.token_to_id(info["content"]) != int(sid):
+                    warnings.warn(f"{path}: added token {info['content']!r} got id {tok.token_to_id(info['content'])},"
+                                  f" tokenizer_config.json says {sid}")
+        text_cfg = mc.get("text_config") or mc
+
+        def special(name):
+            s = _token_str(tc.get(name)) or _token_str(sm.get(name))
+            if s is not None and tok.token_to_id(s) is not None:
+                return tok.token_to_id(s)
+            v = text_cfg.get(name + "_id", mc.get(name + "_id"))
+            return v[0] if isinstance(v, list) else v
+
+        bos, eos, pad = special("bos_token"), special("eos_token"), special("pad_token")
+        if pad is None:   # original LLaVA pads with unk (id 0)
+            unk = _token_str(tc.get("unk_token")) or _token_str(sm.get("unk_token"))
+            pad = tok.token_to_id(unk) if unk is not None else None
+        pad = eos if pad is None else pad
+        return cls(tok, bos, eos, pad, tc.get("add_bos_token"))
+
+    def save(self, out_dir: str):
+        self.tok.save(os.path.join(out_dir, "tokenizer.json"))
+        name = lambda i: None if i is None else self.tok.id_to_token(i)
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump({"bos_token": name(self.bos_id), "eos_token": name(self.eos_id), "pad_token": name(self.pad_id),
+                       "add_bos_token": self.add_bos}, f, indent=2)
+
+    def __len__(self):
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, s: str):
+        return self.tok.token_to_id(s)
+
+    def encode(self, text: str, add_bos: bool = False) -> list:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] + ids) if (add_bos and self.bos_id is not None) else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode([int(i) for i in ids if int(i) >= 0], skip_special_tokens=skip_special_tokens)
+
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.")
+# template -> (prompt format with {instruction}, separator between prompt and answer, end token text)
+TEMPLATES = {
+    "vicuna_v1": (VICUNA_SYSTEM + " USER: {instruction} ASSISTANT:", " ", "</s>"),        # LLaVA-1.5 (MF §4.1)
+    "alpaca": (ALPACA_SYSTEM + "\n\n### Instruction:\n{instruction}\n\n### Response:\n", "", "</s>"),   # FedIT
+    "chatml": ("<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n", "", "<|im_end|>"),  # Qwen
+}
+
+
+def _encode_offsets(tokenizer: Tokenizer, text: str, image_token_id, image_seq_len: int):
+    """ids + char offsets of `text`; each "<image>" becomes image_seq_len copies of image_token_id. If "<image>" is a
+    token it is tokenized in place (llava-hf); otherwise the chunks around it are tokenized separately (original)."""
+    ids, offs = [], []
+    if tokenizer.image_token_id is not None or "<image>" not in text:
+        enc = tokenizer.tok.encode(text, add_special_tokens=False)
+        for i, o in zip(enc.ids, enc.offsets):
+            if i == tokenizer.image_token_id and text[o[0]:o[1]] == "<image>":
+                ids += [image_token_id] * image_seq_len
+                offs += [o] * image_seq_len
+            else:
+                ids.append(i)
+                offs.append(o)
+        return ids, offs
+    pos = 0
+    for j, chunk in enumerate(text.split("<image>")):
+        if j:
+            ids += [image_token_id] * image_seq_len
+            offs += [(pos - 7, pos)] * image_seq_len
+        if chunk:
+            enc = tokenizer.tok.encode(chunk, add_special_tokens=False)
+            ids += enc.ids
+            offs += [(a + pos, b + pos) for a, b in enc.offsets]
+        pos += len(chunk) + 7
+    return ids, offs
+
+
+def encode_example(tokenizer: Tokenizer, instruction: str, answer: str | None = None, template: str = "vicuna_v1",
+                   image_seq_len: int = 0, image_token_id: int | None = None, max_length: int = 2048):
+    """One single-turn example -> (input_ids, labels). Only the answer tokens and the end token are supervised
+    (labels -100 elsewhere); answer None gives the generation prompt with all labels -100 (MF §4.3).
+    The conversation is rendered once and tokenized once; a token is supervised iff its span reaches into the answer."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
+    fmt, sep, end_text = TEMPLATES[template]
+    if image_seq_len > 0:
+        if image_token_id is None:
+            image_token_id = tokenizer.image_token_id
+        if image_token_id is None:
+            raise ValueError("image_seq_len > 0 but no image_token_id (the tokenizer has no <image> token)")
+        instruction = "<image>\n" + instruction.replace("<image>", "").lstrip("\n")
+    prompt = fmt.format(instruction=instruction)
+    text = prompt if answer is None else prompt + sep + answer
+    ids, offs = _encode_offsets(tokenizer, text, image_token_id, image_seq_len)
+    start = len(text) if answer is None else len(prompt) + len(sep)
+    labels = [i if (o[1] > start and i != image_token_id) else IGNORE_INDEX for i, o in zip(ids, offs)]
+    if answer is not None:
+        end_id = tokenizer.token_to_id(end_text)
+        end_id = tokenizer.eos_id if end_id is None else end_id
+        ids.append(end_id)
+        labels.append(end_id)
+    if tokenizer.add_bos:
+        ids, labels = [tokenizer.bos_id] + ids, [IGNORE_INDEX] + labels
+    return ids[:max_length], labels[:max_length]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# images (MF §2.4, §7.2)
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _hw(v, square: bool):
+    """preprocessor size spec -> ("shortest", n) or ("exact", (h, w))."""
+    if isinstance(v, dict):
+        if "shortest_edge" in v:
+            return ("shortest", int(v["shortest_edge"]))
+        return ("exact", (int(v["height"]), int(v["width"])))
+    return ("exact", (int(v), int(v))) if square else ("shortest", int(v))
+
+
+class ImageProcessor:
+    """CLIPImageProcessor / SiglipImageProcessor (PIL path) in numpy. pad_to_square: LLaVA-1.5 `image_aspect_ratio:
+    pad` (expand2square with the mean colour) before the CLIP pipeline."""
+
+    def __init__(self, size=("shortest", 336), crop_size=(336, 336), do_center_crop=True, image_mean=OPENAI_CLIP_MEAN,
+                 image_std=OPENAI_CLIP_STD, resample=3, rescale_factor=1 / 255, do_normalize=True,
+                 pad_to_square=False):
+        self.size, self.crop_size, self.do_center_crop = size, crop_size, do_center_crop
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.resample, self.rescale_factor, self.do_normalize = int(resample), rescale_factor, do_normalize
+        self.pad_to_square = pad_to_square
+
+    @classmethod
+    def clip(cls, image_size=336, pad_to_square=False):
+        return cls(("shortest", image_size), (image_size, image_size), pad_to_square=pad_to_square)
+
+    @classmethod
+    def siglip(cls, image_size=384):
+        return cls(("exact", (image_size, image_size)), None, False, (0.5,) * 3, (0.5,) * 3)
+
+    @classmethod
+    def from_dir(cls, path: str, pad_to_square: bool | None = None) -> "ImageProcessor":
+        """Reads preprocessor_config.json; pad_to_square None -> do_pad there, or image_aspect_ratio == "pad" in
+        config.json (original LLaVA)."""
+        path = str(path)
+        p = _read_json(os.path.join(path, "preprocessor_config.json"))
+        if p is None:
+            raise FileNotFoundError(f"{path}/preprocessor_config.json does not exist")
+        siglip = "siglip" in str(p.get("image_processor_type", "")).lower()
+        size = _hw(p.get("size", {"height": 224, "width": 224} if siglip else {"shortest_edge": 224}), square=siglip)
+        crop = p.get("crop_size", 224)
+        crop = _hw(crop, square=True)[1] if crop is not None else None
+        if pad_to_square is None:
+            mc = _read_json(os.path.join(path, "config.json"), {})
+            pad_to_square = bool(p.get("do_pad", False)) or mc.get("image_aspect_ratio") == "pad"
+        return cls(size, crop, p.get("do_center_crop", not siglip),
+                   p.get("image_mean", (0.5,) * 3 if siglip else OPENAI_CLIP_MEAN),
+                   p.get("image_std", (0.5,) * 3 if siglip else OPENAI_CLIP_STD),
+                   p.get("resample", 2 if siglip else 3), p.get("rescale_factor", 1 / 255),
+                   p.get("do_normalize", True), pad_to_square)
+
+    def _one(self, img) -> np.ndarray:
+        from PIL import Image
+        img = img.convert("RGB")
+        if self.pad_to_square and img.width != img.height:   # LLaVA expand2square
+            s = max(img.width, img.height)
+            bg = Image.new("RGB", (s, s), tuple(int(x * 255) for x in self.image_mean))
+            bg.paste(img, ((s - img.width) // 2, (s - img.height) // 2))
+            img = bg
+        kind, v = self.size
+        if kind == "shortest":   # long side int()-truncated (MF §2.4)
+            w, h = img.size
+            short, long = min(w, h), max(w, h)
+            new = (v, int(v * long / short))
+            h2, w2 = (new[1], new[0]) if w <= h else (new[0], new[1])
+        else:
+            h2, w2 = v
+        img = img.resize((w2, h2), resample=self.resample, reducing_gap=None)
+        x = np.asarray(img)                                                 # (H, W, 3) uint8
+        if self.do_center_crop and self.crop_size is not None:
+            ch, cw = self.crop_size
+            H, W = x.shape[:2]
+            if H < ch or W < cw:   # zero-pad like transformers' center_crop
+                ph, pw = max(ch - H, 0), max(cw - W, 0)
+                x = np.pad(x, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+                H, W = x.shape[:2]
+            top, left = int((H - ch) / 2.0), int((W - cw) / 2.0)
+            x = x[top:top + ch, left:left + cw]
+        x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            x = (x - np.array(self.image_mean, dtype=np.float32)) / np.array(self.image_std, dtype=np.float32)
+        return x.transpose(2, 0, 1)
+
+    def __call__(self, images) -> torch.Tensor:
+        """list of PIL images -> (B, 3, H, W) float32."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        return torch.from_numpy(np.stack([self._one(im) for im in images]))
