@@ -1,0 +1,515 @@
+"""Tests for data.py: settings tables, partitioners, scorers, metrics, FCIT-mini, FedIT-mini, loaders,
+bad-input errors and collation. Reference values for BLEU / CIDEr-D / ROUGE-L(coco) were computed with
+pycocoevalcap 1.2 (Bleu(4), Cider(), Rouge()) on the corpus below; others are computed by hand."""
+import json
+import logging
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+import data
+
+
+# ---------------------------------------------------------------- settings tables (spec §1.4-1.5)
+
+def test_task_order_and_groups():
+    assert data.TASK_ORDER == ["ImageNet-R", "ArxivQA", "IconQA", "CLEVR-Math", "OCR-VQA", "Flickr30k",
+                               "FigureQA", "super-CLEVR"]
+    groups = dict(data.CAP_GROUPS)
+    assert [g for g, _ in data.CAP_GROUPS] == ["General", "Other", "Math", "Chart"]
+    assert sorted(sum(groups.values(), [])) == sorted(data.FCIT_DATASETS) and len(data.FCIT_DATASETS) == 12
+    assert set(groups["General"]) == {"AOKVQA", "IconQA", "Grounding", "ImageNet-R"}
+    assert set(groups["Chart"]) == {"ArxivQA", "FigureQA", "DVQA"}
+
+
+def test_hom_het_assignment_matches_official_tables():
+    official_seq = {1: ["ArxivQA", "IconQA", "OCR-VQA", "Flickr30k", "FigureQA"],
+                    2: ["CLEVR-Math", "OCR-VQA", "Flickr30k", "super-CLEVR", "super-CLEVR"],
+                    3: ["ImageNet-R", "IconQA", "CLEVR-Math", "OCR-VQA", "Flickr30k"],
+                    4: ["ImageNet-R", "ImageNet-R", "ArxivQA", "CLEVR-Math", "super-CLEVR"],
+                    5: ["ArxivQA", "IconQA", "OCR-VQA", "OCR-VQA", "Flickr30k"],
+                    6: ["ImageNet-R", "CLEVR-Math", "Flickr30k", "super-CLEVR", "super-CLEVR"],
+                    7: ["IconQA", "IconQA", "Flickr30k", "super-CLEVR", "super-CLEVR"],
+                    8: ["Flickr30k", "Flickr30k", "Flickr30k", "FigureQA", "FigureQA"]}
+    for st, names in official_seq.items():
+        got = [data.TASK_ORDER[data.stage_task_for("task-het", st - 1, p)] for p in range(5)]
+        assert got == names
+    official_cap = [[0, 1, 1, 3, 3], [0, 2, 2, 2, 3], [1, 2, 2, 3, 3], [0, 0, 0, 1, 1]]
+    for st in range(4):
+        assert [data.stage_task_for("cap-dyn", st, p) for p in range(5)] == official_cap[st]
+    for st in range(8):
+        assert {data.stage_task_for("seq", st, p) for p in range(10)} == {st}
+        assert data.tasks_of_stage("task-hom", st) == [st]
+        assert data.seen_tasks("task-hom", st) == list(range(st + 1))
+    assert data.seen_tasks("task-het", 0) == [1, 2, 4, 5, 6]
+    assert data.seen_tasks("task-het", 1) == [1, 2, 3, 4, 5, 6, 7]
+    assert data.seen_tasks("task-het", 2) == list(range(8))
+    assert data.seen_tasks("cap-het", 0) == [0, 1, 3]
+    assert data.num_stages("cap-hom") == 4 and data.num_stages("task-het") == 8
+    assert data.task_datasets("cap-hom", 1) == ["Flickr30k", "OCR-VQA"]
+    assert data.task_datasets("task-het", 5) == ["Flickr30k"]
+    with pytest.raises(ValueError):
+        data.stage_task_for("task-het", 0, 5)
+    with pytest.raises(ValueError):
+        data.stage_task_for("bogus", 0, 0)
+
+
+# ---------------------------------------------------------------- partitioners
+
+def _check_partition(parts, n, n_clients, min_size=1):
+    flat = sorted(i for p in parts for i in p)
+    assert len(parts) == n_clients and flat == list(range(n))
+    assert min(len(p) for p in parts) >= min_size
+
+
+def test_dirichlet_partition_basic_and_reproducible():
+    for n, k, beta, m in [(1000, 50, 0.5, 1), (1000, 50, 5.0, 1), (300, 10, 0.1, 5), (600, 50, 0.5, 10), (50, 50, 1.0, 1)]:
+        parts = data.dirichlet_partition(n, k, beta, seed=3, min_size=m)
+        _check_partition(parts, n, k, m)
+        assert parts == data.dirichlet_partition(n, k, beta, seed=3, min_size=m)
+    assert data.dirichlet_partition(1000, 50, 1.0, 0) != data.dirichlet_partition(1000, 50, 1.0, 1)
+    with pytest.raises(ValueError):
+        data.dirichlet_partition(40, 50, 1.0, 0)
+    with pytest.raises(ValueError):
+        data.dirichlet_partition(100, 5, 0.0, 0)
+
+
+def test_dirichlet_partition_beta_controls_spread():
+    def cv(beta):
+        out = []
+        for s in range(20):
+            sizes = np.array([len(p) for p in data.dirichlet_partition(5000, 50, beta, seed=s)])
+            out.append(sizes.std() / sizes.mean())
+        return np.array(out)
+    c05, c1, c5 = cv(0.5), cv(1.0), cv(5.0)
+    # E[cv] ~ sqrt((K-1)/(K*beta+1)) / ... : 0.5 -> ~1.35, 1.0 -> ~0.98, 5.0 -> ~0.44
+    assert c05.mean() > c1.mean() > c5.mean()
+    assert (c05 > c5).all()                                    # every seed
+    assert abs(c5.mean() - math.sqrt(49 / 251)) < 0.08        # Dirichlet theory: std/mean = sqrt((K-1)/(K*b+1))
+    assert abs(c1.mean() - math.sqrt(49 / 51)) < 0.15
+
+
+def test_label_partition_and_iid():
+    labels = [i % 8 for i in range(1600)]
+    for beta in (0.1, 10.0):
+        parts = data.dirichlet_label_partition(labels, 10, beta, seed=0, min_size=5)
+        _check_partition(parts, 1600, 10, 5)
+        assert parts == data.dirichlet_label_partition(labels, 10, beta, seed=0, min_size=5)
+
+    def n_labels(beta):   # distinct labels holding >= 5% of a client's data, averaged
+        r = []
+        for s in range(5):
+            for p in data.dirichlet_label_partition(labels, 10, beta, seed=s):
+                c = np.bincount([labels[i] for i in p], minlength=8)
+                r.append((c >= 0.05 * len(p)).sum())
+        return np.mean(r)
+    assert n_labels(0.1) < n_labels(100.0) - 2
+    parts = data.iid_partition(103, 10, seed=1)
+    _check_partition(parts, 103, 10)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_shepherd_partition_categories():
+    cats = [c for c in range(8) for _ in range(100)]           # 8 categories x 100, 4 clients -> 8 pure shards
+    parts = data.shepherd_partition(cats, 4, seed=42)
+    _check_partition(parts, 800, 4)
+    assert all(len({cats[i] for i in p}) == 2 for p in parts)
+    # dolly-15k v1 category sizes minus 10 held out each, 10 clients, 2 shards each (Shepherd's README setup)
+    sizes = {"open_qa": 3601, "general_qa": 2181, "classification": 2126, "closed_qa": 1813, "brainstorming": 1758,
+             "information_extraction": 1502, "summarization": 1253, "creative_writing": 701}
+    cats = [c for c, n in sizes.items() for _ in range(n)]
+    parts = data.shepherd_partition(cats, 10, seed=42)
+    _check_partition(parts, len(cats), 10)
+    lens = [len(p) for p in parts]
+    assert max(lens) - min(lens) <= 2                          # near-equal sizes
+    ncat = [len({cats[i] for i in p}) for p in parts]
+    assert min(ncat) >= 1 and max(ncat) <= 4 and np.mean(ncat) < 3.5   # pathological category skew
+    assert parts == data.shepherd_partition(cats, 10, seed=42)
+
+
+def test_manifest_hash():
+    parts = data.dirichlet_partition(100, 5, 1.0, 0)
+    m = data.partition_manifest(parts, "dirichlet", 0, 1.0)
+    assert m["sizes"] == [len(p) for p in parts] and m["n_items"] == 100
+    assert m["sha256"] == data.partition_hash(data.dirichlet_partition(100, 5, 1.0, 0))
+
+
+# ---------------------------------------------------------------- scorers (spec §2.4)
+
+def test_exact_and_substring():
+    s = data.score
+    assert s("ImageNet-R", "Goldfish", "goldfish") == 1.0
+    assert s("ArxivQA", " B ", "B") == 1.0
+    assert s("ArxivQA", "B.", "B") == 0.0              # official rule: no punctuation normalisation
+    assert s("CLEVR-Math", "", "3") == 0.0
+    assert s("FigureQA", "yes", "Yes") == 1.0
+    assert s("FigureQA", "", "Yes") == 0.0             # official bug: '' in 'YES' is True -> fixed
+    assert s("FigureQA", "   ", "No") == 0.0
+    assert s("DVQA", "5", "15") == 1.0                 # substring rule kept (pred in gt)
+    assert s("DVQA", "15", "5") == 0.0
+    assert s("TabMWP", "12", "12") == 1.0
+    with pytest.raises(ValueError, match="caption"):
+        s("Flickr30k", "a dog", "a dog")
+    with pytest.raises(ValueError):
+        s("MNIST", "1", "1")
+
+
+def test_grounding_box_parser_and_iou():
+    assert data.parse_box("[0.12,0.34,0.56,0.78]") == (0.12, 0.34, 0.56, 0.78)   # official parser gives .2,.34,.56,.7
+    assert data.parse_box("The region is [0.1, 0.2, 0.5, 0.6].") == (0.1, 0.2, 0.5, 0.6)
+    assert data.parse_box("[.1,.2,1,1e-0]") == (0.1, 0.2, 1.0, 1.0)
+    for bad in ("", "no box here", "[0.1, 0.2, 0.3]", "[0.5,0.5,0.4,0.9]", "[a,b,c,d]"):
+        assert data.parse_box(bad) is None
+    g = "[0.0,0.0,1.0,1.0]"
+    assert data.score("Grounding", "[0.0,0.0,1.0,0.6]", g) == 1.0        # IoU 0.6
+    assert data.score("Grounding", "[0.0,0.0,1.0,0.5]", g) == 0.0        # IoU 0.5 is not > 0.5
+    assert data.score("Grounding", "I cannot tell", g) == 0.0
+    assert data.score("Grounding", "[0.2,0.2,0.6,0.6]", [0.2, 0.2, 0.6, 0.6]) == 1.0
+    assert abs(data.box_iou((0, 0, 2, 2), (1, 1, 3, 3)) - 1 / 7) < 1e-12
+
+
+def test_rouge_l_fedit():
+    assert abs(data.rouge_l("the cat sat", "The cat sat on the mat.") - 2 / 3) < 1e-12
+    assert data.rouge_l("", "x") == 0.0
+    assert data.rouge_l("Paris.", "paris") == 1.0
+    assert data.score("dolly/open_qa", "The capital is Paris.", "The capital of France is Paris.") == pytest.approx(
+        2 * (4 / 4) * (4 / 6) / (4 / 4 + 4 / 6))
+
+
+GTS = [["a man is riding a horse", "a person rides a brown horse"],
+       ["two dogs play in the snow", "dogs are playing in snow"],
+       ["a red car parked on the street", "a car on a city street"]]
+RES = ["a man riding a horse", "two dogs in the snow", "a blue car on the street"]
+
+
+def test_caption_metrics_match_pycocoevalcap():
+    sc = data.caption_scores(RES, GTS)
+    # pycocoevalcap 1.2: Bleu(4).compute_score, Cider().compute_score, Rouge().compute_score on the same input
+    assert sc["Bleu_1"] == pytest.approx(0.8806997462775461, abs=1e-12)
+    assert sc["Bleu_2"] == pytest.approx(0.7568186254410687, abs=1e-12)
+    assert sc["Bleu_3"] == pytest.approx(0.5444865517078873, abs=1e-12)
+    assert sc["Bleu_4"] == pytest.approx(6.822287337960053e-05, rel=1e-9)
+    assert sc["CIDEr"] == pytest.approx(2.871254283348988, abs=1e-12)
+    assert sc["ROUGE_L"] == pytest.approx(0.8491875908823429, abs=1e-12)
+
+
+def test_caption_metrics_hand_values():
+    # Papineni et al. 2002: candidate "the the the the the the the" -> modified unigram precision 2/7
+    b = data.bleu([["the"] * 7], [["the cat is on the mat".split(), "there is a cat on the mat".split()]])
+    assert b[0] == pytest.approx(2 / 7, rel=1e-9)
+    # brevity penalty: 3-word candidate, closest ref has 6 words -> exp(1 - 6/3)
+    b = data.bleu([["the", "cat", "sat"]], [["the cat sat on a mat".split()]])
+    assert b[0] == pytest.approx(math.exp(1 - 2), rel=1e-9)
+    # CIDEr-D: perfect captions whose n-grams appear in no other image -> cos = 1 at every n -> 10
+    assert data.cider_d([["a", "b", "c", "d"], ["e", "f", "g", "h"]],
+                        [[["a", "b", "c", "d"]], [["e", "f", "g", "h"]]]) == pytest.approx(10.0)
+    # ... n-grams present in every image's refs have idf 0 -> 0
+    assert data.cider_d([["x", "y"], ["x", "y"]], [[["x", "y"]], [["x", "y"]]]) == 0.0
+    # punctuation and case are removed by the tokenizer
+    assert data.caption_tokenize("A Dog, running!") == ["a", "dog", "running"]
+
+
+def test_evaluate_task():
+    E = data.Example
+    exs = [E("ArxivQA", "q", "A"), E("ArxivQA", "q", "B"), E("ArxivQA", "q", "C"), E("ArxivQA", "q", "D")]
+    assert data.evaluate_task("ArxivQA", ["A", "b", "x", ""], exs) == 50.0
+    g = [E("Grounding", "q", "[0,0,1,1]", meta={"answer_bbox": "[0.0,0.0,1.0,1.0]", "size": [10, 10]})]
+    assert data.evaluate_task("Grounding", ["[0,0,1,0.9]"], g) == 100.0
+    caps = [E("Flickr30k", "q", GTS[i][0], meta={"captions": GTS[i]}) for i in range(3)]
+    assert data.evaluate_task("Flickr30k", RES, caps) == 100.0          # CIDEr 2.87 capped at 100
+    assert data.evaluate_task("Flickr30k", RES, caps, caption_metric="Bleu_1") == pytest.approx(88.06997462775461)
+    with pytest.raises(ValueError):
+        data.evaluate_task("ArxivQA", ["A"], exs)
+
+
+# ---------------------------------------------------------------- continual metrics (spec §3)
+
+def test_continual_metrics_hom_and_het():
+    m = [[80, None, None], [60, 70, None], [50, 65, 90]]
+    r = data.continual_metrics(m)
+    assert r["last"] == pytest.approx((50 + 65 + 90) / 3)
+    assert r["avg"] == pytest.approx((80 + 65 + (50 + 65 + 90) / 3) / 3)
+    assert r["bwt"] == pytest.approx(((50 - 80) + (65 - 70)) / 2)
+    het = [[40, None, 60, None], [45, 50, 55, None], [30, 52, 50, 70]]   # task 1 appears at stage 1, task 3 at 2
+    r = data.continual_metrics(het)
+    assert r["last"] == pytest.approx(50.5)
+    assert r["avg"] == pytest.approx((50 + 50 + 50.5) / 3)
+    assert r["bwt"] == pytest.approx(((30 - 40) + (52 - 50) + (50 - 60)) / 3)
+    one = data.continual_metrics([[70.0]])
+    assert one["last"] == one["avg"] == 70.0 and math.isnan(one["bwt"])
+    with pytest.raises(ValueError):
+        data.continual_metrics([[1, 2], [3]])
+
+
+# ---------------------------------------------------------------- FCIT-mini
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mini")
+    data.make_fcit_mini(root, seed=0, n_train=30, n_test=6)
+    return str(root)
+
+
+def test_mini_layout_and_loading(mini):
+    train = data.load_fcit(mini, split="train")
+    test = data.load_fcit(mini, split="test")
+    assert set(train) == set(data.FCIT_DATASETS)
+    for ds in data.FCIT_DATASETS:
+        folder, tf, vf = data.DATASET_FILES[ds]
+        assert os.path.exists(os.path.join(mini, "instructions", folder, tf))
+        assert len(train[ds]) == 30 and len(test[ds]) == 6
+        for e in train[ds][:3] + test[ds][:3]:
+            assert e.dataset == ds and os.path.isfile(e.image) and "<image>" not in e.instruction and e.answer
+            assert data.load_image(e.image).size == (64, 64)
+    assert all(len(e.meta["captions"]) == 2 for e in test["Flickr30k"])
+    assert all("answer_bbox" in e.meta for e in test["Grounding"])
+
+
+def test_mini_byte_identical(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d, s in ((a, 5), (b, 5), (c, 6)):
+        data.make_fcit_mini(d, seed=s, n_train=6, n_test=2)
+
+    def files(root):
+        out = {}
+        for dp, _, fs in os.walk(root):
+            for f in fs:
+                p = os.path.join(dp, f)
+                out[os.path.relpath(p, root)] = open(p, "rb").read()
+        return out
+    fa, fb, fc = files(a), files(b), files(c)
+    assert fa.keys() == fb.keys() and all(fa[k] == fb[k] for k in fa)
+    assert any(fa[k] != fc[k] for k in fa if k.endswith(".png"))
+
+
+def _mask(im, rgb):
+    x = np.asarray(im).astype(int)
+    return (np.abs(x - np.array(rgb)).sum(-1) == 0)
+
+
+def test_mini_answers_derivable_by_construction():
+    from scipy import ndimage
+    for i in range(40):
+        im, ins, ans, meta = data.mini_sample("IconQA", 1, "train", i)
+        n = ndimage.label(_mask(im, data.COLORS[meta["color"]]))[1]
+        assert n == meta["count"] == int(ans) and f"{data.PLURAL[meta['shape']]}" in ins and ans in ins
+
+        im, ins, ans, meta = data.mini_sample("FigureQA", 1, "train", i)
+        heights = {c: _mask(im, data.FIG_COLORS[c]).any(1).sum() for c in meta["bars"]}
+        order = sorted(heights, key=heights.get)
+        assert order == sorted(meta["bars"], key=meta["bars"].get)      # pixel heights rank like the values
+        words = ins.rstrip("?").split()
+        if "maximum" in ins:
+            assert (ans == "Yes") == (words[1] == order[-1])
+        elif "minimum" in ins:
+            assert (ans == "Yes") == (words[1] == order[0])
+        else:
+            a, b = words[1], words[-1]
+            assert (ans == "Yes") == ((heights[a] > heights[b]) if "greater" in ins else (heights[a] < heights[b]))
+
+        im, ins, ans, meta = data.mini_sample("Grounding", 1, "train", i)
+        box = data.parse_box(ans)
+        col, shp = [(o["color"], o["shape"]) for o in meta["objects"] if o["box"] == list(box)][0]
+        assert col in ins and shp in ins
+        ys, xs = np.nonzero(_mask(im, data.COLORS[col]))
+        own = (xs >= box[0] * 64 - 1) & (xs <= box[2] * 64 + 1) & (ys >= box[1] * 64 - 1) & (ys <= box[3] * 64 + 1)
+        assert own.sum() > 20                                            # the object is drawn inside its box
+        assert xs[own].min() <= box[0] * 64 + 8 and xs[own].max() >= box[2] * 64 - 8
+
+        im, ins, ans, meta = data.mini_sample("DVQA", 1, "train", i)
+        cols = _mask(im, (70, 110, 190)).any(0)
+        runs = np.flatnonzero(np.diff(np.concatenate([[0], cols.astype(int), [0]])))
+        hs = [_mask(im, (70, 110, 190))[:, s:e].any(1).sum() for s, e in zip(runs[::2], runs[1::2])]
+        assert np.argsort(hs, kind="stable").tolist() == np.argsort(meta["values"], kind="stable").tolist() or \
+            len(set(meta["values"])) < 3
+        if "largest bar" in ins:
+            assert ans == str(max(meta["values"]))
+
+        im, ins, ans, meta = data.mini_sample("CLEVR-Math", 1, "train", i)
+        n_obj = ndimage.label(np.abs(np.asarray(im).astype(int) - 200).sum(-1) > 0)[1]
+        assert n_obj == len(meta["objects"])
+        if ins.startswith("Subtract all") and meta["objects"]:
+            what = ins.split(".")[0].split()[2]
+            left = [o for o in meta["objects"] if o["color"] != what and data.PLURAL[o["shape"]] != what]
+            assert int(ans) == len(left)
+
+        im, ins, ans, meta = data.mini_sample("TabMWP", 1, "train", i)
+        v = meta["values"]
+        assert int(ans) in (sum(v), max(v)) or int(ans) in {a - b for a in v for b in v if a > b}
+
+
+def test_mini_task_design():
+    firsts, answers = {}, {}
+    for ds in data.FCIT_DATASETS:
+        s = [data.mini_sample(ds, 0, "train", i) for i in range(150)]
+        firsts[ds] = {ins.split("\n")[0].split()[0] for _, ins, _, _ in s}   # phrasing family (first word)
+        answers[ds] = {a for _, _, a, _ in s}
+        if ds not in ("Flickr30k", "Grounding"):
+            assert all(len(a.split()) <= 3 for a in answers[ds]), ds
+            assert len(answers[ds]) <= 30, (ds, len(answers[ds]))
+    assert answers["ArxivQA"] <= set("ABCD") and answers["AOKVQA"] <= set("ABCD")
+    assert answers["FigureQA"] == {"Yes", "No"} and answers["super-CLEVR"] >= {"yes", "no"}
+    # instructions tell the tasks apart: every full instruction belongs to one task only
+    full = {ds: {data.mini_sample(ds, 0, "train", i)[1].split("\n")[0] for i in range(150)} for ds in data.FCIT_DATASETS}
+    for a in full:
+        for b in full:
+            if a < b:
+                assert not (full[a] & full[b]), (a, b)
+
+
+def test_caption_and_vocab_corpus():
+    pairs = data.caption_corpus(60, seed=0)
+    assert len(pairs) == 60 and pairs[0][0].size == (64, 64)
+    caps = [c for _, c in pairs]
+    assert caps == [c for _, c in data.caption_corpus(60, seed=0)]
+    assert not any("?" in c or "Answer" in c or "[" in c for c in caps)
+    assert len(set(caps)) > 30
+    v = data.vocab_corpus(n_per_task=20)
+    joined = "\n".join(v)
+    for ds in data.FCIT_DATASETS:
+        for i in range(5):
+            _, ins, ans, _ = data.mini_sample(ds, 0, "train", i)
+            assert all(w in joined for w in re.split(r"[\[\], ]+", ans) if w), (ds, ans)
+
+
+# ---------------------------------------------------------------- partitions on disk
+
+def test_partitions_generated_and_loaded(mini):
+    parts = data.load_partitions(mini, "task-hom", 1.0, n_clients=5, seed=0)
+    assert len(parts) == 8 and all(len(p) == 5 for p in parts)
+    assert sum(len(c) for c in parts[0]) == 30 and all(e.dataset == "ImageNet-R" for c in parts[0] for e in c)
+    man = json.load(open(os.path.join(data.partition_dir(mini, "seq", 1.0), "manifest.json")))
+    assert man["beta"] == 1.0 and len(man["tasks"]) == 8 and man["tasks"][0]["n_items"] == 30
+    het = data.load_client(mini, "task-het", 1.0, data.stage_task_for("task-het", 0, 0), 3)
+    assert all(e.dataset == "ArxivQA" for e in het)
+    cap = data.load_partitions(mini, "cap-het", 0.5, n_clients=4, seed=1)
+    assert len(cap) == 4 and sum(len(c) for c in cap[0]) == 120
+    assert {e.dataset for c in cap[0] for e in c} == {"AOKVQA", "IconQA", "Grounding", "ImageNet-R"}
+    assert os.path.exists(os.path.join(mini, "partitioned_data", "Capability-related", "cap", "0.5", "Task4", "client_3.json"))
+
+
+# ---------------------------------------------------------------- bad input
+
+def _write(p, obj):
+    with open(p, "w") as f:
+        f.write(obj if isinstance(obj, str) else json.dumps(obj))
+
+
+def test_bad_input_errors(tmp_path, mini, caplog):
+    p = tmp_path / "bad.json"
+    _write(p, '[{"image": "x.png", "conversations": [}]')
+    with pytest.raises(data.FCITDataError, match=r"bad\.json: malformed JSON at line 1"):
+        data.load_examples(p)
+    img = os.path.relpath(data.load_fcit(mini, ["IconQA"], "train")["IconQA"][0].image, os.path.join(mini, "images"))
+    good = {"image": img, "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
+    _write(p, [good, {"id": "r7", "image": img}])
+    with pytest.raises(data.FCITDataError, match=r"bad\.json: record 1 \(id='r7'\): missing 'conversations'"):
+        data.load_examples(p, image_root=os.path.join(mini, "images"))
+    _write(p, [good, dict(good, image="nope/missing.png")])
+    with pytest.raises(data.FCITDataError, match=r"record 1.*image not found: .*missing\.png"):
+        data.load_examples(p, image_root=os.path.join(mini, "images"))
+    with caplog.at_level(logging.WARNING, logger="fcit.data"):
+        exs = data.load_examples(p, image_root=os.path.join(mini, "images"), skip_bad=True)
+    assert len(exs) == 1 and "skipped 1 of 2 records" in caplog.text
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    with pytest.raises(data.FCITDataError, match=r"corrupt\.png: corrupt or unreadable image"):
+        data.load_image(str(corrupt))
+    # empty client file
+    root = tmp_path / "rel"
+    d = os.path.join(data.partition_dir(root, "seq", 1.0), "Task1")
+    os.makedirs(d)
+    _write(os.path.join(d, "client_0.json"), [])
+    with pytest.raises(data.FCITDataError, match=r"client_0\.json: empty client file"):
+        data.load_client(root, "seq", 1.0, 0, 0)
+    with pytest.raises(data.FCITDataError, match=r"client_1\.json: file not found"):
+        data.load_client(root, "seq", 1.0, 0, 1)
+    with pytest.raises(data.FCITDataError, match="Task2: missing task folder"):
+        data.load_partitions(root, "seq", 1.0, n_clients=1)
+    # test record without question_id
+    _write(p, [{"image": img, "text": "q", "answer": "a"}])
+    with pytest.raises(data.FCITDataError, match=r"record 0: missing 'question_id'"):
+        data.load_examples(p, kind="test", image_root=os.path.join(mini, "images"))
+
+
+# ---------------------------------------------------------------- FedIT
+
+def test_fedit_mini_and_dolly(tmp_path):
+    path = data.make_fedit_mini(tmp_path, seed=0, n_per_category=20)
+    recs = data.load_dolly(path)
+    assert len(recs) == 160 and sorted({r["category"] for r in recs}) == data.DOLLY_CATEGORIES
+    assert open(path, "rb").read() == open(data.make_fedit_mini(tmp_path / "b", seed=0, n_per_category=20), "rb").read()
+    train, test = data.dolly_split(recs, 10, seed=42)
+    assert len(test) == 80 and len(train) == 80
+    assert all(sum(r["category"] == c for r in test) == 10 for c in data.DOLLY_CATEGORIES)
+    assert not any(r in train for r in test)
+    ex = data.dolly_example(next(r for r in recs if r["context"]))
+    assert ex.dataset.startswith("dolly/") and ex.meta["context"] in ex.instruction
+    assert data.alpaca_prompt("Say hi.").endswith("### Instruction:\nSay hi.\n\n### Response:\n")
+    assert "### Input:\nctx\n\n### Response:\nok" in data.alpaca_prompt("Do.", "ctx", "ok")
+    parts = data.shepherd_partition([r["category"] for r in train], 4, seed=42)
+    assert sorted(sum(parts, [])) == list(range(80))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(recs[0]) + "\n{oops\n")
+    with pytest.raises(data.FCITDataError, match=r"bad\.jsonl: line 2: malformed JSON"):
+        data.load_dolly(bad)
+    bad.write_text(json.dumps({"instruction": "x"}) + "\n")
+    with pytest.raises(data.FCITDataError, match="line/index 1"):
+        data.load_dolly(bad)
+
+
+# ---------------------------------------------------------------- collation
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    model = pytest.importorskip("model")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tr = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(data.vocab_corpus(n_per_task=10), tr)
+    return model.Tokenizer(tok, bos_id=1, eos_id=2, pad_id=3, add_bos=True)
+
+
+def test_collator(tiny_tok, mini):
+    model = pytest.importorskip("model")
+    exs = data.load_fcit(mini, ["ArxivQA", "TabMWP"], "train")
+    batch_ex = [exs["ArxivQA"][0], exs["TabMWP"][1], data.Example("x", "text only", "ok")]
+    proc = model.ImageProcessor.clip(32)
+    col = data.Collator(tiny_tok, proc, "vicuna_v1", image_seq_len=4, max_length=512)
+    b = col(batch_ex)
+    B, T = b["input_ids"].shape
+    assert B == 3 and b["pixel_values"].shape == (2, 3, 32, 32)
+    assert (b["input_ids"] == tiny_tok.image_token_id).sum(1).tolist() == [4, 4, 0]
+    for r, e in enumerate(batch_ex):
+        n = int(b["attention_mask"][r].sum())
+        assert b["attention_mask"][r, :n].all() and not b["attention_mask"][r, n:].any()      # right padding
+        assert (b["input_ids"][r, n:] == 3).all()
+        sup = b["labels"][r][b["labels"][r] != -100].tolist()
+        assert sup[-1] == 2 and tiny_tok.decode(sup[:-1]).strip() == e.answer                   # answer + </s> only
+    ev = data.Collator(tiny_tok, proc, "vicuna_v1", image_seq_len=4, train=False)(batch_ex)
+    assert (ev["labels"] == -100).all()
+    m = ev["attention_mask"]
+    assert m[:, -1].all() and not bool(m[m.sum(1).argmin(), 0])                              # left padding
+    assert tiny_tok.decode(ev["input_ids"][0][m[0].bool()].tolist()).rstrip().endswith("ASSISTANT:")
+    toi = data.Collator(tiny_tok, None, "alpaca", train_on_inputs=True)([data.Example("d", "Say hi.", "hi")])
+    assert (toi["labels"] == toi["input_ids"]).all() and toi["pixel_values"] is None
+    bad = data.Example("IconQA", "q", "a", str(mini) + "/images/nope.png")
+    with pytest.raises(data.FCITDataError, match="nope.png"):
+        col([bad])
+
+
+def test_length_bucketed_batches():
+    lengths = [(i * 37) % 101 for i in range(230)]
+    bs = data.length_bucketed_batches(lengths, 8, seed=1, megabatch_mult=4)
+    assert sorted(i for b in bs for i in b) == list(range(230))
+    assert all(len(b) <= 8 for b in bs)
+    assert bs == data.length_bucketed_batches(lengths, 8, seed=1, megabatch_mult=4)
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in bs])
+    rand = np.mean([np.ptp([lengths[i] for i in range(k, min(k + 8, 230))]) for k in range(0, 230, 8)])
+    assert spread < rand / 3
