@@ -399,3 +399,251 @@ def test_siglip_image_processor_matches(tf, tmp_path):
     want = torch.as_tensor(np.stack(ref(imgs, return_tensors="np")["pixel_values"]))
     got = ours(imgs)
     assert got.shape == (6, 3, 30, 30) and (got - want).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- other layouts
+
+
+
+def test_original_llava_layout_bin_shards_and_clip_dir(llava_llama, tmp_path):
+    """liuhaotian-style checkpoint: model.* / model.mm_projector.{0,2} in .bin shards + index, CLIP in its own dir."""
+    hf, _ = llava_llama
+    sd = hf.state_dict()
+    lm, vis = {}, {}
+    for k, v in sd.items():
+        v = v.clone()
+        if k.startswith("model.language_model."):
+            lm["model." + k[len("model.language_model."):]] = v
+        elif k == "lm_head.weight":
+            lm[k] = v
+        elif k.startswith("model.multi_modal_projector.linear_"):
+            i = {"1": "0", "2": "2"}[k.split("linear_")[1][0]]
+            lm[f"model.mm_projector.{i}." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("model.vision_tower."):
+            vis["vision_model." + k[len("model.vision_tower."):]] = v
+    lm["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)         # old transformers buffer: dropped
+    d, cd = tmp_path / "llava-v1.5", tmp_path / "clip"
+    d.mkdir(), cd.mkdir()
+    keys = sorted(lm)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for name, ks in shards.items():
+        torch.save({k: lm[k] for k in ks}, d / name)
+    json.dump({"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}},
+              open(d / "pytorch_model.bin.index.json", "w"))
+    t = hf.config.text_config
+    json.dump({"model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"], "hidden_size": 32,
+               "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "rms_norm_eps": t.rms_norm_eps, "vocab_size": 192, "max_position_embeddings": 256,
+               "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_hidden_size": 32,
+               "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+               "image_aspect_ratio": "pad", "tie_word_embeddings": False}, open(d / "config.json", "w"))
+    vis["vision_model.embeddings.position_ids"] = torch.arange(17)[None]        # old CLIP buffer: ignored
+    vis["text_model.final_layer_norm.weight"] = torch.ones(8)                    # CLIPModel text half: ignored
+    vis["logit_scale"] = torch.tensor(1.0)
+    torch.save(vis, cd / "pytorch_model.bin")
+    json.dump({"model_type": "clip", "vision_config": hf.config.vision_config.to_dict()}, open(cd / "config.json", "w"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                           # nothing unexpected
+        m = M.load_vlm(d, vision_tower=cd)
+    assert m.config.layout == "original" and m.config.image_token_index == -200
+    assert m.config.image_aspect_ratio == "pad"
+    ids = prompt_ids(2, 5, 16, 190, 190)
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close_logits(m(ids.masked_fill(ids == 190, -200), px), hf_logits(hf, ids, px))
+    with pytest.raises(ValueError, match="vision_tower="):
+        M.load_vlm(d)
+
+
+def test_sharded_safetensors_new_names(llava_llama, tmp_path):
+    """Sharded safetensors + index with the >= 4.52 in-memory names (model.language_model.*, lm_head.*,
+    model.vision_tower.* without vision_model., model.multi_modal_projector.*), loaded in bf16."""
+    from safetensors.torch import save_file
+    hf, _ = llava_llama
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    keys = sorted(sd)
+    shards = {"model-00001-of-00003.safetensors": keys[:20], "model-00002-of-00003.safetensors": keys[20:50],
+              "model-00003-of-00003.safetensors": keys[50:]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(tmp_path / name))
+    json.dump({"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}},
+              open(tmp_path / "model.safetensors.index.json", "w"))
+    cfg = hf.config.to_dict()
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    m = M.load_vlm(tmp_path)
+    ids = prompt_ids(1, 5, 16, 190, 190)
+    px = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_close_logits(m(ids, px), hf_logits(hf, ids, px))
+    mb = M.load_vlm(tmp_path, dtype=torch.bfloat16)
+    assert mb.lm.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert (mb(ids, px).float() - hf_logits(hf, ids, px)).abs().max() < 0.1
+
+
+def test_legacy_vision_model_prefix_on_disk(llava_qwen, tmp_path):
+    """Hub llava-hf files keep vision_tower.vision_model.* and language_model.model.*: both accepted."""
+    from safetensors.torch import save_file
+    hf, d = llava_qwen
+    m = M.load_vlm(d)
+    sd = M._hf_state_dict(m)   # legacy names, as save_vlm writes them
+    assert any(k.startswith("vision_tower.vision_model.") for k in sd)
+    assert any(k.startswith("language_model.model.") for k in sd) and "language_model.lm_head.weight" not in sd
+    sd["language_model.lm_head.weight"] = sd["language_model.model.embed_tokens.weight"].clone()  # tied: ignored
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    json.dump(m.config.to_hf(), open(tmp_path / "config.json", "w"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m2 = M.load_vlm(tmp_path)
+    ids = prompt_ids(1, 4, 9, 419, 419)
+    px = torch.randn(1, 3, 30, 30)
+    with torch.no_grad():
+        assert_close_logits(m2(ids, px), hf_logits(hf, ids, px))
+
+
+def test_sparse_configs_match_transformers_defaults(tf, tmp_path):
+    """A llava-1.5-7b-hf style config without LLaMA dims / CLIP act+eps, a sparse qwen2 and a sparse llama:
+    every field we fill must equal what transformers fills."""
+    from transformers import AutoConfig
+    cfgs = {
+        "llava": {"architectures": ["LlavaForConditionalGeneration"], "image_token_index": 32000, "model_type": "llava",
+                  "pad_token_id": 32001, "projector_hidden_act": "gelu",
+                  "text_config": {"max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+                                  "vocab_size": 32064},
+                  "tie_word_embeddings": False,
+                  "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                                    "model_type": "clip_vision_model", "num_attention_heads": 16,
+                                    "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768},
+                  "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064},
+        "qwen2": {"model_type": "qwen2", "hidden_size": 896, "num_attention_heads": 14, "num_key_value_heads": 2},
+        "llama": {"model_type": "llama"},
+        "llava_siglip": {"model_type": "llava", "text_config": {"model_type": "qwen2"},
+                         "vision_config": {"model_type": "siglip_vision_model"}},
+    }
+    for name, c in cfgs.items():
+        (tmp_path / name).mkdir()
+        json.dump(c, open(tmp_path / name / "config.json", "w"))
+        ours = M.load_config(str(tmp_path / name))
+        ref = AutoConfig.from_pretrained(tmp_path / name)
+        rt = ref.text_config if ours.vision is not None else ref
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "bos_token_id", "eos_token_id"):
+            assert getattr(ours.text, f) == getattr(rt, f), (name, f)
+        assert ours.text.head_dim == (getattr(rt, "head_dim", None) or rt.hidden_size // rt.num_attention_heads)
+        assert ours.text.rope_theta == rt.rope_parameters["rope_theta"], name
+        if ours.vision is not None:
+            for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                      "patch_size", "hidden_act", "layer_norm_eps"):
+                assert getattr(ours.vision, f) == getattr(ref.vision_config, f), (name, f)
+            assert ours.image_token_index == ref.image_token_id
+    assert M.load_config(str(tmp_path / "llava")).text.hidden_size == 4096
+
+
+# ---------------------------------------------------------------------------------------------- CLIP text tower
+
+@pytest.mark.parametrize("eos", [2, 7])
+def test_clip_text_tower_pooling(eos, tf, tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+    torch.manual_seed(3)
+    tc = dict(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=24, projection_dim=16, bos_token_id=1, eos_token_id=eos, pad_token_id=0)
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=16,
+              patch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = CLIPModel(CLIPConfig(text_config=tc, vision_config=vc, projection_dim=16)).eval()
+    d = save(hf, tmp_path / "clip")
+    make_llama_tokenizer(d)
+    tower, tok = M.load_clip_text(d)
+    assert tower.text_projection is not None
+    ids = torch.tensor([[1, 50, 60, 70, eos, 0, 0], [1, 80, eos, 0, 0, 0, 0], [1, 9, 10, 11, 12, 13, eos]])
+    if eos == 2:
+        ids[ids == 2] = 199   # argmax pooling: EOT must be the largest id
+    am = (torch.arange(7)[None] <= (ids == (199 if eos == 2 else eos)).int().argmax(-1)[:, None]).long()
+    with torch.no_grad():
+        ref = hf.text_model(input_ids=ids, attention_mask=am)
+        assert (tower(ids, am, project=False) - ref.pooler_output).abs().max() <= 1e-5
+        assert (tower(ids, am) - hf.text_projection(ref.pooler_output)).abs().max() <= 1e-5
+    assert tower.encode_texts(tok, ["a cat", "two dogs on a mat"]).shape == (2, 16)
+
+
+# ---------------------------------------------------------------------------------------------- broken inputs
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_broken_checkpoints_give_clear_errors(llava_llama, tmp_path):
+    import shutil
+    _, d = llava_llama
+
+    def copy(name):
+        dst = tmp_path / name
+        shutil.copytree(d, dst)
+        return dst
+
+    bad = copy("trunc")                                                     # truncated safetensors
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors.*truncated or corrupt"):
+        M.load_vlm(bad)
+
+    bad = copy("shape")                                                     # config disagrees with weights
+    c = json.load(open(bad / "config.json"))
+    c["text_config"]["intermediate_size"] = 48
+    json.dump(c, open(bad / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"shape mismatch for '.*mlp\.(gate|up|down)_proj\.weight'.*\(64, 32\)|"
+                                         r"shape mismatch .*\(32, 64\).*\(32, 48\)"):
+        M.load_vlm(bad)
+
+    bad = copy("shard")                                                     # index names a missing shard
+    json.dump({"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}},
+              open(bad / "model.safetensors.index.json", "w"))
+    with pytest.raises(FileNotFoundError, match="model-00001-of-00002.safetensors"):
+        M.load_vlm(bad)
+
+    bad = copy("mtype")                                                     # unknown model_type
+    c = json.load(open(bad / "config.json"))
+    c["model_type"] = "mamba"
+    json.dump(c, open(bad / "config.json", "w"))
+    with pytest.raises(ValueError, match="unknown model_type 'mamba'"):
+        M.load_vlm(bad)
+    c["model_type"], c["text_config"]["model_type"] = "llava", "gpt2"
+    json.dump(c, open(bad / "config.json", "w"))
+    with pytest.raises(ValueError, match="unknown text model_type 'gpt2'"):
+        M.load_vlm(bad)
+
+    bad = copy("pickle")                                                    # .bin with a pickled object
+    (bad / "model.safetensors").unlink()
+    torch.save({"lm_head.weight": torch.zeros(2), "x": _Evil()}, bad / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: refusing to load"):
+        M.load_vlm(bad)
+
+    from safetensors.torch import load_file, save_file                      # missing / unexpected keys by name
+    bad = copy("keys")
+    sd = load_file(bad / "model.safetensors")
+    del sd["language_model.model.layers.1.mlp.up_proj.weight"]
+    sd["language_model.model.layers.7.mlp.up_proj.weight"] = torch.zeros(1)
+    save_file(sd, str(bad / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"lm\.layers\.1\.mlp\.up_proj\.weight"):
+        M.load_vlm(bad)
+    sd["language_model.model.layers.1.mlp.up_proj.weight"] = torch.zeros(64, 32)
+    save_file(sd, str(bad / "model.safetensors"))
+    with pytest.warns(UserWarning, match=r"language_model\.model\.layers\.7\.mlp\.up_proj\.weight"):
+        m = M.load_vlm(bad)
+    assert m.load_info["unexpected"] == ["language_model.model.layers.7.mlp.up_proj.weight"]
+
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        (tmp_path / "empty").mkdir()
+        json.dump(json.load(open(os.path.join(d, "config.json"))), open(tmp_path / "empty" / "config.json", "w"))
+        M.load_vlm(tmp_path / "empty")
+
+
+def test_meta_device_build_holds_one_copy(llava_llama):
+    """load_vlm builds on the meta device: the loaded parameters are the only storage (nothing left on meta)."""
+    _, d = llava_llama
+    m = M.load_vlm(d)
+    assert not any(p.is_meta for p in m.parameters())
+    ptrs = {p.data_ptr() for p in m.parameters()}
+    assert len(ptrs) == len(list(m.parameters()))
