@@ -29,6 +29,7 @@ import logging
 import math
 import re
 import time
+from collections import Counter as _count
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,7 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger("fcit.federate")
+import data
+import lora
+import model as vlm
+
+logger = logging.getLogger("fcit.federate")
 
 METHODS = ("disco", "finetune", "ewc", "olora", "moelora", "zeroshot", "mtl", "fedit", "local")
 AGGREGATORS = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
@@ -287,7 +292,7 @@ def screen_clients(updates: list[dict]) -> tuple[list[dict], list[dict]]:
         elif u.get("mu") is not None and not bool(torch.isfinite(u["mu"]).all()):
             reason = "non-finite identity feature"
         if reason:
-            log.warning("client %s excluded from aggregation: %s", u.get("client"), reason)
+            logger.warning("client %s excluded from aggregation: %s", u.get("client"), reason)
             dropped.append({"client": u.get("client"), "position": u.get("position"), "reason": reason})
         else:
             kept.append(u)
@@ -410,3 +415,714 @@ def update_keys(keys: torch.Tensor, sizes: torch.Tensor, slot: list[int], mu: to
         old = float(sizes[j])
         keys[j] = ((old * keys[j].double() + s) / (old + tot)).to(keys.dtype)
         sizes[j] = old + tot
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.distributed helpers (issue 5 §6): the round's clients are split over ranks, results all-gathered
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun's environment (WORLD_SIZE > 1): NCCL when CUDA is available,
+    else gloo. Returns (rank, world_size); (0, 1) without torchrun. Sets the CUDA device to LOCAL_RANK."""
+    import os
+    dist = torch.distributed
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return dist_info()
+
+
+def dist_info() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(obj) -> list:
+    """all_gather_object over ranks (CPU tensors inside obj); [obj] without distributed."""
+    rank, world = dist_info()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _merge_by_position(parts: list[dict]) -> dict:
+    out = {}
+    for p in parts:
+        out.update(p)
+    return dict(sorted(out.items()))
+
+
+@contextlib.contextmanager
+def _rng_scope(device: torch.device, *key):
+    """Seed torch's RNG (dropout inside the LoRA layers, data order) for one client, from (seed, stage, round,
+    position, client), inside torch.random.fork_rng: the caller's global RNG state is restored afterwards (we
+    never reseed global RNGs for good). This makes a client's training independent of which process and in
+    which order it runs, so N ranks reproduce the single-process result."""
+    seed = int(np.random.default_rng([int(k) % (2 ** 32) for k in key]).integers(2 ** 62))
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield torch.Generator().manual_seed(seed)
+
+
+def cosine_warmup(step: int, total: int, warmup: int) -> float:
+    """LR multiplier of transformers' get_cosine_schedule_with_warmup (the HF Trainer FCIT builds per client
+    per round, §4.3): linear warmup from 0, then cosine to 0."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _nbytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# the engine
+
+
+SINGLE = ("finetune", "ewc", "fedit", "local", "mtl")      # one LoRA subspace, trained every stage
+
+
+class Federation:
+    """Server + simulated clients for one method (see the module docstring), on one model.
+
+    model: model.VLM (or a text-only VLM for FedIT); tokenizer: model.Tokenizer; image_processor: model.ImageProcessor
+    or None; text_encoder: None or (model.CLIPTextTower, its Tokenizer) for DISCO's identity features (§4.1).
+    LoRA is applied here, per method: disco/olora/moelora get K = cfg.num_subspaces subspaces of rank
+    cfg.rank // K (§4.2), the others one subspace of rank cfg.rank; zeroshot none. LoRA init uses a local
+    torch.Generator seeded by cfg.seed, so every rank builds identical adapters.
+
+    Clients are simulated one after the other on the same model: each starts from the global state (the
+    parameters the method federates: its LoRA subspace(s) and the projector), trains, uploads what it
+    trained; the server aggregates. Under torchrun each rank trains the clients at positions p ≡ rank
+    (mod world) and the uploads are all-gathered, so every rank holds the same global state."""
+
+    def __init__(self, model, tokenizer, image_processor, cfg: FedConfig, text_encoder=None):
+        self.model, self.tok, self.improc, self.cfg = model, tokenizer, image_processor, cfg
+        self.text_encoder = text_encoder
+        self.device = torch.device(cfg.device)
+        m = cfg.method
+        self.K = cfg.num_subspaces if m in ("disco", "olora", "moelora") else 1
+        self.has_lora = m != "zeroshot"
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if self.has_lora:
+            g = torch.Generator().manual_seed(int(cfg.seed))
+            lora.apply_lora(model, cfg.rank, cfg.alpha, targets=tuple(cfg.lora_targets), num_subspaces=self.K,
+                            dropout=cfg.dropout, generator=g)
+            if m == "moelora":
+                lora.set_moe(model, generator=g)
+        self.proj_names: list[str] = []
+        proj = getattr(model, "projector", None)
+        if self.has_lora and cfg.train_projector and proj is not None:
+            if self.device.type == "cuda" and cfg.dtype in ("bfloat16", "float16"):
+                proj.float()          # fp32 master weights for the trained projector; autocast casts on use
+            self.proj_names = ["projector." + n for n, _ in proj.named_parameters()]
+        self._params = dict(model.named_parameters())
+        self.lora_names = list(lora.lora_state(model).keys()) if self.has_lora else []
+        self.global_state = {n: self._params[n].detach().to("cpu", copy=True)
+                             for n in self.lora_names + self.proj_names}
+        self.opt = ServerOptimizer(cfg.aggregator, cfg.server_lr, cfg.server_momentum, cfg.beta1, cfg.beta2,
+                                   cfg.tau_adaptive)
+        self.keys: torch.Tensor | None = None                         # (K, D) float32   DISCO identity keys
+        self.sizes = torch.zeros(self.K, dtype=torch.float64)         # (K,) samples behind each key
+        self.slot_data: dict[int, dict[str, float]] = {}              # slot -> {dataset: samples trained}
+        self.open_order: list[int] = []
+        self.stage_slot: dict[int, int] = {}                          # olora: stage -> subspace
+        self.ewc_F: dict[str, torch.Tensor] = {}
+        self.ewc_star: dict[str, torch.Tensor] = {}
+        self.stage_fisher: dict[str, torch.Tensor] = {}
+        self.local_states: dict[int, dict[str, torch.Tensor]] = {}
+        self.last = None                                              # (stage, round) of the last run_round
+        self.rank, self.world = dist_info()
+        self._feat_cache: dict = {}
+
+    # ---------------------------------------------------------------- names, loading
+    def slot_names(self, j: int) -> list[str]:
+        suf = (f".A.{j}", f".B.{j}")
+        return [n for n in self.lora_names if n.endswith(suf)]
+
+    def _trained_names(self, slot: int) -> list[str]:
+        """LoRA names a client trains (and uploads) for the method."""
+        if self.cfg.method == "moelora":
+            return list(self.lora_names)                               # all experts + routers
+        return self.slot_names(slot)
+
+    def _load(self, state: dict):
+        with torch.no_grad():
+            for n, t in state.items():
+                self._params[n].copy_(t)
+
+    def _slot_for_stage(self, stage: int) -> int:
+        m = self.cfg.method
+        if m == "olora":
+            if stage >= self.K:
+                raise CapacityError(f"O-LoRA opens one subspace per stage; stage {stage + 1} needs "
+                                    f"{stage + 1} > K={self.K} subspaces (raise --num-subspaces)")
+            return stage
+        return 0
+
+    # ---------------------------------------------------------------- batching
+    def _encode(self, ex, with_answer: bool):
+        image_seq_len = getattr(self.model, "image_seq_len", 0) if ex.image else 0
+        return vlm.encode_example(self.tok, ex.instruction, ex.answer if with_answer else None,
+                                  template=self.cfg.template, image_seq_len=image_seq_len,
+                                  image_token_id=getattr(self.tok, "image_token_id", None),
+                                  max_length=self.cfg.max_length)
+
+    def _pixels(self, examples):
+        if self.improc is None or not any(ex.image for ex in examples):
+            return None
+        if not all(ex.image for ex in examples):
+            raise ValueError("a batch mixes examples with and without images; batch them separately")
+        return self.improc([data.load_image(ex.image) for ex in examples]).to(self.device)
+
+    def _collate(self, examples, with_answer=True, left_pad=False):
+        """Right-padded training batch (input_ids, labels, attention_mask, pixel_values) or, with
+        with_answer=False, a left-padded generation prompt batch."""
+        enc = [self._encode(ex, with_answer) for ex in examples]
+        T = max(len(ids) for ids, _ in enc)
+        pad = self.tok.pad_id if self.tok.pad_id is not None else 0
+        ids = torch.full((len(enc), T), pad, dtype=torch.long)
+        lab = torch.full((len(enc), T), -100, dtype=torch.long)
+        att = torch.zeros((len(enc), T), dtype=torch.long)
+        for i, (x, y) in enumerate(enc):
+            sl = slice(T - len(x), T) if left_pad else slice(0, len(x))
+            ids[i, sl], lab[i, sl], att[i, sl] = torch.tensor(x), torch.tensor(y), 1
+        return {"input_ids": ids.to(self.device), "labels": lab.to(self.device),
+                "attention_mask": att.to(self.device), "pixel_values": self._pixels(examples)}
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.cfg.dtype in ("bfloat16", "float16"):
+            return torch.autocast("cuda", dtype=getattr(torch, self.cfg.dtype))
+        return contextlib.nullcontext()
+
+    # ---------------------------------------------------------------- identity features (§4.1)
+    @torch.no_grad()
+    def identity_features(self, examples, batch_size: int = 32) -> torch.Tensor:
+        """(N, D) float32 task-identity features, one per example, from frozen encoders only (§4.1):
+
+        identity="text" with a text encoder: the CLIP text tower's pooled (EOS) output of the instruction
+            (`<image>` removed, truncated to 77 tokens), 768-d and unprojected, as FCIT does;
+        identity="text" without one: the frozen base LM's hidden states (adapters off), mean-pooled over the
+            instruction's tokens (the instruction alone, no template), the fallback for models without CLIP;
+        identity="image": the vision tower's mean-pooled last-layer patch features (ablation; FCIT stores
+            CLIP image_embeds but never uses them).
+        FCIT recovers the instruction by decoding the LLaMA ids and cutting at "ASSISTANT"; we feed the
+        instruction text directly (same text up to the tokenizer round-trip, §4.1)."""
+        model = self.model
+        out = []
+        was_training = model.training
+        model.eval()
+        try:
+            for i in range(0, len(examples), batch_size):
+                chunk = examples[i:i + batch_size]
+                if self.cfg.identity == "image":
+                    px = self._pixels(chunk)
+                    if px is None:
+                        raise ValueError("identity='image' needs images and an image processor")
+                    with self._autocast():
+                        h = model.vision(px)[-1]                                  # (B, P(+1), Cv)
+                    out.append(h.float().mean(1).cpu())
+                elif self.text_encoder is not None:
+                    tower, ctok = self.text_encoder
+                    L = getattr(getattr(tower, "config", None), "max_position_embeddings", 77)
+                    ids = [self._clip_ids(ctok, ex.instruction, L) for ex in chunk]
+                    T = max(len(x) for x in ids)
+                    pad = ctok.pad_id if ctok.pad_id is not None else 0
+                    x = torch.full((len(ids), T), pad, dtype=torch.long)
+                    att = torch.zeros((len(ids), T), dtype=torch.long)
+                    for k, s in enumerate(ids):
+                        x[k, :len(s)], att[k, :len(s)] = torch.tensor(s), 1
+                    dev = next(tower.parameters()).device
+                    out.append(tower(x.to(dev), attention_mask=att.to(dev), project=False).float().cpu())
+                else:
+                    if self.has_lora:
+                        lora.disable_lora(model)
+                    ids = [self.tok.encode(ex.instruction.replace("<image>", "").strip())[:self.cfg.max_length]
+                           or [self.tok.eos_id] for ex in chunk]
+                    T = max(len(s) for s in ids)
+                    pad = self.tok.pad_id if self.tok.pad_id is not None else 0
+                    x = torch.full((len(ids), T), pad, dtype=torch.long)
+                    att = torch.zeros((len(ids), T), dtype=torch.long)
+                    for k, s in enumerate(ids):
+                        x[k, :len(s)], att[k, :len(s)] = torch.tensor(s), 1
+                    x, att = x.to(self.device), att.to(self.device)
+                    with self._autocast():
+                        h = model.hidden_states(x, attention_mask=att).float()        # (B, T, C)
+                    m = att[..., None].float()
+                    out.append(((h * m).sum(1) / m.sum(1)).cpu())
+        finally:
+            model.train(was_training)
+        return torch.cat(out, 0) if out else torch.zeros(0)
+
+    @staticmethod
+    def _clip_ids(ctok, text, max_length=77):
+        """CLIP tokenisation as transformers' CLIPTokenizer(truncation=True, max_length=77): BOS text EOS."""
+        ids = ctok.tok.encode(text.replace("<image>", "").strip(), add_special_tokens=False).ids
+        return [ctok.bos_id] + ids[:max_length - 2] + [ctok.eos_id]
+
+    # ---------------------------------------------------------------- client side (§4.3)
+    def _configure(self, slot: int, train: bool):
+        """Set LoRA modes and requires_grad for training `slot` (train=True) or for inference."""
+        m, model = self.cfg.method, self.model
+        if not self.has_lora:
+            return []
+        if m == "moelora":
+            lora.set_moe(model, trainable=train)
+        else:
+            lora.set_active(model, slot if train else None)
+            if m == "olora" and slot > 0:
+                # O-LoRA trains the new subspace with the frozen old ones in the forward pass (cmnfriend/O-LoRA)
+                lora.set_routing(model, torch.tensor([1.0] * (slot + 1) + [0.0] * (self.K - slot - 1)))
+        for n in self.proj_names:
+            self._params[n].requires_grad_(train)
+        return self._trained_names(slot) + self.proj_names if train else []
+
+    def _penalty(self, names, ref, slot, stage):
+        """Client-side regularisers: FedProx μ/2‖w − w_g‖² (Li et al. 2020), EWC λ/2 Σ F (w − w*)²
+        (Kirkpatrick et al. 2017) and O-LoRA λ1 Σ |A_old A_newᵀ| (Wang et al. 2023)."""
+        cfg, reg = self.cfg, None
+
+        def add(x):
+            nonlocal reg
+            reg = x if reg is None else reg + x
+        if cfg.aggregator == "fedprox" and cfg.prox_mu > 0:
+            add(cfg.prox_mu / 2 * sum(((self._params[n] - ref[n]) ** 2).sum() for n in names))
+        if cfg.method == "ewc" and self.ewc_F and cfg.ewc_lambda > 0:
+            add(cfg.ewc_lambda / 2 * sum((self.ewc_F[n].to(self.device) * (self._params[n] -
+                                          self.ewc_star[n].to(self.device)) ** 2).sum()
+                                         for n in names if n in self.ewc_F))
+        if cfg.method == "olora" and slot > 0 and cfg.olora_lambda > 0:
+            add(lora.olora_penalty(self.model, slot, list(range(slot)), weight=cfg.olora_lambda))
+        return reg
+
+    def _local_train(self, examples, slot, stage, rnd, position, cid, start: dict | None = None,
+                     fisher: bool = False) -> dict:
+        """One client's local training (§4.3, §6): fresh AdamW (β=(0.9, 0.999), eps 1e-8, weight decay 0) and a
+        fresh cosine schedule with warmup ceil(warmup_ratio · steps) per client per round, gradient
+        accumulation, clipping at max_grad_norm, autocast bf16/fp16 on CUDA (GradScaler for fp16), optional
+        gradient checkpointing. Trains the method's LoRA parameters and the projector. Returns the upload."""
+        cfg, model = self.cfg, self.model
+        t0 = time.perf_counter()
+        self._load(self.global_state if start is None else start)
+        names = self._configure(slot, True)
+        params = [self._params[n] for n in names]
+        n_trainable = sum(p.numel() for p in params)
+        ref = {n: self._params[n].detach().clone() for n in names} if cfg.aggregator == "fedprox" else None
+        bs, acc = max(1, cfg.batch_size), max(1, cfg.grad_accum)
+        n_batches = math.ceil(len(examples) / bs)
+        total_micro = n_batches * cfg.local_epochs
+        steps = math.ceil(total_micro / acc)
+        warm = math.ceil(cfg.warmup_ratio * steps)
+        optim = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: cosine_warmup(s, steps, warm))
+        scaler = torch.amp.GradScaler("cuda") if (self.device.type == "cuda" and cfg.dtype == "float16") else None
+        gc_before = getattr(model, "gradient_checkpointing", False)
+        model.gradient_checkpointing = bool(cfg.gradient_checkpointing)
+        losses, bad, micro = [], None, 0
+        model.train()
+        try:
+            with _rng_scope(self.device, cfg.seed, stage, rnd, position, cid) as gen:
+                for _ in range(cfg.local_epochs):
+                    perm = torch.randperm(len(examples), generator=gen).tolist()
+                    for b in range(n_batches):
+                        batch = self._collate([examples[i] for i in perm[b * bs:(b + 1) * bs]])
+                        with self._autocast():
+                            loss = model.loss(**batch)
+                        reg = self._penalty(names, ref, slot, stage)
+                        total = loss.float() + (reg.float() if reg is not None else 0.0)
+                        if not torch.isfinite(total):
+                            bad = float(total)
+                            break
+                        losses.append(float(loss.detach()))
+                        total = total / acc
+                        (scaler.scale(total) if scaler else total).backward()
+                        micro += 1
+                        if micro % acc == 0 or micro == total_micro:
+                            if scaler:
+                                scaler.unscale_(optim)
+                            if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+                                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                            if scaler:
+                                scaler.step(optim)
+                                scaler.update()
+                            else:
+                                optim.step()
+                            sched.step()
+                            optim.zero_grad(set_to_none=True)
+                    if bad is not None:
+                        break
+                if cfg.method == "moelora" or (cfg.method == "olora" and slot > 0):
+                    self._configure(slot, False)
+                F_k = self._fisher(examples, names) if (fisher and bad is None) else None
+        finally:
+            model.gradient_checkpointing = gc_before
+            model.eval()
+            optim.zero_grad(set_to_none=True)
+            for p in params:
+                p.requires_grad_(False)
+        up_names = self._trained_names(slot) + self.proj_names
+        state = {n: self._params[n].detach().to("cpu", copy=True) for n in up_names}
+        loss = bad if bad is not None else (float(np.mean(losses)) if losses else float("nan"))
+        return {"state": state, "loss": loss, "steps": steps, "trainable_params": n_trainable,
+                "time_s": time.perf_counter() - t0, "fisher": F_k}
+
+    def _fisher(self, examples, names) -> dict[str, torch.Tensor]:
+        """Diagonal empirical Fisher of the trained parameters on the client's data (EWC), at the client's
+        final weights: mean over mini-batches of the squared gradient of the mean loss (a mini-batch
+        approximation of the per-sample Fisher, to keep the cost at one extra pass)."""
+        model = self.model
+        for n in names:
+            self._params[n].requires_grad_(True)
+        if self.has_lora:
+            lora.set_active(model, 0)
+            for n in names:
+                self._params[n].requires_grad_(True)
+        F_ = {n: torch.zeros_like(self._params[n], dtype=torch.float32) for n in names}
+        bs = max(1, self.cfg.batch_size)
+        nb = 0
+        model.eval()
+        for b in range(0, len(examples), bs):
+            batch = self._collate(examples[b:b + bs])
+            model.zero_grad(set_to_none=True)
+            with self._autocast():
+                loss = model.loss(**batch)
+            loss.float().backward()
+            for n in names:
+                g = self._params[n].grad
+                if g is not None:
+                    F_[n] += g.detach().float() ** 2
+            nb += 1
+        model.zero_grad(set_to_none=True)
+        return {n: (f / max(1, nb)).cpu() for n, f in F_.items()}
+
+    # ---------------------------------------------------------------- one communication round
+    def run_round(self, stage: int, rnd: int, client_data: Callable, log: Callable | None = None) -> dict:
+        """One communication round of `stage` (0-based) / `rnd` (0-based).
+
+        client_data(position, client_id) -> list[Example]: the data of the client at that position of the
+        round's selection (Het-FCIT maps the position to a task, §1.5). For method "mtl" it is called once as
+        client_data(None, None) and must return the pooled training data of every task seen so far.
+        Returns the round log: clients, per-client n / slot / loss / steps / bytes up and down / trainable
+        parameters / wall time / rank, DISCO assignments and opened subspaces, dropped clients with reasons."""
+        cfg, t_round = self.cfg, time.perf_counter()
+        say = log or logger.info
+        m = cfg.method
+        rec = {"stage": stage, "round": rnd, "method": m, "aggregator": cfg.aggregator}
+        if m == "zeroshot":
+            self.last = (stage, rnd)
+            return {**rec, "clients": [], "per_client": [], "skipped": "zeroshot: no training"}
+        if m == "mtl":
+            sel = [-1]
+        else:
+            sel = sample_clients(cfg.n_clients, cfg.clients_per_round, cfg.seed, stage, rnd)
+        mine = [p for p in range(len(sel)) if p % self.world == self.rank]
+        datas = {p: list((client_data(None, None) if m == "mtl" else client_data(p, sel[p])) or []) for p in mine}
+
+        # phase 1 (DISCO): identity tokens up, subspace assignment down (§4.4, paper intent §4.7.1)
+        slots: dict[int, int] = {}
+        opened: list[int] = []
+        mus: dict[int, tuple] = {}
+        dropped = []
+        if m == "disco":
+            local = {}
+            for p in mine:
+                if datas[p]:
+                    f = self.identity_features(datas[p], batch_size=max(1, cfg.batch_size))
+                    local[p] = (f.mean(0), len(datas[p]))
+            mus = _merge_by_position(_all_gather(local))
+            for p in list(mus):
+                if not bool(torch.isfinite(mus[p][0]).all()):
+                    dropped.append({"client": sel[p], "position": p, "reason": "non-finite identity feature"})
+                    del mus[p]
+            if mus:
+                pos = list(mus)
+                mu = torch.stack([mus[p][0] for p in pos]).float()
+                if self.keys is None:
+                    self.keys = torch.zeros(self.K, mu.shape[1])
+                asg, opened = organize(mu, [mus[p][1] for p in pos], self.keys, self.sizes, cfg.tau,
+                                       cfg.small_client)
+                slots = dict(zip(pos, asg))
+                for j in opened:
+                    old = [o for o in self.open_order if o != j]
+                    if cfg.orthogonal_subspaces and old:
+                        self._orthogonalize(j, old)
+                    say(f"stage {stage} round {rnd}: DISCO opened subspace {j} for positions "
+                        f"{[p for p in pos if slots[p] == j]}")
+        else:
+            slots = {p: self._slot_for_stage(stage) for p in range(len(sel))}
+
+        # phase 2: local training
+        ups = {}
+        fisher = m == "ewc" and rnd == cfg.rounds - 1
+        for p in mine:
+            u = {"client": sel[p], "position": p, "n": len(datas[p]), "rank": self.rank,
+                 "datasets": dict(_count(ex.dataset for ex in datas[p]))}
+            if datas[p] and p in slots:
+                start = self.local_states.get(sel[p]) if m == "local" else None
+                u.update(self._local_train(datas[p], slots[p], stage, rnd, p, sel[p], start=start, fisher=fisher))
+                u["slot"] = slots[p]
+            elif datas[p] and m == "disco":
+                u["n"] = 0   # its identity feature was excluded above
+            ups[p] = u
+        allu = _merge_by_position(_all_gather(ups))
+        kept, bad = screen_clients(list(allu.values()))
+        dropped += [d for d in bad if not any(d["position"] == x["position"] for x in dropped)]
+        for d in dropped:
+            say(f"stage {stage} round {rnd}: client {d['client']} (position {d['position']}) excluded: {d['reason']}")
+
+        # server aggregation
+        if m == "local":
+            for u in kept:
+                self.local_states[u["client"]] = u["state"]
+        elif kept:
+            groups: dict[int, list] = {}
+            for u in kept:
+                groups.setdefault(u["slot"], []).append(u)
+            new = {}
+            for j, us in sorted(groups.items()):
+                names = self._trained_names(j)
+                new.update(aggregate({n: self.global_state[n] for n in names}, [u["state"] for u in us],
+                                     [u["n"] for u in us], self.opt, cfg.lora_avg))
+            if self.proj_names:
+                new.update(aggregate({n: self.global_state[n] for n in self.proj_names}, [u["state"] for u in kept],
+                                     [u["n"] for u in kept], self.opt, "factors"))
+            if finite_state(new):
+                self.global_state.update(new)
+            else:
+                say(f"stage {stage} round {rnd}: aggregated update is not finite; global model kept")
+                rec["aggregation_skipped"] = "non-finite aggregate"
+            if m == "disco":
+                pos = [u["position"] for u in kept]
+                update_keys(self.keys, self.sizes, [u["slot"] for u in kept],
+                            torch.stack([mus[p][0] for p in pos]).float(), [mus[p][1] for p in pos])
+                for j in opened:
+                    if float(self.sizes[j]) > 0 and j not in self.open_order:
+                        self.open_order.append(j)
+                if cfg.orthogonal_subspaces:
+                    for j in sorted(groups):
+                        old = self.open_order[:self.open_order.index(j)] if j in self.open_order else []
+                        if old:
+                            self._orthogonalize(j, old)
+            for u in kept:
+                sd = self.slot_data.setdefault(u["slot"], {})
+                for ds, c in u["datasets"].items():
+                    sd[ds] = sd.get(ds, 0) + c
+            if fisher:
+                tot = sum(u["n"] for u in kept if u.get("fisher"))
+                for u in kept:
+                    for n, f in (u.get("fisher") or {}).items():
+                        self.stage_fisher[n] = self.stage_fisher.get(n, 0) + f * (u["n"] / tot)
+        self._load(self.global_state)
+        self.last = (stage, rnd)
+
+        # accounting (issue 5 §7): what each client actually receives and sends
+        per = []
+        for p, u in allu.items():
+            slot = u.get("slot")
+            down = up = 0
+            if "state" in u:
+                up = _nbytes(u["state"]) + (_nbytes(u["fisher"]) if u.get("fisher") else 0)
+                dn = set(self._trained_names(slot)) | set(self.proj_names)
+                if m == "olora":
+                    for o in range(slot):
+                        dn |= set(self.slot_names(o))
+                down = sum(self.global_state[n].numel() * self.global_state[n].element_size() for n in dn)
+                if m == "ewc" and self.ewc_F:
+                    down += 2 * _nbytes({n: t for n, t in self.ewc_F.items() if n in dn})
+            if m == "disco" and p in mus:
+                up += mus[p][0].numel() * 4                  # the identity token (float32)
+            per.append({k: u.get(k) for k in ("client", "position", "rank", "n", "slot", "loss", "steps",
+                                               "trainable_params", "time_s")} | {"bytes_up": up, "bytes_down": down})
+        n_tot = sum(u["n"] for u in kept)
+        rec.update({
+            "clients": [int(c) for c in sel], "per_client": per, "dropped": dropped,
+            "assignments": {str(p): s for p, s in slots.items()} if m == "disco" else None,
+            "opened": opened, "active_subspaces": [j for j in range(self.K) if float(self.sizes[j]) > 0]
+            if m == "disco" else None,
+            "loss": (sum(u["loss"] * u["n"] for u in kept) / n_tot) if n_tot else None,
+            "samples": n_tot, "bytes_up": sum(x["bytes_up"] for x in per),
+            "bytes_down": sum(x["bytes_down"] for x in per), "time_s": time.perf_counter() - t_round,
+            "world_size": self.world})
+        return rec
+
+    def _orthogonalize(self, j: int, old: list[int]):
+        """Hard-orthogonalise subspace j's A against the old subspaces' A (lora.orthogonalize_subspace), in the
+        model and in the global state (DISCO option `orthogonal_subspaces`)."""
+        self._load({n: self.global_state[n] for n in self.lora_names})
+        lora.orthogonalize_subspace(self.model, j, old)
+        for n in self.slot_names(j):
+            self.global_state[n] = self._params[n].detach().to("cpu", copy=True)
+
+    # ---------------------------------------------------------------- stage boundary
+    def end_stage(self, stage: int) -> dict:
+        """Close a stage. EWC: consolidate the stage's Fisher (sample-weighted mean of the clients' Fishers
+        from the stage's last round) into the running sum F ← F + F_stage and anchor w* ← the global weights
+        (online EWC over stages). O-LoRA: the stage's subspace is frozen from now on (later stages train the
+        next one). DISCO: nothing to do: keys and sizes carry over (§4.4 "stage handover")."""
+        info = {"stage": stage}
+        if self.cfg.method == "ewc" and self.stage_fisher:
+            for n, f in self.stage_fisher.items():
+                self.ewc_F[n] = self.ewc_F.get(n, torch.zeros_like(f)) + f
+                self.ewc_star[n] = self.global_state[n].clone().float()
+            info["fisher_mean"] = float(torch.cat([f.flatten() for f in self.ewc_F.values()]).mean())
+            self.stage_fisher = {}
+        if self.cfg.method == "olora":
+            self.stage_slot[stage] = self._slot_for_stage(stage)
+        if self.cfg.method == "disco":
+            info["keys_used"] = [j for j in range(self.K) if float(self.sizes[j]) > 0]
+            info["slot_data"] = {str(k): v for k, v in self.slot_data.items()}
+        return info
+
+    # ---------------------------------------------------------------- inference (§4.5)
+    def routing_weights(self, features: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """DISCO SSA weights α (B, K) in fp32 (§4.5): softmax(cos(feature, keys) / temperature) over the used
+        slots (lora.route). Empty slots get exactly 0 (the official code includes them with cos = 0, which
+        costs them a negligible e^0 share). Ablations: argmax | concat | cosine."""
+        if self.keys is None:
+            return torch.zeros(features.shape[0], self.K)
+        return lora.route(features, self.keys, mode or self.cfg.routing, self.cfg.temperature,
+                          valid=self.sizes > 0)
+
+    def _inference_mode(self, examples, client=None):
+        """Load the weights to evaluate and put the LoRA layers in the method's inference mode; returns the
+        per-example routing weights for DISCO (else None)."""
+        m = self.cfg.method
+        if m == "local":
+            if client is None:
+                raise ValueError("method 'local' evaluates one client at a time: predict(..., client=id)")
+            self._load(self.local_states.get(client, self.global_state))
+        else:
+            self._load(self.global_state)
+        if not self.has_lora:
+            return None
+        if m == "disco":
+            feats = self.identity_features(examples, batch_size=32)
+            return self.routing_weights(feats)
+        if m == "olora":
+            used = sorted(set(self.stage_slot.values()) | ({self._slot_for_stage(self.last[0])} if self.last else set()))
+            lora.set_routing(self.model, torch.tensor([1.0 if j in used else 0.0 for j in range(self.K)]))
+        elif m == "moelora":
+            lora.set_moe(self.model, trainable=False)
+        else:
+            lora.set_active(self.model, None)      # single subspace 0, nothing trainable
+        return None
+
+    @torch.no_grad()
+    def predict(self, examples, batch_size: int = 8, client: int | None = None) -> list[str]:
+        """Greedy answers (max_new_tokens from the config), stripped, in input order. DISCO routes every
+        sample with its own α (computed in fp32 and set per batch as (B, K), so no stale mask, §4.5).
+        method 'local': pass the client id (evaluation averages over clients in fcit.py)."""
+        if not examples:
+            return []
+        alpha = self._inference_mode(examples, client)
+        model = self.model
+        model.eval()
+        out: list[str | None] = [None] * len(examples)
+        # batch examples with and without images separately, keep order
+        groups = {}
+        for i, ex in enumerate(examples):
+            groups.setdefault(bool(ex.image), []).append(i)
+        for idx in groups.values():
+            for b in range(0, len(idx), batch_size):
+                ii = idx[b:b + batch_size]
+                chunk = [examples[i] for i in ii]
+                batch = self._collate(chunk, with_answer=False, left_pad=True)
+                if alpha is not None:
+                    lora.set_routing(model, alpha[ii])
+                with self._autocast():
+                    gen = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         pixel_values=batch["pixel_values"], max_new_tokens=self.cfg.max_new_tokens,
+                                         eos_token_id=self.tok.eos_id)
+                for i, g in zip(ii, gen):
+                    out[i] = self.tok.decode(list(g), skip_special_tokens=True).strip()
+        return out
+
+    def routing_accuracy(self, examples_by_task: dict) -> float | None:
+        """DISCO: the fraction of examples whose argmax α is the subspace that trained the most samples of the
+        example's dataset (slot_data); examples of datasets never trained are skipped. None for the other
+        methods or before training. Per-task values are kept in self.last_routing."""
+        if self.cfg.method != "disco" or self.keys is None or not self.slot_data:
+            return None
+        owner = {}
+        for j, d in self.slot_data.items():
+            for ds, c in d.items():
+                if c > owner.get(ds, (-1, 0))[1]:
+                    owner[ds] = (j, c)
+        hit = tot = 0
+        self.last_routing = {}
+        for task, exs in examples_by_task.items():
+            exs = [e for e in exs if e.dataset in owner]
+            if not exs:
+                continue
+            a = self.routing_weights(self.identity_features(exs), mode="softmax")
+            got = a.argmax(-1).tolist()
+            h = sum(int(g == owner[e.dataset][0]) for g, e in zip(got, exs))
+            self.last_routing[str(task)] = h / len(exs)
+            hit, tot = hit + h, tot + len(exs)
+        return hit / tot if tot else None
+
+    # ---------------------------------------------------------------- checkpointing
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, meta): everything needed to resume exactly after a round. tensors (CPU, contiguous,
+        safetensors-ready): 'global/<param>', 'disco/keys', 'disco/sizes', 'opt.m/<name>', 'opt.v/<name>',
+        'ewc.F/', 'ewc.star/', 'ewc.stage/<param>', 'local/<client>/<param>'; meta is JSON-able."""
+        t = {f"global/{n}": v for n, v in self.global_state.items()}
+        if self.keys is not None:
+            t["disco/keys"] = self.keys
+        t["disco/sizes"] = self.sizes
+        t.update({f"opt.m/{n}": v for n, v in self.opt.m.items()})
+        t.update({f"opt.v/{n}": v for n, v in self.opt.v.items()})
+        t.update({f"ewc.F/{n}": v for n, v in self.ewc_F.items()})
+        t.update({f"ewc.star/{n}": v for n, v in self.ewc_star.items()})
+        t.update({f"ewc.stage/{n}": v for n, v in self.stage_fisher.items()})
+        for c, st in self.local_states.items():
+            t.update({f"local/{c}/{n}": v for n, v in st.items()})
+        t = {k: v.detach().cpu().contiguous().clone() for k, v in t.items()}
+        meta = {"version": 1, "method": self.cfg.method, "aggregator": self.cfg.aggregator, "K": self.K,
+                "last": list(self.last) if self.last else None, "open_order": self.open_order,
+                "stage_slot": {str(k): v for k, v in self.stage_slot.items()},
+                "slot_data": {str(k): v for k, v in self.slot_data.items()},
+                "config": dataclasses.asdict(self.cfg)}
+        return t, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict):
+        if meta.get("method") != self.cfg.method or meta.get("K") != self.K:
+            raise ValueError(f"checkpoint is for method {meta.get('method')!r} with K={meta.get('K')}, "
+                             f"this federation is {self.cfg.method!r} with K={self.K}")
+
+        def sub(prefix):
+            return {k[len(prefix):]: v.clone() for k, v in tensors.items() if k.startswith(prefix)}
+        g = sub("global/")
+        missing = set(self.global_state) - set(g)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} global tensors, e.g. {sorted(missing)[:3]}")
+        self.global_state = g
+        self.keys = tensors["disco/keys"].clone() if "disco/keys" in tensors else None
+        self.sizes = tensors["disco/sizes"].clone().double()
+        self.opt.load_state_dict({"m": sub("opt.m/"), "v": sub("opt.v/")})
+        self.ewc_F, self.ewc_star, self.stage_fisher = sub("ewc.F/"), sub("ewc.star/"), sub("ewc.stage/")
+        self.local_states = {}
+        for k, v in sub("local/").items():
+            c, n = k.split("/", 1)
+            self.local_states.setdefault(int(c), {})[n] = v
+        self.last = tuple(meta["last"]) if meta.get("last") else None
+        self.open_order = list(meta.get("open_order", []))
+        self.stage_slot = {int(k): v for k, v in meta.get("stage_slot", {}).items()}
+        self.slot_data = {int(k): v for k, v in meta.get("slot_data", {}).items()}
+        self._load(self.global_state)
+
+    def local_clients(self) -> list[int]:
+        """Clients with a local model (method 'local')."""
+        return sorted(self.local_states)
