@@ -152,7 +152,9 @@ class LoRALinear(nn.Module):
         self.train(base.training)                     # inherit train/eval from the replaced layer
         self.alpha = None                             # routing weights (K,) or (B, K), fp32
         self._merged = None                           # (original weight copy, previous mode) while merged
-        self._cache = None                            # (key, A_cat, s*B_cat) for no-grad routed inference
+        self._cache = None                            # (key, A_cat, s*B_cat) when no gradient is needed
+        self._rcache = None                           # (key, (A_sel, s*B_sel, gates)) for routed inference
+        self._route_id = 0                            # bumped by set_routing
 
     @property
     def dropout(self):
@@ -182,6 +184,27 @@ class LoRALinear(nn.Module):
             with torch.no_grad():
                 self._cache = (key, torch.cat(list(self.A), 0), torch.cat(list(self.B), 1) * self.scaling)
         return self._cache[1], self._cache[2]
+
+    def _routed(self):
+        """No-grad routed inference: (A_sel, s B_sel, gates) restricted to the subspaces that can contribute
+        (B_j not all zero -- e.g. DISCO's empty slots -- and some alpha_j != 0); None if none can. Exact:
+        the skipped terms are exact zeros. Cached on parameter versions and the routing call."""
+        params = list(self.A) + list(self.B)
+        key = (tuple((p.data_ptr(), p._version) for p in params), self._route_id)
+        if self._rcache is None or self._rcache[0] != key:
+            with torch.no_grad():
+                a = self.alpha
+                used = (a.abs().amax(0) if a.dim() == 2 else a.abs()) > 0
+                sel = [j for j in range(self.num_subspaces) if bool(used[j]) and bool(self.B[j].any())]
+                if not sel:
+                    val = None
+                else:
+                    A = torch.cat([self.A[j] for j in sel], 0)
+                    Bs = torch.cat([self.B[j] for j in sel], 1) * self.scaling
+                    g = a[..., sel].to(device=A.device, dtype=A.dtype).repeat_interleave(self.r, dim=-1)
+                    val = (A, Bs, g.contiguous())
+            self._rcache = (key, val)
+        return self._rcache[1]
 
     def _gates(self, alpha, x):
         """alpha (K,) or (B, K) -> multiplier over the K r LoRA channels, broadcastable to (..., K r)."""
@@ -231,9 +254,26 @@ class LoRALinear(nn.Module):
         if mode == "routed":
             if self.alpha is None:
                 raise RuntimeError("routed mode without routing weights: call set_routing(model, alpha)")
-            A, Bs = self._cat()
-            h = F.linear(xl, A) * self._gates(self.alpha, xl)        # (..., K r)
-            out = F.linear(h, Bs)
+            if torch.is_grad_enabled() and any(p.requires_grad for p in list(self.A) + list(self.B)):
+                A, Bs = self._cat()
+                h = F.linear(xl, A) * self._gates(self.alpha, xl)    # (..., K r)
+                out = F.linear(h, Bs)
+            else:                                                    # inference: skip dead subspaces, fuse
+                sel = self._routed()
+                if sel is None:
+                    return base
+                A, Bs, a = sel
+                if a.dim() == 2:
+                    if a.shape[0] != xl.shape[0] or xl.dim() < 2:
+                        raise ValueError(f"routing weights for {a.shape[0]} samples but input of shape "
+                                         f"{tuple(xl.shape)}")
+                    a = a.view(a.shape[0], *([1] * (xl.dim() - 2)), a.shape[1])
+                h = F.linear(xl, A).mul_(a)                          # (..., K' r)
+                if base.dtype == h.dtype and base.is_contiguous():
+                    b2 = base.view(-1, base.shape[-1])
+                    b2.addmm_(h.reshape(-1, h.shape[-1]), Bs.t())
+                    return base
+                out = F.linear(h, Bs)
         elif mode == "moe":
             A, Bs = self._cat()
             g = torch.softmax(self.router(x.to(self.router.weight.dtype)).float(), dim=-1)  # (..., K)
@@ -374,6 +414,7 @@ def set_routing(model, alpha):
         if alpha.shape[-1] != m.num_subspaces or alpha.dim() not in (1, 2):
             raise ValueError(f"alpha must be (K,) or (B, K) with K={m.num_subspaces}, got {tuple(alpha.shape)}")
         m.mode, m.alpha = "routed", alpha.to(m.A[0].device)
+        m._route_id += 1
 
 
 def set_moe(model, top_k=None, generator=None, trainable=True):

@@ -1,0 +1,169 @@
+"""LoRA speed ratios (issue 3). Not a test: prints timings and ratios.
+
+  (a) train step, one active subspace of K=8 (rank 8 each, total 64)  vs  a plain single LoRA of rank 8
+      target <= 1.05
+  (b) inference forward with K=8 soft-routed subspaces (per-sample alpha (B, K))  vs  one merged LoRA
+      target <= 1.15 on the tiny config
+  (c) our LoRA train step  vs  peft's (peft.inject_adapter_in_model on the same model, same rank)
+      target <= 1.0
+
+All on a text-only model.VLM (LLaMA decoder) built from a small config, LoRA on the MLP projections
+(fcit_paper.md §4.2). Timings are the median of interleaved repeats (A, B, A, B, ...).
+
+    python bench/lora_speed.py                       # tiny config, CPU
+    python bench/lora_speed.py --hidden 1024 --layers 8 --device cuda --dtype bfloat16
+"""
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lora  # noqa: E402
+import model as vlm  # noqa: E402
+
+
+def build(args):
+    t = vlm.DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
+                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                          max_position_embeddings=max(2 * args.seq, 64))
+    torch.manual_seed(0)
+    m = vlm.VLM(vlm.VLMConfig(text=t, vision=None))
+    return m.to(device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timeit(fns, repeats, warmup, device):
+    """Interleaved timing of several callables; returns the median seconds of each."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    sync(device)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, f in enumerate(fns):
+            sync(device)
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def train_step_fn(model, ids, labels, lr=1e-4):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+
+    def step():
+        loss = model.loss(ids, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--inter", type=int, default=688)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--K", type=int, default=8)
+    ap.add_argument("--r", type=int, default=8, help="rank per subspace")
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--skip-peft", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = args.device
+    base = build(args)
+    torch.manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
+    labels = ids.clone()
+    print(f"config: hidden={args.hidden} inter={args.inter} layers={args.layers} vocab={args.vocab} "
+          f"batch={args.batch} seq={args.seq} K={args.K} r={args.r} dtype={args.dtype} device={dev} "
+          f"threads={torch.get_num_threads()}")
+
+    # (a) one active subspace of K vs a plain single LoRA of the same rank
+    mk = copy.deepcopy(base)
+    lora.apply_lora(mk, args.K * args.r, 2.0 * args.K * args.r, num_subspaces=args.K, dropout=args.dropout)
+    lora.set_active(mk, args.K // 2)
+    m1 = copy.deepcopy(base)
+    lora.apply_lora(m1, args.r, 2.0 * args.r, num_subspaces=1, dropout=args.dropout)
+    ta, t1 = timeit([train_step_fn(mk, ids, labels), train_step_fn(m1, ids, labels)], args.repeats, args.warmup, dev)
+    print(f"(a) train step: K={args.K} one active {ta * 1e3:.2f} ms | single LoRA r={args.r} {t1 * 1e3:.2f} ms | "
+          f"ratio {ta / t1:.3f} (target <= 1.05)")
+
+    # (b) inference: K soft-routed subspaces per sample vs one merged LoRA
+    with torch.no_grad():
+        for m in lora.lora_modules(mk).values():
+            for p in m.B:
+                p.normal_(0, 0.01)
+    mk.eval()
+    alpha = torch.softmax(torch.randn(args.batch, args.K) / 0.05, -1)
+    lora.set_routing(mk, alpha)
+    mm = copy.deepcopy(m1).eval()
+    lora.merge(mm, torch.ones(1))
+
+    def fwd(model):
+        def f():
+            with torch.no_grad():
+                model(ids)
+        return f
+    tr, tm = timeit([fwd(mk), fwd(mm)], args.repeats, args.warmup, dev)
+    print(f"(b) inference forward: K={args.K} soft-routed {tr * 1e3:.2f} ms | merged {tm * 1e3:.2f} ms | "
+          f"ratio {tr / tm:.3f} (target <= 1.15)")
+    if hasattr(mk, "generate"):
+        prompt = ids[:, : min(16, args.seq)]
+
+        def gen(model):
+            def f():
+                with torch.no_grad():
+                    model.generate(prompt, max_new_tokens=16, eos_token_id=-1)
+            return f
+        gr, gm = timeit([gen(mk), gen(mm)], max(3, args.repeats // 3), 1, dev)
+        print(f"    generate 16 tokens (KV cache): routed {gr * 1e3:.2f} ms | merged {gm * 1e3:.2f} ms | "
+              f"ratio {gr / gm:.3f}")
+
+    # (c) ours vs peft on the same model
+    if args.skip_peft:
+        return
+    try:
+        import peft
+    except ImportError:
+        print("(c) peft not installed: skipped")
+        return
+    mp = copy.deepcopy(base)
+    for p in mp.parameters():
+        p.requires_grad_(False)
+    cfg = peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
+                          target_modules=r"lm\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)")
+    mp = peft.inject_adapter_in_model(cfg, mp)
+    for n, p in mp.named_parameters():
+        p.requires_grad_("lora_" in n)
+    n_ours = sum(p.numel() for p in m1.parameters() if p.requires_grad)
+    n_peft = sum(p.numel() for p in mp.parameters() if p.requires_grad)
+    assert n_ours == n_peft, (n_ours, n_peft)
+    to, tp = timeit([train_step_fn(m1, ids, labels), train_step_fn(mp, ids, labels)], args.repeats, args.warmup, dev)
+    print(f"(c) train step: ours {to * 1e3:.2f} ms | peft {tp * 1e3:.2f} ms | ratio {to / tp:.3f} (target <= 1.0)")
+
+
+if __name__ == "__main__":
+    main()
