@@ -11,6 +11,15 @@ import torch
 import federate as fd
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Toy-sized matmuls gain nothing from threads, and oversubscribed threads on a busy 2-core runner cost ~30x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------------------------------------
 # client sampling
 
