@@ -647,3 +647,31 @@ def test_meta_device_build_holds_one_copy(llava_llama):
     assert not any(p.is_meta for p in m.parameters())
     ptrs = {p.data_ptr() for p in m.parameters()}
     assert len(ptrs) == len(list(m.parameters()))
+
+
+def test_bf16_autocast_and_from_scratch(llava_llama):
+    """bf16 autocast training step runs and stays close to fp32; a VLM built from a config saves and reloads."""
+    hf, d = llava_llama
+    m = M.load_vlm(d).train()
+    ids = prompt_ids(2, 6, 16, 190, 190, seed=5)
+    labels = ids.masked_fill(ids == 190, -100)
+    px = torch.randn(2, 3, 32, 32)
+    ref = m.loss(ids, labels, px).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m.loss(ids, labels, px)
+    loss.backward()
+    assert abs(loss.item() - ref) < 0.05 and m.lm.layers[0].mlp.up_proj.weight.grad is not None
+    cfg = M.VLMConfig(text=M.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64),
+                      vision=M.VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=16, patch_size=8),
+                      image_token_index=63)
+    torch.manual_seed(0)
+    m = M.VLM(cfg).eval()
+    import tempfile
+    with tempfile.TemporaryDirectory() as t:
+        M.save_vlm(m, t)
+        m2 = M.load_vlm(t)
+    ids = torch.tensor([[1, 5] + [63] * m.image_seq_len + [7, 8]])
+    px = torch.randn(1, 3, 16, 16)
+    assert torch.equal(m(ids, px), m2(ids, px))
