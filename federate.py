@@ -743,7 +743,7 @@ class Federation:
                         reg = self._penalty(names, ref, slot, stage)
                         total = loss.float() + (reg.float() if reg is not None else 0.0)
                         if not torch.isfinite(total):
-                            bad = float(total)
+                            bad = float(total.detach())
                             break
                         losses.append(float(loss.detach()))
                         total = total / acc

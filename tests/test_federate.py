@@ -375,3 +375,236 @@ def test_mechanism_disco_vs_finetune():
     assert accs[1]["A"] >= accs[0]["A"] - 0.1                                       # DISCO keeps it
     assert accs_ft[1]["A"] <= accs_ft[0]["A"] - 0.5                                  # Finetune forgets
     assert accs[1]["B"] >= 0.5
+
+
+# ----------------------------------------------------------------------------------------------------
+# SSA weights
+
+
+def test_ssa_weights_hand_computed():
+    m, tok = tiny_model()
+    fed = fd.Federation(m, tok, None, tiny_cfg(method="disco", num_subspaces=4, rank=16))
+    fed.keys = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0], [5.0, 5.0]])
+    fed.sizes = torch.tensor([3.0, 1.0, 0.0, 0.0], dtype=torch.float64)       # slots 2, 3 empty
+    f = torch.tensor([[1.0, 0.5], [0.0, -1.0]])
+    a = fed.routing_weights(f)
+    c = torch.tensor([1 / math.sqrt(1.25), 0.5 / math.sqrt(1.25)])
+    e = torch.exp(c / 0.05)
+    assert a.dtype == torch.float32 and a.shape == (2, 4)
+    assert torch.allclose(a[0], torch.tensor([e[0] / e.sum(), e[1] / e.sum(), 0.0, 0.0]), atol=1e-6)
+    e2 = torch.exp(torch.tensor([0.0, -1.0]) / 0.05)
+    assert torch.allclose(a[1], torch.tensor([e2[0] / e2.sum(), e2[1] / e2.sum(), 0, 0]), atol=1e-6)
+    assert torch.equal(fed.routing_weights(f, "argmax"), torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0]]))
+    assert torch.equal(fed.routing_weights(f, "concat"), torch.tensor([[1.0, 1, 0, 0], [1.0, 1, 0, 0]]))
+    assert torch.allclose(fed.routing_weights(f, "cosine"), torch.tensor([[c[0], c[1], 0, 0], [0, -1.0, 0, 0]]))
+    fed.keys = None
+    assert torch.equal(fed.routing_weights(f), torch.zeros(2, 4))            # before training: base model
+
+
+# ----------------------------------------------------------------------------------------------------
+# engine behaviour: accounting, bad clients, resume, aggregators, methods
+
+
+def test_warmup_schedule_like_transformers():
+    # get_cosine_schedule_with_warmup: step 0 of a warmup has lr 0, so a client with a single optimizer step does
+    # not move (as in the official code); steps >= 2 do.
+    assert fd.cosine_warmup(0, 1, 1) == 0.0 and fd.cosine_warmup(1, 2, 1) == 1.0
+    assert fd.cosine_warmup(5, 10, 0) == pytest.approx(0.5) and fd.cosine_warmup(2, 100, 4) == 0.5
+
+
+def test_round_accounting_and_log():
+    m, tok = tiny_model()
+    fed = fd.Federation(m, tok, None, tiny_cfg(method="disco", local_epochs=1))
+    rec = fed.run_round(0, 0, client_data_for("A", 0, 0, n=10))
+    sub = lora.subspace_bytes(fed.model, 0)
+    assert rec["clients"] == fd.sample_clients(4, 2, 0, 0, 0) and rec["opened"] == [0]
+    for c in rec["per_client"]:
+        assert c["n"] == 10 and c["slot"] == 0 and c["steps"] == 2 and c["time_s"] > 0
+        assert c["bytes_up"] == sub + 64 * 4                  # subspace 0 + the identity token (float32, D=64)
+        assert c["bytes_down"] == sub
+        assert c["trainable_params"] == sub // 4
+    assert rec["bytes_up"] == 2 * (sub + 256) and rec["samples"] == 20 and math.isfinite(rec["loss"])
+    assert fed.state_dict()[1]["slot_data"] == {"0": {"A": 20}}
+
+
+def test_bad_clients_excluded_and_renormalised(monkeypatch):
+    m, tok = tiny_model()
+    fed = fd.Federation(m, tok, None, tiny_cfg(method="finetune", local_epochs=1))
+    sel = fd.sample_clients(4, 2, 0, 0, 0)
+    good = task_examples("A", 12, 3)
+    # position 0 has no data: the round equals training position 1 alone (weight renormalised to 1)
+    rec = fed.run_round(0, 0, lambda p, c: [] if p == 0 else good)
+    assert rec["dropped"] == [{"client": sel[0], "position": 0, "reason": "empty client data"}]
+    alone = fd.Federation(*tiny_model(), None, tiny_cfg(method="finetune", local_epochs=1))
+    u = alone._local_train(good, 0, 0, 0, 1, sel[1])
+    for n, t in u["state"].items():
+        assert torch.allclose(fed.global_state[n], t, atol=1e-7)
+    # a NaN loss: excluded with its reason, the global model stays finite and unchanged by it
+    before = {k: v.clone() for k, v in fed.global_state.items()}
+    orig = fed.model.loss
+
+    def nan_loss(*a, **k):
+        out = orig(*a, **k)
+        return out * float("nan") if k.get("labels", a[1] if len(a) > 1 else None) is not None and \
+            fed._nan_now else out
+    fed._nan_now = True
+    monkeypatch.setattr(fed.model, "loss", nan_loss)
+    rec = fed.run_round(0, 1, client_data_for("A", 0, 1))
+    assert {d["reason"] for d in rec["dropped"]} == {"non-finite training loss (nan)"} and len(rec["dropped"]) == 2
+    assert all(torch.equal(before[k], v) for k, v in fed.global_state.items())
+    assert rec["loss"] is None and fd.finite_state(fed.global_state)
+
+
+def test_resume_is_exact():
+    cfg = tiny_cfg(method="disco", aggregator="fedadam", server_lr=0.01, local_epochs=1, dropout=0.05)
+    a = fd.Federation(*tiny_model(), None, cfg)
+    for r in range(2):
+        a.run_round(0, r, client_data_for("A", 0, r, n=12))
+    tensors, meta = a.state_dict()
+    import json
+    meta = json.loads(json.dumps(meta))                        # JSON round trip, as fcit.py stores it
+    b = fd.Federation(*tiny_model(), None, cfg)
+    b.load_state_dict(tensors, meta)
+    a.end_stage(0), b.end_stage(0)
+    ra = a.run_round(1, 0, client_data_for("B", 1, 0, n=12))
+    rb = b.run_round(1, 0, client_data_for("B", 1, 0, n=12))
+    assert ra["assignments"] == rb["assignments"] == {"0": 1, "1": 1}
+    ta, tb = a.state_dict()[0], b.state_dict()[0]
+    assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    with pytest.raises(ValueError):
+        fd.Federation(*tiny_model(), None, tiny_cfg(method="finetune")).load_state_dict(tensors, meta)
+
+
+@pytest.mark.parametrize("agg,extra", [("fedprox", {}), ("fedavgm", {}), ("fedadagrad", {}), ("fedadam", {}),
+                                       ("fedyogi", {}), ("fedavg", {"lora_avg": "product"})])
+def test_every_aggregator_runs_with_disco(agg, extra):
+    fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="disco", aggregator=agg, local_epochs=1, **extra))
+    g0 = {k: v.clone() for k, v in fed.global_state.items()}
+    rec = fed.run_round(0, 0, client_data_for("A", 0, 0, n=12))
+    assert not rec["dropped"] and fd.finite_state(fed.global_state)
+    changed = [k for k in g0 if not torch.equal(g0[k], fed.global_state[k])]
+    assert changed and all(k.endswith(".0") for k in changed)          # only subspace 0 was trained
+    if agg not in ("fedavg", "fedprox"):
+        assert fed.opt.m                                                # server optimizer state exists
+
+
+def test_fedprox_pulls_towards_global():
+    ex = task_examples("A", 16, 1)
+    far = []
+    for mu in (0.0, 100.0):
+        fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="fedit", aggregator="fedprox", prox_mu=mu, local_epochs=2))
+        u = fed._local_train(ex, 0, 0, 0, 0, 0)
+        far.append(sum(float((u["state"][n] - fed.global_state[n]).norm() ** 2) for n in u["state"]))
+    assert far[1] < far[0]
+
+
+def test_olora_one_subspace_per_stage_and_penalty():
+    cfg = tiny_cfg(method="olora", rounds=1, local_epochs=2, olora_lambda=1.0)
+    fed = fd.Federation(*tiny_model(), None, cfg)
+    accs, logs, _ = run_two_tasks(fed)
+    assert [c["slot"] for c in logs[0]["per_client"]] == [0, 0] and [c["slot"] for c in logs[1]["per_client"]] == [1, 1]
+    assert fed.stage_slot == {0: 0, 1: 1}
+    assert logs[1]["per_client"][0]["bytes_down"] == 2 * lora.subspace_bytes(fed.model, 0)   # old one is needed
+    ov = lora.subspace_overlap(fed.model)
+    assert float(ov[0, 1]) < 0.5
+    with pytest.raises(fd.CapacityError):
+        fed.run_round(2, 0, client_data_for("A", 2, 0))
+
+
+def test_ewc_consolidates_fisher():
+    fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="ewc", rounds=2, local_epochs=1, ewc_lambda=10.0))
+    for r in range(2):
+        rec = fed.run_round(0, r, client_data_for("A", 0, r, n=12))
+    assert rec["per_client"][0]["bytes_up"] > 2 * lora.subspace_bytes(fed.model, 0) - 1     # Fisher uploaded
+    info = fed.end_stage(0)
+    assert set(fed.ewc_F) == set(fed.slot_names(0)) and info["fisher_mean"] > 0
+    assert all(torch.equal(fed.ewc_star[n], fed.global_state[n]) for n in fed.ewc_F)
+    rec = fed.run_round(1, 0, client_data_for("B", 1, 0, n=12))
+    assert math.isfinite(rec["loss"]) and rec["per_client"][0]["bytes_down"] == 3 * lora.subspace_bytes(fed.model, 0)
+
+
+def test_moelora_trains_experts_and_router():
+    fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="moelora", local_epochs=3))
+    g0 = {k: v.clone() for k, v in fed.global_state.items()}
+    rec = fed.run_round(0, 0, client_data_for("A", 0, 0, n=12))
+    changed = {k for k in g0 if not torch.equal(g0[k], fed.global_state[k])}
+    assert any(k.endswith("router.weight") for k in changed) and any(k.endswith(".B.1") for k in changed)
+    assert rec["per_client"][0]["trainable_params"] == sum(v.numel() for v in g0.values())
+    assert len(fed.predict(task_examples("A", 3, 0))) == 3
+
+
+def test_zeroshot_mtl_local():
+    z = fd.Federation(*tiny_model(), None, tiny_cfg(method="zeroshot"))
+    assert z.run_round(0, 0, client_data_for("A", 0, 0))["skipped"] and z.global_state == {}
+    assert len(z.predict(task_examples("A", 2, 0))) == 2
+    calls = []
+    mtl = fd.Federation(*tiny_model(), None, tiny_cfg(method="mtl", local_epochs=1))
+    rec = mtl.run_round(0, 0, lambda p, c: calls.append((p, c)) or task_examples("A", 8, 0) + task_examples("B", 8, 0))
+    assert calls == [(None, None)] and rec["clients"] == [-1] and rec["samples"] == 16
+    loc = fd.Federation(*tiny_model(), None, tiny_cfg(method="local", local_epochs=2))
+    g0 = {k: v.clone() for k, v in loc.global_state.items()}
+    rec = loc.run_round(0, 0, client_data_for("A", 0, 0, n=8))
+    assert loc.local_clients() == sorted(rec["clients"])
+    assert all(torch.equal(g0[k], loc.global_state[k]) for k in g0)      # nothing is aggregated
+    c0, c1 = loc.local_clients()
+    assert not torch.equal(loc.local_states[c0][loc.slot_names(0)[1]], loc.local_states[c1][loc.slot_names(0)[1]])
+    assert len(loc.predict(task_examples("A", 2, 0), client=c0)) == 2
+    with pytest.raises(ValueError):
+        loc.predict(task_examples("A", 2, 0))
+
+
+def test_disco_orthogonal_subspaces():
+    fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="disco", orthogonal_subspaces=True, rounds=1, local_epochs=2))
+    run_two_tasks(fed)
+    assert fed.open_order == [0, 1]
+    assert float(lora.subspace_overlap(fed.model, reduce="max")[0, 1]) < 1e-4
+
+
+def test_disco_with_clip_text_encoder():
+    from tokenizers import AddedToken
+    m, tok = tiny_model()
+    ctok = copy.deepcopy(tok)
+    ctok.tok.add_special_tokens([AddedToken("<|startoftext|>", special=True), AddedToken("<|endoftext|>", special=True)])
+    ctok.bos_id, ctok.eos_id = ctok.tok.token_to_id("<|startoftext|>"), ctok.tok.token_to_id("<|endoftext|>")
+    ccfg = vlm.CLIPTextConfig(vocab_size=len(ctok), hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                              num_attention_heads=4, max_position_embeddings=77, projection_dim=16, pad_token_id=0,
+                              bos_token_id=ctok.bos_id, eos_token_id=ctok.eos_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tower = vlm.CLIPTextTower(ccfg).eval()
+    fed = fd.Federation(m, tok, None, tiny_cfg(method="disco", rounds=1, local_epochs=1), text_encoder=(tower, ctok))
+    f = fed.identity_features(task_examples("A", 3, 0) + task_examples("B", 3, 0))
+    assert f.shape == (6, 48)                                  # pooled, unprojected (§4.1)
+    _, logs, tests = run_two_tasks(fed)
+    assert fed.keys.shape == (2, 48) and fed.open_order == [0, 1]
+    assert fed.routing_accuracy(tests) == 1.0
+
+
+def test_image_identity_and_projector_averaged(tmp_path):
+    from PIL import Image
+    tok = make_tokenizer()
+    text = vlm.DecoderConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                             pad_token_id=3)
+    vis = vlm.VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        m = vlm.VLM(vlm.VLMConfig(text=text, vision=vis, image_token_index=4)).eval()
+    paths = []
+    for i, col in enumerate([(255, 0, 0), (0, 0, 255)]):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (20, 16), col).save(p)
+        paths.append(str(p))
+    exs = lambda k: [data.Example("A", "please tell me the color of this fruit : apple", "red", image=paths[k], qid=i)
+                     for i in range(6)]
+    fed = fd.Federation(m, tok, vlm.ImageProcessor.clip(16), tiny_cfg(method="disco", identity="image", local_epochs=3,
+                                                                       tau=0.99), text_encoder=None)
+    p0 = {n: fed.global_state[n].clone() for n in fed.proj_names}
+    rec = fed.run_round(0, 0, lambda p, c: exs(p))
+    assert fed.keys.shape == (2, 16) and rec["opened"] == [0, 1]           # red and blue images: two identities
+    assert fed.proj_names and all(not torch.equal(p0[n], fed.global_state[n]) for n in fed.proj_names)
+    sub = lora.subspace_bytes(fed.model, 0)
+    proj = sum(fed.global_state[n].numel() * 4 for n in fed.proj_names)
+    assert rec["per_client"][0]["bytes_up"] == sub + proj + 16 * 4
+    assert len(fed.predict(exs(0)[:2] + exs(1)[:2])) == 4
