@@ -6,6 +6,7 @@ Also measures this machine's fp32 GEMM rate and prints the fraction of it our st
 
     python bench/model_speed.py [--hidden 256 --layers 4 --seq 256 --batch 2 --steps 7 --device cpu]
 
+Time: median wall-clock step, plus process CPU time (robust when other jobs share the machine; on CPU only).
 Memory: on CUDA the allocator peak; on CPU the bytes saved for backward (autograd saved-tensor hooks, de-duplicated
 by storage, parameters excluded) -- the activation memory, which is what differs between implementations.
 """
@@ -27,11 +28,12 @@ def gemm_rate(device, n=2048, reps=10):
     for _ in range(3):
         a @ b
     sync(device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(reps):
         a @ b
     sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    f = 2 * n ** 3 * reps
+    return f / (time.perf_counter() - t), f / (time.process_time() - c)
 
 
 def sync(device):
@@ -78,14 +80,15 @@ def measure(fns, params, device, steps):
     for fn in fns.values():
         for _ in range(2):
             fn().backward()
-    times = {k: [] for k in fns}
+    times, cpu = {k: [] for k in fns}, {k: [] for k in fns}
     for _ in range(steps):
         for k, fn in fns.items():
             sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn().backward()
             sync(device)
             times[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
     res = {}
     for k, fn in fns.items():
         if device.type == "cuda":
@@ -95,8 +98,8 @@ def measure(fns, params, device, steps):
             loss = fn()
         loss.backward()
         peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else None
-        ts = sorted(times[k])
-        res[k] = (ts[len(ts) // 2], sb.bytes, peak, times[k])
+        ts, cs = sorted(times[k]), sorted(cpu[k])
+        res[k] = (ts[len(ts) // 2], sb.bytes, peak, times[k], cs[len(cs) // 2])
     return res
 
 
@@ -111,9 +114,12 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -141,7 +147,7 @@ def main():
           f"vocab {a.vocab}, batch {a.batch} x seq {a.seq}, fp32, device {device}, threads {torch.get_num_threads()}")
     print(f"max |dlogits| ours vs transformers: {d:.2e}")
 
-    rate = gemm_rate(device)
+    rate, cpu_rate = gemm_rate(device)
     P = sum(p.numel() for n, p in ours.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
     tok = a.batch * a.seq
     attn = 4 * a.batch * a.seq ** 2 * a.hidden * a.layers            # QK^T + PV, forward, no causal discount
@@ -154,17 +160,18 @@ def main():
     res = measure({k: step_fn(k, m, ids, labels) for k, m in models.items()},
                   {k: list(m.parameters()) for k, m in models.items()}, device, a.steps)
     paired = sorted(o / h for o, h in zip(res["ours"][3], res["hf"][3]))
-    print(f"fp32 GEMM rate ({2048}^3): {rate / 1e9:.1f} GFLOP/s")
-    print(f"{'impl':<34}{'step ms':>9}{'saved MB':>10}{'peak MB':>9}{'GFLOP/s':>9}{'of GEMM':>8}")
+    print(f"fp32 GEMM rate (2048^3): {rate / 1e9:.1f} GFLOP/s wall, {cpu_rate / 1e9:.1f} GFLOP/s per CPU-second")
+    print(f"{'impl':<34}{'step ms':>9}{'cpu ms':>8}{'saved MB':>10}{'peak MB':>9}{'GFLOP/s':>9}{'of GEMM':>8}"
+          f"{'(cpu)':>7}")
     names = {"hf": "transformers LlamaForCausalLM", "ours": "fcit model.loss (supervised head)",
              "ours_full": "fcit full logits + CE"}
-    for k, (t, saved, peak, _) in res.items():
+    for k, (t, saved, peak, _, c) in res.items():
         pk = f"{peak / 2**20:9.1f}" if peak is not None else f"{'n/a':>9}"
-        print(f"{names[k]:<34}{t * 1e3:9.1f}{saved / 2**20:10.1f}{pk}{flops[k] / t / 1e9:9.1f}"
-              f"{flops[k] / t / rate:8.0%}")
-    print(f"ratio time ours/transformers: {res['ours'][0] / res['hf'][0]:.2f} (loss; median of paired ratios "
-          f"{paired[len(paired) // 2]:.2f}), "
-          f"{res['ours_full'][0] / res['hf'][0]:.2f} (full logits)")
+        print(f"{names[k]:<34}{t * 1e3:9.1f}{c * 1e3:8.1f}{saved / 2**20:10.1f}{pk}{flops[k] / t / 1e9:9.1f}"
+              f"{flops[k] / t / rate:8.0%}{flops[k] / c / cpu_rate:7.0%}")
+    print(f"ratio time ours/transformers: wall {res['ours'][0] / res['hf'][0]:.2f} (loss; median of paired ratios "
+          f"{paired[len(paired) // 2]:.2f}), {res['ours_full'][0] / res['hf'][0]:.2f} (full logits); "
+          f"cpu {res['ours'][4] / res['hf'][4]:.2f} (loss), {res['ours_full'][4] / res['hf'][4]:.2f} (full logits)")
     print(f"ratio saved-activation bytes ours/transformers: {res['ours'][1] / res['hf'][1]:.2f} (loss), "
           f"{res['ours_full'][1] / res['hf'][1]:.2f} (full logits)")
 
