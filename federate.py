@@ -17,6 +17,21 @@ One engine runs every method of FCIT (Guo et al., ICCV 2025, arXiv 2503.12897) a
 Any aggregator works with any method: FedAvg, FedProx (Li et al. 2020), FedAvgM (Hsu et al. 2019) and the
 adaptive server optimisers FedAdagrad / FedAdam / FedYogi (Reddi et al., ICLR 2021, Algorithm 2).
 
+A round (Federation.run_round): sample the clients (seeded per stage/round, §1.2); DISCO only: every client
+uploads its identity token (mean frozen-encoder feature of its instructions, §4.1) and the server assigns it
+a subspace against the global keys (organize, §4.4); each client trains from the global state (§4.3);
+screen_clients drops empty / non-finite clients; the server aggregates each subspace over its clients and
+the projector over all (aggregate), then updates the keys (update_keys). Inference: predict, with SSA
+routing per sample for DISCO (§4.5). Under torchrun the clients of a round are split over ranks.
+
+Differences from the official DISCO code (fcit_paper.md §4.7, §7), all deliberate: subspaces are assigned
+before local training from the frozen-encoder identity tokens, in every round, against the global keys (the
+paper's description; the official code clusters round 0 after training, copies slot 0 into the clusters'
+slots in stage 1 and can discard mismatched updates); the key update is the correct running mean (not the
+precedence bug); clusters never overlap and a small client is never dropped; more clusters than subspaces
+is a CapacityError; keys are float32 and sizes float64 (not bf16); SSA weights are fp32 per sample with
+empty slots at exactly 0.
+
 Section numbers "§x.y" refer to /work/shared/research/fcit_paper.md (the engineering spec of the paper and the
 official code Ghy0501/FCIT@9b10259). Where we differ from the official code, the docstring says so and why.
 """
@@ -98,6 +113,7 @@ class FedConfig:
     gradient_checkpointing: bool = False
     lora_targets: tuple = ("gate_proj", "up_proj", "down_proj")   # §4.2: MLP only
     train_projector: bool = True         # §4.3: FCIT trains and averages mm_projector
+    train_on_inputs: bool = False        # supervise the prompt too (Shepherd's default for FedIT)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -490,9 +506,6 @@ def _nbytes(state: dict) -> int:
 # the engine
 
 
-SINGLE = ("finetune", "ewc", "fedit", "local", "mtl")      # one LoRA subspace, trained every stage
-
-
 class Federation:
     """Server + simulated clients for one method (see the module docstring), on one model.
 
@@ -545,7 +558,7 @@ class Federation:
         self.local_states: dict[int, dict[str, torch.Tensor]] = {}
         self.last = None                                              # (stage, round) of the last run_round
         self.rank, self.world = dist_info()
-        self._feat_cache: dict = {}
+        self._collators: dict = {}
 
     # ---------------------------------------------------------------- names, loading
     def slot_names(self, j: int) -> list[str]:
@@ -573,13 +586,6 @@ class Federation:
         return 0
 
     # ---------------------------------------------------------------- batching
-    def _encode(self, ex, with_answer: bool):
-        image_seq_len = getattr(self.model, "image_seq_len", 0) if ex.image else 0
-        return vlm.encode_example(self.tok, ex.instruction, ex.answer if with_answer else None,
-                                  template=self.cfg.template, image_seq_len=image_seq_len,
-                                  image_token_id=getattr(self.tok, "image_token_id", None),
-                                  max_length=self.cfg.max_length)
-
     def _pixels(self, examples):
         if self.improc is None or not any(ex.image for ex in examples):
             return None
@@ -587,20 +593,18 @@ class Federation:
             raise ValueError("a batch mixes examples with and without images; batch them separately")
         return self.improc([data.load_image(ex.image) for ex in examples]).to(self.device)
 
-    def _collate(self, examples, with_answer=True, left_pad=False):
-        """Right-padded training batch (input_ids, labels, attention_mask, pixel_values) or, with
-        with_answer=False, a left-padded generation prompt batch."""
-        enc = [self._encode(ex, with_answer) for ex in examples]
-        T = max(len(ids) for ids, _ in enc)
-        pad = self.tok.pad_id if self.tok.pad_id is not None else 0
-        ids = torch.full((len(enc), T), pad, dtype=torch.long)
-        lab = torch.full((len(enc), T), -100, dtype=torch.long)
-        att = torch.zeros((len(enc), T), dtype=torch.long)
-        for i, (x, y) in enumerate(enc):
-            sl = slice(T - len(x), T) if left_pad else slice(0, len(x))
-            ids[i, sl], lab[i, sl], att[i, sl] = torch.tensor(x), torch.tensor(y), 1
-        return {"input_ids": ids.to(self.device), "labels": lab.to(self.device),
-                "attention_mask": att.to(self.device), "pixel_values": self._pixels(examples)}
+    def _collate(self, examples, with_answer=True):
+        """data.Collator: right-padded training batch (answer + end token supervised; the prompt too with
+        train_on_inputs, Shepherd's default) or, with with_answer=False, a left-padded generation batch."""
+        key = bool(with_answer)
+        if key not in self._collators:
+            self._collators[key] = data.Collator(
+                self.tok, self.improc, template=self.cfg.template,
+                image_seq_len=getattr(self.model, "image_seq_len", 0) if self.improc is not None else 0,
+                image_token_id=getattr(self.tok, "image_token_id", None), max_length=self.cfg.max_length,
+                train=key, train_on_inputs=self.cfg.train_on_inputs)
+        b = self._collators[key](examples)
+        return {k: (v.to(self.device) if v is not None else None) for k, v in b.items()}
 
     def _autocast(self):
         if self.device.type == "cuda" and self.cfg.dtype in ("bfloat16", "float16"):
@@ -715,7 +719,9 @@ class Federation:
         gradient checkpointing. Trains the method's LoRA parameters and the projector. Returns the upload."""
         cfg, model = self.cfg, self.model
         t0 = time.perf_counter()
-        self._load(self.global_state if start is None else start)
+        self._load(self.global_state)
+        if start is not None:
+            self._load(start)      # method 'local': the client's own adapter
         names = self._configure(slot, True)
         params = [self._params[n] for n in names]
         n_trainable = sum(p.numel() for p in params)
@@ -1030,23 +1036,17 @@ class Federation:
         model = self.model
         model.eval()
         out: list[str | None] = [None] * len(examples)
-        # batch examples with and without images separately, keep order
-        groups = {}
-        for i, ex in enumerate(examples):
-            groups.setdefault(bool(ex.image), []).append(i)
-        for idx in groups.values():
-            for b in range(0, len(idx), batch_size):
-                ii = idx[b:b + batch_size]
-                chunk = [examples[i] for i in ii]
-                batch = self._collate(chunk, with_answer=False, left_pad=True)
-                if alpha is not None:
-                    lora.set_routing(model, alpha[ii])
-                with self._autocast():
-                    gen = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                         pixel_values=batch["pixel_values"], max_new_tokens=self.cfg.max_new_tokens,
-                                         eos_token_id=self.tok.eos_id)
-                for i, g in zip(ii, gen):
-                    out[i] = self.tok.decode(list(g), skip_special_tokens=True).strip()
+        for b in range(0, len(examples), batch_size):
+            chunk = examples[b:b + batch_size]
+            batch = self._collate(chunk, with_answer=False)
+            if alpha is not None:
+                lora.set_routing(model, alpha[b:b + batch_size])
+            with self._autocast():
+                gen = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     pixel_values=batch["pixel_values"], max_new_tokens=self.cfg.max_new_tokens,
+                                     eos_token_id=self.tok.eos_id)
+            for k, g in enumerate(gen):
+                out[b + k] = self.tok.decode(list(g), skip_special_tokens=True).strip()
         return out
 
     def routing_accuracy(self, examples_by_task: dict) -> float | None:
