@@ -64,7 +64,8 @@ _LLAVA_VISION_DEFAULT = dict(model_type="clip_vision_model", hidden_size=1024, i
 
 
 def _pick(d: dict, defaults: dict) -> dict:
-    return {k: (d[k] if d.get(k) is not None else v) for k, v in defaults.items()}
+    """Config fields present in d, transformers' default otherwise (an explicit null token id stays null)."""
+    return {k: d[k] if k in d and (d[k] is not None or k.endswith("token_id")) else v for k, v in defaults.items()}
 
 
 @dataclass
@@ -177,7 +178,7 @@ class CLIPTextConfig:
         if d.get("model_type") == "clip":   # full CLIPModel config: nested text config (old files: text_config_dict)
             top = d
             d = dict(d.get("text_config") or d.get("text_config_dict") or {})
-            d.setdefault("projection_dim", top.get("projection_dim"))
+            d["projection_dim"] = top.get("projection_dim", 512)   # CLIPModel's text_projection uses the top level
         elif d.get("model_type") not in (None, "clip_text_model"):
             raise ValueError(f"unknown CLIP text model_type {d.get('model_type')!r}; expected 'clip' or 'clip_text_model'")
         return cls(**_pick(d, asdict(cls())))
@@ -197,9 +198,8 @@ class VLMConfig:
     @classmethod
     def from_hf(cls, d: dict) -> "VLMConfig":
         """config.json of a llava-hf checkpoint (model_type "llava")."""
-        text = dict(d.get("text_config") or {})
-        if text.get("tie_word_embeddings") is None:   # LlavaConfig forwards tying from the top level
-            text["tie_word_embeddings"] = d.get("tie_word_embeddings", False)
+        text = dict(d.get("text_config") or {})   # transformers 5 ties if either level says so
+        text["tie_word_embeddings"] = bool(text.get("tie_word_embeddings") or d.get("tie_word_embeddings"))
         if d.get("multimodal_projector_bias") is False:
             raise NotImplementedError("multimodal_projector_bias=false is not supported")
         return cls(text=DecoderConfig.from_hf(text, text.get("model_type") or "llama"),
@@ -947,16 +947,6 @@ def load_clip_text(path: str, dtype=None, device=None):
         raise FileNotFoundError(f"{path}/config.json does not exist")
     c = CLIPTextConfig.from_hf(cfg)
     files = checkpoint_files(path)
-    has_proj = False
-    for p in files:   # key listing only (cheap for safetensors; .bin is read twice)
-        if p.endswith(".safetensors"):
-            from safetensors import safe_open
-            try:
-                has_proj |= "text_projection.weight" in safe_open(p, "pt").keys()
-            except Exception as e:
-                raise ValueError(f"{p}: cannot read safetensors file (truncated or corrupt?): {e}") from e
-        else:
-            has_proj |= any(k == "text_projection.weight" for k, _ in iter_tensors(p))
 
     def rename(k):   # CLIPModel: text_model.* (vision_model.* ignored); CLIPTextModel: with or without the prefix
         if k == "text_projection.weight":
@@ -966,8 +956,10 @@ def load_clip_text(path: str, dtype=None, device=None):
         return k if ok else None
 
     with torch.device("meta"):
-        tower = CLIPTextTower(c, projection=has_proj)
+        tower = CLIPTextTower(c)
     loaded, unexpected = load_weights(tower, files, rename=rename, dtype=dtype, device=device)
+    if "text_projection.weight" not in loaded:   # a CLIPTextModel without projection
+        tower.text_projection = None
     tower.load_info = _finish_load(tower, loaded, unexpected, f"load_clip_text({path})", optional=r"^$")
     return tower.eval(), Tokenizer.from_dir(path)
 

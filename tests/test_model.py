@@ -551,7 +551,8 @@ def test_clip_text_tower_pooling(eos, tf, tmp_path):
               patch_size=8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf = CLIPModel(CLIPConfig(text_config=tc, vision_config=vc, projection_dim=16)).eval()
+        hf = CLIPModel(CLIPConfig(text_config={**tc, "projection_dim": 512}, vision_config=vc,
+                                  projection_dim=16)).eval()   # the top-level projection_dim is the one used
     d = save(hf, tmp_path / "clip")
     make_llama_tokenizer(d)
     tower, tok = M.load_clip_text(d)
@@ -565,6 +566,17 @@ def test_clip_text_tower_pooling(eos, tf, tmp_path):
         assert (tower(ids, am, project=False) - ref.pooler_output).abs().max() <= 1e-5
         assert (tower(ids, am) - hf.text_projection(ref.pooler_output)).abs().max() <= 1e-5
     assert tower.encode_texts(tok, ["a cat", "two dogs on a mat"]).shape == (2, 16)
+    from transformers import CLIPTextModel                     # bare CLIPTextModel: no projection
+    torch.manual_seed(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_t = CLIPTextModel(hf.config.text_config).eval()
+    d2 = save(hf_t, tmp_path / "clip_text")
+    make_llama_tokenizer(d2)
+    tower2, _ = M.load_clip_text(d2)
+    assert tower2.text_projection is None
+    with torch.no_grad():
+        assert (tower2(ids, am) - hf_t(input_ids=ids, attention_mask=am).pooler_output).abs().max() <= 1e-5
 
 
 # ---------------------------------------------------------------------------------------------- broken inputs
