@@ -608,3 +608,18 @@ def test_image_identity_and_projector_averaged(tmp_path):
     proj = sum(fed.global_state[n].numel() * 4 for n in fed.proj_names)
     assert rec["per_client"][0]["bytes_up"] == sub + proj + 16 * 4
     assert len(fed.predict(exs(0)[:2] + exs(1)[:2])) == 4
+
+
+def test_grad_accumulation_and_checkpointing_are_equivalent():
+    ex = task_examples("A", 16, 2)
+    states = []
+    for kw in ({"batch_size": 8, "grad_accum": 1}, {"batch_size": 4, "grad_accum": 2},
+               {"batch_size": 8, "grad_accum": 1, "gradient_checkpointing": True}):
+        fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="fedit", local_epochs=2, max_grad_norm=0.0, **kw))
+        # the same permutation: two micro-batches of 4 hold the batch of 8 (equal supervised tokens each)
+        u = fed._local_train(ex, 0, 0, 0, 0, 0)
+        assert u["steps"] == 4 and not fed.model.gradient_checkpointing
+        states.append(u["state"])
+    for s in states[1:]:
+        for n in s:
+            assert torch.allclose(s[n], states[0][n], atol=1e-5), n
