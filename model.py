@@ -19,12 +19,11 @@ Internal parameter names (MF §1.5): `lm.` (embed_tokens, layers, norm), `lm_hea
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import re
 import warnings
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -194,6 +193,7 @@ class VLMConfig:
     projector_hidden_act: str = "gelu"
     layout: str = "llava-hf"      # where it was loaded from: "llava-hf" | "original" | "causal-lm"
     image_aspect_ratio: str | None = None   # original LLaVA config: "pad" -> pad images to square
+    vision_tower: str | None = None         # original layout: local CLIP directory the tower is read from
 
     @classmethod
     def from_hf(cls, d: dict) -> "VLMConfig":
@@ -743,15 +743,15 @@ def iter_tensors(path: str):
         from safetensors import safe_open
         try:
             f = safe_open(path, framework="pt")
-            keys = list(f.keys())
         except Exception as e:
             raise ValueError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
-        for k in keys:
-            try:
-                t = f.get_tensor(k)
-            except Exception as e:
-                raise ValueError(f"{path}: cannot read tensor {k!r} (truncated or corrupt?): {e}") from e
-            yield k, t
+        with f:
+            for k in list(f.keys()):
+                try:
+                    t = f.get_tensor(k)
+                except Exception as e:
+                    raise ValueError(f"{path}: cannot read tensor {k!r} (truncated or corrupt?): {e}") from e
+                yield k, t
         return
     try:
         try:
@@ -879,7 +879,8 @@ def load_config(path: str, vision_tower: str | None = None) -> VLMConfig:
                       image_token_index=ORIGINAL_IMAGE_TOKEN,
                       vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
                       vision_feature_select_strategy="default" if cfg.get("mm_vision_select_feature", "patch") == "patch"
-                      else "full", layout="original", image_aspect_ratio=cfg.get("image_aspect_ratio"))
+                      else "full", layout="original", image_aspect_ratio=cfg.get("image_aspect_ratio"),
+                      vision_tower=vt)
         mm = cfg.get("mm_hidden_size")
         n = len(c.vision_feature_layer) if isinstance(c.vision_feature_layer, list) else 1
         if mm is not None and mm != vcfg.hidden_size * n:
@@ -899,8 +900,7 @@ def load_vlm(path: str, vision_tower: str | None = None, dtype=None, device=None
     with torch.device("meta"):
         model = VLM(config)
     loaded, unexpected = load_weights(model, checkpoint_files(path), dtype=dtype, device=device)
-    vt = vision_tower or (config.layout == "original" and _read_json(os.path.join(path, "config.json"))
-                          .get("mm_vision_tower"))
+    vt = vision_tower or config.vision_tower
     if model.vision is not None and vt and not any(n.startswith("vision.") for n in loaded):
         load_weights(model, checkpoint_files(str(vt)), rename=_vision_dir_key, dtype=dtype, device=device,
                      loaded=loaded, unexpected=[])   # a CLIPModel file: text tower etc. are not ours
@@ -1164,7 +1164,7 @@ class ImageProcessor:
         return cls(size, crop, p.get("do_center_crop", not siglip),
                    p.get("image_mean", (0.5,) * 3 if siglip else OPENAI_CLIP_MEAN),
                    p.get("image_std", (0.5,) * 3 if siglip else OPENAI_CLIP_STD),
-                   p.get("resample", 2 if siglip else 3), p.get("rescale_factor", 1 / 255),
+                   p.get("resample", 3), p.get("rescale_factor", 1 / 255),
                    p.get("do_normalize", True), pad_to_square)
 
     def _one(self, img) -> np.ndarray:

@@ -687,3 +687,24 @@ def test_bf16_autocast_and_from_scratch(llava_llama):
     ids = torch.tensor([[1, 5] + [63] * m.image_seq_len + [7, 8]])
     px = torch.randn(1, 3, 16, 16)
     assert torch.equal(m(ids, px), m2(ids, px))
+
+
+@pytest.mark.parametrize("cfg", [
+    {"image_processor_type": "CLIPImageProcessor", "size": 28, "crop_size": 28},    # old openai CLIP format
+    {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 26}, "crop_size": {"height": 24, "width": 20},
+     "do_pad": True},
+    {"image_processor_type": "SiglipImageProcessor", "size": {"height": 30, "width": 30}},   # defaults elsewhere
+])
+def test_sparse_preprocessor_configs(cfg, tf, tmp_path):
+    from transformers import AutoImageProcessor
+    json.dump(cfg, open(tmp_path / "preprocessor_config.json", "w"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = AutoImageProcessor.from_pretrained(tmp_path)
+    ours = M.ImageProcessor.from_dir(tmp_path)
+    imgs = _images()
+    if cfg.get("do_pad"):   # LLaVA pad-to-square first; transformers' CLIP processor has no such step
+        assert ours.pad_to_square
+        ours.pad_to_square = False
+    want = torch.as_tensor(np.stack(ref(imgs, return_tensors="np")["pixel_values"]))
+    assert (ours(imgs) - want).abs().max() <= 1e-5
