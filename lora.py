@@ -155,6 +155,7 @@ class LoRALinear(nn.Module):
         self._cache = None                            # (key, A_cat, s*B_cat) when no gradient is needed
         self._rcache = None                           # (key, (A_sel, s*B_sel, gates)) for routed inference
         self._route_id = 0                            # bumped by set_routing
+        self.min_weight = 0.0                         # set_routing: skip subspaces with alpha <= this
 
     @property
     def dropout(self):
@@ -176,25 +177,28 @@ class LoRALinear(nn.Module):
     # ---- helpers
     def _cat(self):
         """A_cat (K r, in), s * B_cat (out, K r). Cached when no gradient is needed."""
-        need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in list(self.A) + list(self.B))
+        need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._ab())
         if need_grad:
             return torch.cat(list(self.A), 0), torch.cat(list(self.B), 1) * self.scaling
-        key = tuple((p.data_ptr(), p._version) for p in list(self.A) + list(self.B))
+        key = tuple([(p.data_ptr(), p._version) for p in self._ab()])
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 self._cache = (key, torch.cat(list(self.A), 0), torch.cat(list(self.B), 1) * self.scaling)
         return self._cache[1], self._cache[2]
 
+    def _ab(self):
+        """(A_0..A_{K-1}, B_0..B_{K-1}) read straight from the ParameterLists' dicts (fast; hot path)."""
+        return tuple(self.A._parameters.values()) + tuple(self.B._parameters.values())
+
     def _routed(self):
         """No-grad routed inference: (A_sel, s B_sel, gates) restricted to the subspaces that can contribute
         (B_j not all zero -- e.g. DISCO's empty slots -- and some alpha_j != 0); None if none can. Exact:
         the skipped terms are exact zeros. Cached on parameter versions and the routing call."""
-        params = list(self.A) + list(self.B)
-        key = (tuple((p.data_ptr(), p._version) for p in params), self._route_id)
+        key = (tuple([(p.data_ptr(), p._version) for p in self._ab()]), self._route_id)
         if self._rcache is None or self._rcache[0] != key:
             with torch.no_grad():
                 a = self.alpha
-                used = (a.abs().amax(0) if a.dim() == 2 else a.abs()) > 0
+                used = (a.abs().amax(0) if a.dim() == 2 else a.abs()) > self.min_weight
                 sel = [j for j in range(self.num_subspaces) if bool(used[j]) and bool(self.B[j].any())]
                 if not sel:
                     val = None
@@ -254,7 +258,7 @@ class LoRALinear(nn.Module):
         if mode == "routed":
             if self.alpha is None:
                 raise RuntimeError("routed mode without routing weights: call set_routing(model, alpha)")
-            if torch.is_grad_enabled() and any(p.requires_grad for p in list(self.A) + list(self.B)):
+            if torch.is_grad_enabled() and any(p.requires_grad for p in self._ab()):
                 A, Bs = self._cat()
                 h = F.linear(xl, A) * self._gates(self.alpha, xl)    # (..., K r)
                 out = F.linear(h, Bs)
@@ -404,16 +408,22 @@ def set_active(model, j):
             m.router.weight.requires_grad_(False)
 
 
-def set_routing(model, alpha):
+def set_routing(model, alpha, min_weight=0.0):
     """Inference with a weight per subspace (DISCO SSA, fcit_paper.md §4.5): alpha (K,) for every sample
     or (B, K) per sample (broadcast over tokens; the batch stays B during KV-cache generation). Stored in
-    fp32; requires_grad flags are not changed."""
+    fp32; requires_grad flags are not changed.
+
+    Without gradient, subspaces that cannot contribute are skipped exactly (B_j == 0, e.g. DISCO's empty
+    slots, or alpha_j == 0 for every sample). min_weight > 0 (opt-in, approximate) also skips subspace j
+    when alpha_j <= min_weight for every sample of the batch (softmax with temperature 0.05 is nearly
+    one-hot, so most subspaces carry weights ~1e-9)."""
     alpha = torch.as_tensor(alpha).detach().float()
     for m in _require(model).values():
         _check_not_merged(m)
         if alpha.shape[-1] != m.num_subspaces or alpha.dim() not in (1, 2):
             raise ValueError(f"alpha must be (K,) or (B, K) with K={m.num_subspaces}, got {tuple(alpha.shape)}")
         m.mode, m.alpha = "routed", alpha.to(m.A[0].device)
+        m.min_weight = float(min_weight)
         m._route_id += 1
 
 

@@ -41,8 +41,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+CLOCK = time.perf_counter
+
+
 def timeit(fns, repeats, warmup, device):
-    """Interleaved timing of several callables; returns the median seconds of each."""
+    """Interleaved timing of several callables; returns the median seconds of each (CLOCK: wall time, or
+    this thread's CPU time with --clock cpu, which is robust to other processes on a shared CPU when torch
+    runs single-threaded)."""
     for _ in range(warmup):
         for f in fns:
             f()
@@ -51,10 +56,10 @@ def timeit(fns, repeats, warmup, device):
     for _ in range(repeats):
         for i, f in enumerate(fns):
             sync(device)
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             f()
             sync(device)
-            times[i].append(time.perf_counter() - t0)
+            times[i].append(CLOCK() - t0)
     return [statistics.median(t) for t in times]
 
 
@@ -73,10 +78,10 @@ def train_step_fn(model, ids, labels, lr=1e-4):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--inter", type=int, default=688)
+    ap.add_argument("--hidden", type=int, default=192)   # tools/build_tiny_model.py tiny config
+    ap.add_argument("--inter", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
@@ -87,9 +92,16 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default; 1 with --clock cpu)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: thread CPU time with torch single-threaded (for a busy shared machine)")
     ap.add_argument("--skip-peft", action="store_true")
     args = ap.parse_args()
+    global CLOCK
+    if args.clock == "cpu":
+        if args.device != "cpu":
+            ap.error("--clock cpu needs --device cpu")
+        CLOCK, args.threads = time.thread_time, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = args.device
@@ -99,7 +111,7 @@ def main():
     labels = ids.clone()
     print(f"config: hidden={args.hidden} inter={args.inter} layers={args.layers} vocab={args.vocab} "
           f"batch={args.batch} seq={args.seq} K={args.K} r={args.r} dtype={args.dtype} device={dev} "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()} clock={args.clock}")
 
     # (a) one active subspace of K vs a plain single LoRA of the same rank
     mk = copy.deepcopy(base)
@@ -128,8 +140,35 @@ def main():
                 model(ids)
         return f
     tr, tm = timeit([fwd(mk), fwd(mm)], args.repeats, args.warmup, dev)
-    print(f"(b) inference forward: K={args.K} soft-routed {tr * 1e3:.2f} ms | merged {tm * 1e3:.2f} ms | "
-          f"ratio {tr / tm:.3f} (target <= 1.15)")
+    print(f"(b) inference forward: K={args.K} soft-routed (all {args.K} trained) {tr * 1e3:.2f} ms | merged "
+          f"{tm * 1e3:.2f} ms | ratio {tr / tm:.3f} (target <= 1.15)")
+    # DISCO mid-way: only half the slots trained (empty slots have B = 0 and are skipped exactly)
+    mh = copy.deepcopy(mk)
+    with torch.no_grad():
+        for m in lora.lora_modules(mh).values():
+            for p in m.B[args.K // 2:]:
+                p.zero_()
+    lora.set_routing(mh, alpha)
+    th, tm2 = timeit([fwd(mh), fwd(mm)], args.repeats, args.warmup, dev)
+    print(f"    same with {args.K // 2} of {args.K} slots trained (exact skip of B = 0): {th * 1e3:.2f} ms | "
+          f"merged {tm2 * 1e3:.2f} ms | ratio {th / tm2:.3f}")
+    # DISCO-like routing: a batch of one task, softmax(cos / 0.05) nearly one-hot; opt-in pruning of weights
+    # <= 1e-4 (approximate) keeps only the subspaces that matter for the batch
+    keys = torch.randn(args.K, 64)
+    feats = keys[1] + 0.3 * torch.randn(args.batch, 64)
+    a_disco = lora.route(feats, keys, "softmax", 0.05)
+    lora.set_routing(mk, a_disco, min_weight=1e-4)
+    with torch.no_grad():
+        pruned = mk(ids)
+        lora.set_routing(mk, a_disco)
+        full = mk(ids)
+    kept = int((a_disco.amax(0) > 1e-4).sum())
+    lora.set_routing(mk, a_disco, min_weight=1e-4)
+    tp_, tm3 = timeit([fwd(mk), fwd(mm)], args.repeats, args.warmup, dev)
+    print(f"    DISCO-like alpha, min_weight=1e-4 ({kept} of {args.K} kept, max |dlogits| "
+          f"{float((pruned - full).abs().max()):.1e}): {tp_ * 1e3:.2f} ms | merged {tm3 * 1e3:.2f} ms | "
+          f"ratio {tp_ / tm3:.3f}")
+    lora.set_routing(mk, alpha)
     if hasattr(mk, "generate"):
         prompt = ids[:, : min(16, args.seq)]
 

@@ -164,6 +164,64 @@ def test_routed_forward_per_sample_matches_hand_computation():
             torch.testing.assert_close(full[b:b + 1], model(x[b:b + 1]), atol=1e-5, rtol=1e-5)
 
 
+def test_routed_fast_path_skips_exactly_and_matches_grad_path():
+    model, wrapped = make()
+    randomize_lora(model)
+    model.eval()
+    m = wrapped["lm.layers.0.mlp.up_proj"]
+    with torch.no_grad():
+        for mod in wrapped.values():
+            mod.B[3].zero_()                          # an empty DISCO slot
+    x = torch.randn(3, 5, 8)
+    alpha = torch.softmax(torch.randn(3, 4) / 0.05, -1)
+    alpha[:, 1] = 0                                   # a subspace nobody in the batch uses
+    lora.set_routing(model, alpha)
+    with torch.no_grad():
+        fast = m(x)
+        assert m._routed()[0].shape[0] == 2 * m.r     # subspaces 0 and 2 only
+    lora.set_active(model, 0)                         # A_0, B_0 require grad -> differentiable path
+    lora.set_routing(model, alpha)
+    slow = m(x)
+    assert slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fast, manual(m, x, alpha).detach(), atol=1e-5, rtol=1e-5)
+    # opt-in pruning of tiny weights
+    a2 = torch.tensor([[0.9999, 1e-5, 1e-4, 0.0]]).expand(3, 4)
+    lora.set_routing(model, a2, min_weight=2e-4)
+    with torch.no_grad():
+        pruned = m(x)
+        assert m._routed()[0].shape[0] == m.r
+        torch.testing.assert_close(pruned, manual(m, x, torch.tensor([[0.9999, 0, 0, 0]]).expand(3, 4)),
+                                   atol=1e-5, rtol=1e-5)
+        lora.set_routing(model, torch.zeros(4))
+        torch.testing.assert_close(m(x), x @ m.weight.t())
+
+
+def test_dropout_with_gradient_checkpointing_matches():
+    """Shared dropout + model.py's non-reentrant per-layer checkpointing: same masks in the recomputation,
+    so gradients equal those without checkpointing."""
+    mp = _model_py()
+    cfg = mp.VLMConfig(text=mp.DecoderConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4), vision=None)
+    torch.manual_seed(0)
+    net = mp.VLM(cfg)
+    lora.apply_lora(net, 8, 16, num_subspaces=2, dropout=0.3)
+    randomize_lora(net, scale=0.1)
+    lora.set_active(net, 1)
+    net.train()
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ckpt in (False, True):
+        net.gradient_checkpointing = ckpt
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(123)
+        net.loss(ids, ids).backward()
+        grads.append({n: p.grad.clone() for n, p in lora.trainable_parameters(net)})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 12
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+
+
 def test_single_mode_forward_and_gradient_only_on_active():
     model, wrapped = make()
     randomize_lora(model)
