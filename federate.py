@@ -559,6 +559,7 @@ class Federation:
         self.last = None                                              # (stage, round) of the last run_round
         self.rank, self.world = dist_info()
         self._collators: dict = {}
+        self._ewc_dev = None
 
     # ---------------------------------------------------------------- names, loading
     def slot_names(self, j: int) -> list[str]:
@@ -704,9 +705,11 @@ class Federation:
         if cfg.aggregator == "fedprox" and cfg.prox_mu > 0:
             add(cfg.prox_mu / 2 * sum(((self._params[n] - ref[n]) ** 2).sum() for n in names))
         if cfg.method == "ewc" and self.ewc_F and cfg.ewc_lambda > 0:
-            add(cfg.ewc_lambda / 2 * sum((self.ewc_F[n].to(self.device) * (self._params[n] -
-                                          self.ewc_star[n].to(self.device)) ** 2).sum()
-                                         for n in names if n in self.ewc_F))
+            if self._ewc_dev is None:       # device copies of (F, w*), built once per stage
+                self._ewc_dev = {n: (self.ewc_F[n].to(self.device), self.ewc_star[n].to(self.device))
+                                 for n in self.ewc_F}
+            add(cfg.ewc_lambda / 2 * sum((F_ * (self._params[n] - w) ** 2).sum()
+                                         for n, (F_, w) in self._ewc_dev.items() if n in names))
         if cfg.method == "olora" and slot > 0 and cfg.olora_lambda > 0:
             add(lora.olora_penalty(self.model, slot, list(range(slot)), weight=cfg.olora_lambda))
         return reg
@@ -904,12 +907,13 @@ class Federation:
             if self.proj_names:
                 new.update(aggregate({n: self.global_state[n] for n in self.proj_names}, [u["state"] for u in kept],
                                      [u["n"] for u in kept], self.opt, "factors"))
-            if finite_state(new):
+            applied = finite_state(new)
+            if applied:
                 self.global_state.update(new)
             else:
                 say(f"stage {stage} round {rnd}: aggregated update is not finite; global model kept")
                 rec["aggregation_skipped"] = "non-finite aggregate"
-            if m == "disco":
+            if m == "disco" and applied:
                 pos = [u["position"] for u in kept]
                 update_keys(self.keys, self.sizes, [u["slot"] for u in kept],
                             torch.stack([mus[p][0] for p in pos]).float(), [mus[p][1] for p in pos])
@@ -949,8 +953,11 @@ class Federation:
                     down += 2 * _nbytes({n: t for n, t in self.ewc_F.items() if n in dn})
             if m == "disco" and p in mus:
                 up += mus[p][0].numel() * 4                  # the identity token (float32)
-            per.append({k: u.get(k) for k in ("client", "position", "rank", "n", "slot", "loss", "steps",
-                                               "trainable_params", "time_s")} | {"bytes_up": up, "bytes_down": down})
+            row = {k: u.get(k) for k in ("client", "position", "rank", "n", "slot", "loss", "steps", "trainable_params",
+                                         "time_s")} | {"bytes_up": up, "bytes_down": down}
+            if row["loss"] is not None and not math.isfinite(row["loss"]):
+                row["loss"] = None                           # strict JSON; the reason is in "dropped"
+            per.append(row)
         n_tot = sum(u["n"] for u in kept)
         rec.update({
             "clients": [int(c) for c in sel], "per_client": per, "dropped": dropped,
@@ -982,6 +989,7 @@ class Federation:
             for n, f in self.stage_fisher.items():
                 self.ewc_F[n] = self.ewc_F.get(n, torch.zeros_like(f)) + f
                 self.ewc_star[n] = self.global_state[n].clone().float()
+            self._ewc_dev = None
             info["fisher_mean"] = float(torch.cat([f.flatten() for f in self.ewc_F.values()]).mean())
             self.stage_fisher = {}
         if self.cfg.method == "olora":
@@ -1113,6 +1121,7 @@ class Federation:
         self.sizes = tensors["disco/sizes"].clone().double()
         self.opt.load_state_dict({"m": sub("opt.m/"), "v": sub("opt.v/")})
         self.ewc_F, self.ewc_star, self.stage_fisher = sub("ewc.F/"), sub("ewc.star/"), sub("ewc.stage/")
+        self._ewc_dev = None
         self.local_states = {}
         for k, v in sub("local/").items():
             c, n = k.split("/", 1)
