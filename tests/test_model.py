@@ -6,7 +6,6 @@ SiglipImageProcessorPil) -- that is the path compared here, and the path LLaVA's
 """
 import json
 import os
-import pickle
 import warnings
 
 import numpy as np
@@ -708,3 +707,35 @@ def test_sparse_preprocessor_configs(cfg, tf, tmp_path):
         ours.pad_to_square = False
     want = torch.as_tensor(np.stack(ref(imgs, return_tensors="np")["pixel_values"]))
     assert (ours(imgs) - want).abs().max() <= 1e-5
+
+
+def test_load_memory_is_one_copy(tmp_path):
+    """Loading a ~100 MB checkpoint raises the process's peak RSS by about the checkpoint size, not twice it."""
+    import subprocess
+    import sys
+    cfg = M.VLMConfig(text=M.DecoderConfig(vocab_size=32000, hidden_size=384, intermediate_size=1024,
+                                           num_hidden_layers=2, num_attention_heads=6), vision=None)
+    with torch.device("meta"):
+        m = M.VLM(cfg)
+    for n, p in list(m.named_parameters()):
+        M._assign(m, n, torch.full(p.shape, 0.01))
+    m.tie_weights()
+    M.save_vlm(m, tmp_path)
+    size = os.path.getsize(tmp_path / "model.safetensors")
+    assert size > 90e6
+    code = ("import sys, torch, model as M\n"
+            "kb = lambda k: int([l for l in open('/proc/self/status') if l.startswith(k)][0].split()[1]) * 1024\n"
+            "M.load_vlm(sys.argv[2])\n"                                 # warm-up (one-time torch overheads)
+            "open('/proc/self/clear_refs', 'w').write('5')\n"          # reset the peak-RSS counter
+            "b = kb('VmRSS')\nm = M.load_vlm(sys.argv[1])\n"
+            "s = sum(float(p.sum()) for p in m.parameters())\n"        # touch every page
+            "print(kb('VmHWM') - b)\n")
+    small = tmp_path / "small"
+    M.save_vlm(M.VLM(M.VLMConfig(text=M.DecoderConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                      num_hidden_layers=1, num_attention_heads=2), vision=None)), small)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(small)], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr
+    grew = int(out.stdout.split()[-1])
+    assert grew < 1.3 * size, f"peak RSS grew {grew / 1e6:.0f} MB for a {size / 1e6:.0f} MB checkpoint"
