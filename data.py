@@ -415,10 +415,11 @@ def make_partitions(root, setting: str, beta: float, n_clients: int = 50, seed: 
         if len(task_datasets(s, k)) > 1:
             random.Random(f"{seed}:{k}").shuffle(recs)
         parts = dirichlet_partition(len(recs), n_clients, beta, seed * 1000 + k, min_size)
+        if os.path.isdir(tdir) and not overwrite:
+            manifest["tasks"].append({"task": k, "folder": f"Task{k + 1}", "name": name, "kept_existing": True})
+            continue
         manifest["tasks"].append({"task": k, "folder": f"Task{k + 1}", "name": name,
                                   **partition_manifest(parts, "dirichlet", seed * 1000 + k, float(beta))})
-        if os.path.isdir(tdir) and not overwrite:
-            continue
         os.makedirs(tdir, exist_ok=True)
         for c, idx in enumerate(parts):
             with open(os.path.join(tdir, f"client_{c}.json"), "w") as f:
@@ -524,8 +525,10 @@ def dolly_split(records, n_per_category: int = 10, seed: int = 42):
 
 
 def dolly_example(rec: dict, i=None) -> Example:
-    """A dolly record as an Example; the context goes into meta (the Alpaca template's ### Input)."""
-    instr = rec["instruction"] if not rec.get("context") else f"{rec['instruction']}\n\n{rec['context']}"
+    """A dolly record as an Example. A context is appended as "\n\n### Input:\n<context>", so that
+    model.TEMPLATES["alpaca"] renders alpaca-lora's prompt_input layout (its first sentence is the
+    no-input one); the raw fields stay in meta."""
+    instr = rec["instruction"] if not rec.get("context") else f"{rec['instruction']}\n\n### Input:\n{rec['context']}"
     return Example(f"dolly/{rec['category']}", instr, rec["response"], None, i,
                    {"category": rec["category"], "context": rec.get("context", ""),
                     "instruction": rec["instruction"]})
@@ -744,6 +747,21 @@ def evaluate_task(dataset: str, predictions: list[str], examples: list[Example],
         return 100.0 * float(np.mean([grounding_score(p, e.meta.get("answer_bbox", e.answer))
                                       for p, e in zip(preds, examples)]))
     return 100.0 * float(np.mean([score(dataset, p, e.answer) for p, e in zip(preds, examples)]))
+
+
+def evaluate_fedit(predictions: list[str], examples: list[Example]) -> dict:
+    """FedIT held-out evaluation: mean ROUGE-L F1 and exact match (x100), overall and per dolly category
+    (Shepherd releases no evaluation code; these are the reference metrics here)."""
+    if len(predictions) != len(examples) or not examples:
+        raise ValueError(f"evaluate_fedit: {len(predictions)} predictions for {len(examples)} examples")
+    rows = defaultdict(lambda: ([], []))
+    for p, e in zip(predictions, examples):
+        for key in ("all", e.meta.get("category", e.dataset)):
+            rows[key][0].append(rouge_l(p, e.answer))
+            rows[key][1].append(exact_match(p, e.answer))
+    out = {k: {"rouge_l": 100 * float(np.mean(r)), "exact_match": 100 * float(np.mean(x))} for k, (r, x) in rows.items()}
+    return {"rouge_l": out["all"]["rouge_l"], "exact_match": out["all"]["exact_match"],
+            "per_category": {k: v for k, v in sorted(out.items()) if k != "all"}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1415,9 +1433,11 @@ def vocab_corpus(seed: int = 0, n_per_task: int = 200, image_size: int = 64) -> 
     texts = [ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, "### Response:", "<image>"]
     try:
         import model
-        texts += [str(v) for v in getattr(model, "TEMPLATES", {}).values()]
+        for fmt, sep, end in getattr(model, "TEMPLATES", {}).values():
+            texts.append(fmt.replace("{instruction}", " ") + sep + end)
     except Exception:  # model.py not importable: templates are added by the caller
         pass
+    texts = texts * 100  # prompt text recurs in every example: weight it so BPE merges it
     closed = (list(COLORS) + SHAPES + list(PLURAL.values()) + OBJECTS + CURVES + TITLES + AUTHORS + list(GENRES)
               + list(FIG_COLORS) + DVQA_LABELS + TAB_NAMES + TAB_ITEMS + NUM_WORDS + [str(k) for k in range(31)]
               + [f"{k * .25 + m:.2f}" for k in range(5) for m in (.03, -.03)])

@@ -450,6 +450,10 @@ def test_fedit_mini_and_dolly(tmp_path):
     assert ex.dataset.startswith("dolly/") and ex.meta["context"] in ex.instruction
     assert data.alpaca_prompt("Say hi.").endswith("### Instruction:\nSay hi.\n\n### Response:\n")
     assert "### Input:\nctx\n\n### Response:\nok" in data.alpaca_prompt("Do.", "ctx", "ok")
+    exs = [data.dolly_example(r) for r in test]
+    ev = data.evaluate_fedit([e.answer for e in exs[:-1]] + ["nothing"], exs)
+    assert ev["exact_match"] == pytest.approx(100 * 79 / 80) and len(ev["per_category"]) == 8
+    assert ev["per_category"]["open_qa"]["rouge_l"] == 100.0 and ev["rouge_l"] < 100.0
     parts = data.shepherd_partition([r["category"] for r in train], 4, seed=42)
     assert sorted(sum(parts, [])) == list(range(80))
     bad = tmp_path / "bad.jsonl"
