@@ -1034,10 +1034,20 @@ class Federation:
         return None
 
     @torch.no_grad()
-    def predict(self, examples, batch_size: int = 8, client: int | None = None) -> list[str]:
+    def predict(self, examples, batch_size: int = 8, client: int | None = None, distributed: bool = False) -> list[str]:
         """Greedy answers (max_new_tokens from the config), stripped, in input order. DISCO routes every
         sample with its own α (computed in fp32 and set per batch as (B, K), so no stale mask, §4.5).
-        method 'local': pass the client id (evaluation averages over clients in fcit.py)."""
+        method 'local': pass the client id (evaluation averages over clients in fcit.py).
+        distributed=True (a collective: call it on every rank): rank r answers examples r, r+W, ... and the
+        answers are all-gathered, so every rank returns the full list."""
+        if distributed and self.world > 1:
+            mine = list(range(self.rank, len(examples), self.world))
+            part = self.predict([examples[i] for i in mine], batch_size, client) if mine else []
+            out = [None] * len(examples)
+            for r, ans in enumerate(_all_gather(part)):
+                for k, a in enumerate(ans):
+                    out[r + k * self.world] = a
+            return out
         if not examples:
             return []
         alpha = self._inference_mode(examples, client)

@@ -30,6 +30,10 @@ def _run(fed, method):
     return tensors, meta
 
 
+def _eval_set():
+    return tf.task_examples("A", 5, 3) + tf.task_examples("B", 4, 4)
+
+
 def _worker(rank, port, base_path, out_dir, methods):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
@@ -40,8 +44,9 @@ def _worker(rank, port, base_path, out_dir, methods):
         for method in methods:
             fed = fd.Federation(tf.copy.deepcopy(base), tok, None, _cfg(method))
             tensors, meta = _run(fed, method)
+            preds = fed.predict(_eval_set(), batch_size=4, distributed=True)   # sharded evaluation
             if rank == 0:       # rank 0 writes
-                torch.save((tensors, meta), os.path.join(out_dir, f"{method}.pt"))
+                torch.save((tensors, meta, preds), os.path.join(out_dir, f"{method}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -62,8 +67,10 @@ def test_two_gloo_processes_match_single_process():
             torch.save((base, tok), os.path.join(d, "base.pt"))
             mp.spawn(_worker, args=(_free_port(), os.path.join(d, "base.pt"), d, methods), nprocs=WORLD, join=True)
             for method in methods:
-                single, meta1 = _run(fd.Federation(tf.copy.deepcopy(base), tok, None, _cfg(method)), method)
-                multi, meta2 = torch.load(os.path.join(d, f"{method}.pt"), weights_only=False)
+                fed = fd.Federation(tf.copy.deepcopy(base), tok, None, _cfg(method))
+                single, meta1 = _run(fed, method)
+                multi, meta2, preds = torch.load(os.path.join(d, f"{method}.pt"), weights_only=False)
+                assert preds == fed.predict(_eval_set(), batch_size=4)
                 assert set(single) == set(multi)
                 for k in single:
                     assert torch.allclose(single[k].double(), multi[k].double(), atol=1e-6, rtol=1e-5), (method, k)
