@@ -376,7 +376,7 @@ def remove_lora(model, alpha=None):
     are merged into the weight first; without, the LoRA is dropped (merged layers are unmerged first)."""
     for name, m in list(lora_modules(model).items()):
         if m._merged is not None:
-            m_unmerge(m)
+            _unmerge_layer(m)
         if alpha is not None:
             with torch.no_grad():
                 m.weight += m.delta_weight(alpha).to(m.weight.dtype)
@@ -469,7 +469,7 @@ def merge(model, alpha=None):
         m.mode = "merged"
 
 
-def m_unmerge(m):
+def _unmerge_layer(m):
     orig, mode = m._merged
     with torch.no_grad():
         m.weight.copy_(orig)
@@ -480,7 +480,7 @@ def unmerge(model):
     """Restore the exact pre-merge weights and the previous mode."""
     for m in _require(model).values():
         if m._merged is not None:
-            m_unmerge(m)
+            _unmerge_layer(m)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -669,7 +669,7 @@ def _atomic_save_safetensors(tensors, path, metadata):
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=d)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -934,14 +934,14 @@ def save_adapter(model, path, extra=None, metadata=None):
 
 def load_adapter(model, path):
     """Load a `save_adapter` file. Modules without LoRA are wrapped with the stored configuration (then
-    everything else is frozen and subspace 0 is active); modules with LoRA must match it. Returns
-    (extra: dict[str, Tensor], metadata)."""
+    everything else is frozen and subspace 0 is active); modules with LoRA must match it. Everything is
+    validated before the model is touched. Returns (extra: dict[str, Tensor], metadata)."""
     tensors, header = _read_safetensors(path)
     if FORMAT_KEY not in header:
         raise ValueError(f"{path}: not an fcit LoRA adapter (no '{FORMAT_KEY}' header; for PEFT adapters use "
                          f"load_peft_adapter)")
     layers = json.loads(header[FORMAT_KEY])["layers"]
-    new = []
+    to_wrap = []
     for name, c in layers.items():
         try:
             mod = model.get_submodule(name)
@@ -951,28 +951,34 @@ def load_adapter(model, path):
             if (mod.in_features, mod.out_features) != (c["in"], c["out"]):
                 raise ValueError(f"{name}: adapter is for ({c['in']} -> {c['out']}), model has "
                                  f"({mod.in_features} -> {mod.out_features})")
-            parent, _, child = _get_parent(model, name)
-            layer = LoRALinear(mod, c["rank"], c["alpha"], c["num_subspaces"], c["scaling"], c["init"],
-                               c["dropout"], dtype=getattr(torch, c.get("dtype", "float32")))
-            setattr(parent, child, layer)
-            new.append(name)
+            to_wrap.append(name)
         elif isinstance(mod, LoRALinear):
             got = (mod.rank, mod.num_subspaces, mod.lora_alpha, mod.scaling_mode)
-            want = (c["rank"], c["num_subspaces"], c["alpha"], c["scaling"])
+            want = (c["rank"], c["num_subspaces"], float(c["alpha"]), c["scaling"])
             if got != want:
                 raise ValueError(f"{name}: model LoRA (rank, K, alpha, scaling)={got} != adapter {want}")
         else:
             raise ValueError(f"{name}: is a {type(mod).__name__}, not a linear layer")
-    if new:
-        p = {c["dropout"] for c in layers.values()}
-        _share_dropout(model, new, max(p))
     state = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
-    for k in state:
-        name = _parse_key(k)[0]
+    for k, v in state.items():
+        name, kind, j = _parse_key(k)
         if name not in layers:
             raise ValueError(f"{k}: module not described in the adapter header")
+        c = layers[name]
+        K, r = c["num_subspaces"], c["rank"] // c["num_subspaces"]
+        want = {"A": (r, c["in"]), "B": (c["out"], r), "router": (K, c["in"])}[kind]
+        if tuple(v.shape) != want or (j is not None and j >= K):
+            raise ValueError(f"{k}: shape {tuple(v.shape)} / index does not fit the header ({want}, K={K})")
+    for name in to_wrap:
+        c = layers[name]
+        parent, _, child = _get_parent(model, name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), c["rank"], c["alpha"], c["num_subspaces"],
+                                          c["scaling"], c["init"], c["dropout"],
+                                          dtype=getattr(torch, c.get("dtype", "float32"))))
+    if to_wrap:
+        _share_dropout(model, to_wrap, max(layers[n]["dropout"] for n in to_wrap))
     load_lora_state(model, state)
-    if new:
+    if to_wrap:
         _freeze_non_lora(model)
         set_active(model, 0)
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}

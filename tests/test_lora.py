@@ -131,7 +131,7 @@ def test_scaling_and_init():
 
 def manual(m, x, alpha):
     """W x + b + s * sum_j alpha_bj B_j A_j x, per sample (alpha (B, K))."""
-    y = x @ m.weight.t() + (m.bias if m.bias is not None else 0)
+    y = x @ m.weight.float().t() + (m.bias.float() if m.bias is not None else 0)
     for b in range(x.shape[0]):
         for j in range(m.num_subspaces):
             y[b] = y[b] + m.scaling * alpha[b, j] * (x[b] @ m.A[j].t() @ m.B[j].t())
@@ -446,6 +446,19 @@ def test_own_adapter_format_roundtrip(tmp_path):
     other, _ = make(K=2, rank=8)
     with pytest.raises(ValueError, match=r"lm\.layers\.0\.mlp\.gate_proj"):
         lora.load_adapter(other, path)
+    before = lora.lora_state(other)
+    # a tensor whose shape does not fit: error names it, nothing is changed
+    from safetensors.torch import save_file
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        hdr, ts = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    ts["lm.layers.1.mlp.up_proj.B.2"] = torch.zeros(12, 3)
+    save_file(ts, str(tmp_path / "bad_shape.safetensors"), metadata=hdr)
+    target = Tiny()
+    with pytest.raises(ValueError, match=r"lm\.layers\.1\.mlp\.up_proj\.B\.2"):
+        lora.load_adapter(target, str(tmp_path / "bad_shape.safetensors"))
+    assert not lora.lora_modules(target)
+    assert all(torch.equal(before[k], v) for k, v in lora.lora_state(other).items())
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="safetensors"):
@@ -662,3 +675,33 @@ def test_peft_roundtrip_llava(tmp_path):
     with pytest.raises(ValueError, match=r"vision_tower.*lora_A.*outside the language model"):
         lora.load_peft_adapter(m3, str(tmp_path / "pe3"))
     assert not lora.lora_modules(m3)                # validated before anything was wrapped
+
+
+def test_bf16_base_fp32_adapter():
+    """A bf16 base with fp32 LoRA (PEFT's autocast_adapter_dtype): output bf16, LoRA branch in fp32,
+    merge/unmerge restore the bf16 weight bit-exactly."""
+    model = Tiny().to(torch.bfloat16)
+    wrapped = lora.apply_lora(model, 8, 16, num_subspaces=4)
+    randomize_lora(model)
+    model.eval()
+    m = wrapped["lm.layers.0.mlp.gate_proj"]
+    assert m.weight.dtype == torch.bfloat16 and m.A[0].dtype == torch.float32
+    x = torch.randn(2, 3, 8).to(torch.bfloat16)
+    alpha = torch.tensor([[0.2, 0.3, 0.1, 0.4], [1.0, 0, 0, 0]])
+    for setter in (lambda: lora.set_active(model, 1), lambda: lora.set_routing(model, alpha)):
+        setter()
+        a = alpha if m.mode == "routed" else F.one_hot(torch.tensor([1, 1]), 4).float()
+        with torch.no_grad():
+            y = m(x)
+            base = F.linear(x, m.weight)
+            lo = manual(m, x.float(), a) - x.float() @ m.weight.float().t()
+            want = (base + lo).to(torch.bfloat16)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, want, atol=2e-2, rtol=2e-2)
+    w0 = m.weight.detach().clone()
+    lora.merge(model, torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    assert not torch.equal(m.weight, w0)
+    lora.unmerge(model)
+    assert torch.equal(m.weight, w0)
+    with torch.no_grad():
+        model(x)
