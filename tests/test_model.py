@@ -210,6 +210,11 @@ def test_llava_qwen_siglip_logits_tied(llava_qwen):
     px = torch.randn(4, 3, 30, 30)
     with torch.no_grad():
         assert_close_logits(m(ids, px), hf_logits(hf, ids, px))
+    rows = [ids[0].tolist(), ids[1, 2:].tolist()]                  # left-padded greedy generation
+    ids2, am = left_pad(rows, 0)
+    assert m.generate(ids2, am, px, max_new_tokens=8, eos_token_id=11) == hf_generate(hf, ids2, am, px, 8, 11)
+    hf_names = {n for n, _ in hf.named_modules()}
+    assert all(m.hf_module_name(n) in hf_names for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear))
 
 
 def test_vlm_generate_left_padding(llava_llama):
