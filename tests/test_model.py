@@ -244,6 +244,11 @@ def test_loss_matches_transformers_and_checkpointing(llava_llama):
         ref = hf(input_ids=ids, pixel_values=px, labels=labels).loss
     loss = m.loss(ids, labels, px)
     assert abs(loss.item() - ref.item()) < 1e-5
+    am = torch.ones_like(ids)
+    am[1, -2:] = 0                                                  # right padding (labels there are -100)
+    with torch.no_grad():
+        ref_am = hf(input_ids=ids, pixel_values=px, labels=labels, attention_mask=am).loss
+        assert abs(m.loss(ids, labels, px, am).item() - ref_am.item()) < 1e-5
     loss.backward()
     g = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad()
