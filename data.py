@@ -274,6 +274,9 @@ def load_fcit(root, datasets=None, split="test", image_root=None, check_images=T
             raise ValueError(f"unknown FCIT dataset {ds!r}; expected one of {FCIT_DATASETS}")
         folder, train_f, test_f = DATASET_FILES[ds]
         p = os.path.join(root, "instructions", folder, train_f if split == "train" else test_f)
+        if not os.path.exists(p):
+            raise FCITDataError(f"{p}: not found (expected the FCIT release layout <root>/instructions/"
+                                f"{folder}/{os.path.basename(p)}; see DATASET_FILES)")
         exs = load_examples(p, ds, image_root, "train" if split == "train" else "test", check_images, skip_bad)
         if ds == "Flickr30k" and split != "train":
             _attach_coco_refs(exs, os.path.join(root, "instructions", folder, FLICKR_GT_FILE))
@@ -876,7 +879,8 @@ def _object(d, obj, box, fill, style):
     elif obj == "fish":
         d.polygon([(x0, y0 + .2 * h), (x0 + .3 * w, cy), (x0, y1 - .2 * h)], **kw2)
         d.ellipse((x0 + .2 * w, y0 + .25 * h, x1, y1 - .25 * h), **kw)
-        d.ellipse((x1 - .25 * w, cy - .08 * h, x1 - .15 * w, cy + .02 * h), fill=(0, 0, 0) if style != "silhouette" else (250, 250, 250))
+        eye = (0, 0, 0) if style != "silhouette" else (250, 250, 250)
+        d.ellipse((x1 - .25 * w, cy - .08 * h, x1 - .15 * w, cy + .02 * h), fill=eye)
     elif obj == "car":
         d.rectangle((x0 + .25 * w, y0 + .2 * h, x1 - .25 * w, y0 + .45 * h), **kw)
         d.rectangle((x0, y0 + .45 * h, x1, y0 + .8 * h), **kw)
@@ -892,7 +896,8 @@ def _object(d, obj, box, fill, style):
         for k in range(5):
             px, py = cx + .22 * w * math.cos(k * 2 * math.pi / 5), y0 + .35 * h + .22 * h * math.sin(k * 2 * math.pi / 5)
             d.ellipse((px - r, py - r, px + r, py + r), **kw)
-        d.ellipse((cx - r * .8, y0 + .35 * h - r * .8, cx + r * .8, y0 + .35 * h + r * .8), fill=(250, 220, 0) if style != "silhouette" else fill)
+        mid = (250, 220, 0) if style != "silhouette" else fill
+        d.ellipse((cx - r * .8, y0 + .35 * h - r * .8, cx + r * .8, y0 + .35 * h + r * .8), fill=mid)
     else:
         raise ValueError(obj)
 
@@ -1070,7 +1075,8 @@ def _mini_super_clevr(rng, S):
     im, d = _canvas(S, (225, 225, 215))
     d.rectangle((0, .62 * S, S, S), fill=(190, 190, 180))
     n = rng.choice([2, 3])
-    cols, shps = rng.sample(["red", "green", "blue", "yellow", "purple"], n), rng.sample(["circle", "square", "triangle", "diamond"], n)
+    cols = rng.sample(["red", "green", "blue", "yellow", "purple"], n)
+    shps = rng.sample(["circle", "square", "triangle", "diamond"], n)
     xs = sorted(rng.sample(range(3), n)) if n < 3 else [0, 1, 2]
     rng.shuffle(xs)
     objs = []
@@ -1206,11 +1212,13 @@ def _mini_tabmwp(rng, S):
     if kind == "sum":
         q, ans = f"How many {item} do they have in total?", sum(vals)
     elif kind == "diff":
-        i, j = sorted(range(3), key=lambda k: -vals[k])[:2] if rng.random() < .5 else sorted(rng.sample(range(3), 2), key=lambda k: -vals[k])
+        pair = range(3) if rng.random() < .5 else rng.sample(range(3), 2)   # top two, or a random pair
+        i, j = sorted(pair, key=lambda k: -vals[k])[:2]
         q, ans = f"How many more {item} does {names[i]} have than {names[j]}?", vals[i] - vals[j]
     else:
         q, ans = f"What is the largest number of {item} in the table?", max(vals)
-    return im, f"Look at the table. Then answer the question.\nQuestion: {q}\n{SUFFIX_WORD}", str(ans), {"names": names, "values": vals, "item": item}
+    ins = f"Look at the table. Then answer the question.\nQuestion: {q}\n{SUFFIX_WORD}"
+    return im, ins, str(ans), {"names": names, "values": vals, "item": item}
 
 
 MINI_TASKS = {"ImageNet-R": _mini_imagenet_r, "ArxivQA": _mini_arxivqa, "IconQA": _mini_iconqa,
@@ -1386,7 +1394,8 @@ def _fedit_record(rng, cat):
         ins, res = rng.choice([("Extract the city from the text.", city), ("Extract the day from the text.", day),
                                ("Extract the number of items from the text.", str(q))])
     elif cat == "summarization":
-        p, place, day, q, item = rng.choice(_PEOPLE), rng.choice(["market", "shop", "fair"]), rng.choice(_DAYS), rng.randint(2, 9), rng.choice(["apples", "books", "cups"])
+        p, place, day = rng.choice(_PEOPLE), rng.choice(["market", "shop", "fair"]), rng.choice(_DAYS)
+        q, item = rng.randint(2, 9), rng.choice(["apples", "books", "cups"])
         ctx = f"{p} went to the {place} on {day}. There, {p} bought {q} {item}. Later, {p} went home happy."
         ins, res = "Summarize the text in one sentence.", f"{p} bought {q} {item} at the {place} on {day}."
     elif cat == "creative_writing":

@@ -429,6 +429,8 @@ def test_bad_input_errors(tmp_path, mini, caplog):
         data.load_client(root, "seq", 1.0, 0, 1)
     with pytest.raises(data.FCITDataError, match="Task2: missing task folder"):
         data.load_partitions(root, "seq", 1.0, n_clients=1)
+    with pytest.raises(data.FCITDataError, match=r"instructions/DVQA/test\.json: not found \(expected the FCIT release"):
+        data.load_fcit(tmp_path, ["DVQA"])
     # test record without question_id
     _write(p, [{"image": img, "text": "q", "answer": "a"}])
     with pytest.raises(data.FCITDataError, match=r"record 0: missing 'question_id'"):
