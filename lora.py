@@ -353,7 +353,7 @@ def apply_lora(model, rank, alpha, targets=DEFAULT_TARGETS, num_subspaces=1, sca
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear) and name.rsplit(".", 1)[-1] in targets and inc.search(name):
             raise ValueError(f"{name} already has LoRA; apply_lora once per model")
-        if (type(m) is nn.Linear or isinstance(m, nn.Linear)) and name.rsplit(".", 1)[-1] in targets \
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets \
                 and inc.search(name) and not never.search(name):
             names.append(name)
     if not names:
