@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import re
+import struct
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -967,6 +968,74 @@ def load_clip_text(path: str, dtype=None, device=None):
 # ----------------------------------------------------------------------------------------------------------------
 # tokenizer and prompts (MF §4, §5)
 
+def _proto_fields(b: bytes):
+    """Yield (field, value) of a protobuf message: varint, fixed64, length-delimited (bytes), fixed32 (float)."""
+    def varint(i):
+        r = shift = 0
+        while True:
+            c = b[i]
+            i += 1
+            r |= (c & 0x7F) << shift
+            shift += 7
+            if c < 0x80:
+                return r, i
+    i = 0
+    while i < len(b):
+        key, i = varint(i)
+        wt = key & 7
+        if wt == 0:
+            v, i = varint(i)
+        elif wt == 2:
+            n, i = varint(i)
+            v, i = b[i:i + n], i + n
+        elif wt == 5:
+            v, i = struct.unpack("<f", b[i:i + 4])[0], i + 4
+        elif wt == 1:
+            v, i = b[i:i + 8], i + 8
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wt}")
+        yield key >> 3, v
+
+
+def sentencepiece_tokenizer(path: str):
+    """A LLaMA-style SentencePiece BPE `tokenizer.model` -> tokenizers.Tokenizer, built the way transformers'
+    LlamaConverter (legacy) builds the shipped tokenizer.json (MF §5.3). The protobuf is parsed by hand."""
+    from tokenizers import AddedToken, decoders, normalizers, processors
+    from tokenizers import Tokenizer as _Tok
+    from tokenizers.models import BPE
+    pieces, trainer, norm = [], {}, {}
+    with open(path, "rb") as f:
+        for fid, v in _proto_fields(f.read()):
+            if fid == 1:     # SentencePiece {piece = 1, score = 2, type = 3 (1 normal, 2 unk, 3 control, 4 user, 6 byte)}
+                p = dict(_proto_fields(v))
+                pieces.append((p.get(1, b"").decode("utf-8"), p.get(2, 0.0), p.get(3, 1)))
+            elif fid == 2:   # TrainerSpec {model_type = 3, unk_id = 40, bos_id = 41}
+                trainer = dict(_proto_fields(v))
+            elif fid == 3:   # NormalizerSpec {add_dummy_prefix = 3}
+                norm = dict(_proto_fields(v))
+    if trainer.get(3, 1) != 2:
+        raise ValueError(f"{path}: SentencePiece model_type {trainer.get(3, 1)} is not BPE (2); only BPE is supported")
+    vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+    scores = [(p, 0.0 if i < 3 else s) for i, (p, s, _) in enumerate(pieces)]   # LlamaConverter zeroes 0..2
+    merges = []   # transformers' generate_merges(vocab, vocab_scores)
+    for piece, score in scores:
+        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        merges += sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]]))
+    merges = [(l, r) for l, r, _ in sorted(merges, key=lambda x: (x[2], len(x[0]), len(x[1])), reverse=True)]
+    tok = _Tok(BPE(vocab, merges, unk_token=pieces[trainer.get(40, 0)][0], fuse_unk=True, byte_fallback=True))
+    tok.add_tokens([AddedToken(p, normalized=False, special=t != 4) for p, _, t in pieces if t in (2, 3, 4)])
+    prefix = bool(norm.get(3, 1))
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if prefix else []) + [normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    bos = trainer.get(41, 1)
+    if 0 <= bos < len(pieces):
+        tok.post_processor = processors.TemplateProcessing(single=f"{pieces[bos][0]} $A",
+                                                           pair=f"{pieces[bos][0]} $A {pieces[bos][0]} $B",
+                                                           special_tokens=[(pieces[bos][0], bos)])
+    return tok
+
+
 def _token_str(v):
     return v.get("content") if isinstance(v, dict) else v
 
@@ -988,11 +1057,13 @@ class Tokenizer:
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as _Tok
         path = str(path)
-        tj = os.path.join(path, "tokenizer.json")
-        if not os.path.exists(tj):
-            raise FileNotFoundError(f"{tj} does not exist (tokenizer.model-only checkpoints: convert it once with "
-                                    f"transformers' LlamaTokenizerFast and save tokenizer.json next to it)")
-        tok = _Tok.from_file(tj)
+        tj, sp = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer.model")
+        if os.path.exists(tj):
+            tok = _Tok.from_file(tj)
+        elif os.path.exists(sp):   # e.g. liuhaotian/llava-v1.5-7b ships only the SentencePiece model
+            tok = sentencepiece_tokenizer(sp)
+        else:
+            raise FileNotFoundError(f"{path}: neither tokenizer.json nor tokenizer.model exists")
         tc = _read_json(os.path.join(path, "tokenizer_config.json"), {})
         sm = _read_json(os.path.join(path, "special_tokens_map.json"), {})
         mc = _read_json(os.path.join(path, "config.json"), {})

@@ -749,3 +749,39 @@ def test_load_memory_is_one_copy(tmp_path):
     assert out.returncode == 0, out.stderr
     grew = int(out.stdout.split()[-1])
     assert grew < 1.3 * size, f"peak RSS grew {grew / 1e6:.0f} MB for a {size / 1e6:.0f} MB checkpoint"
+
+
+# Pinned from sentencepiece 0.2.3 (SentencePieceProcessor.encode) on tests/fixtures/spm_bpe_tiny.model, which was
+# trained with SentencePieceTrainer.train(model_type="bpe", vocab_size=400, byte_fallback=True,
+# normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, unk/bos/eos = 0/1/2):
+# the LLaMA-1/2 tokenizer.model settings. sentencepiece itself is not a dependency.
+SPM_EXPECTED = {
+    "What is in the image?": [307, 278, 280, 316, 271, 262, 303, 340, 376],
+    "A cat sitting on a red mat.": [287, 277, 265, 350, 274, 353, 269, 343, 350, 284, 259, 317, 364, 350, 369, 265, 363],
+    "  two  spaces": [350, 350, 263, 366, 358, 350, 308, 365, 354, 361, 260],
+    "Ünïcode ✓ 猫 and emoji 🐈": [350, 198, 159, 356, 198, 178, 361, 358, 364, 351, 350, 229, 159, 150, 350, 234, 143, 174, 321, 350, 351, 369, 358, 109, 355, 350, 243, 162, 147, 139],
+    "numbers 12345 and 3.14": [350, 356, 362, 369, 374, 266, 352, 350, 383, 384, 385, 386, 387, 321, 350, 385, 363, 383, 386],
+    "line\nbreak\n\nend": [350, 302, 356, 351, 13, 374, 273, 354, 398, 13, 13, 282, 364],
+    "USER: hello ASSISTANT:": [350, 334, 331, 370, 350, 261, 360, 360, 358, 287, 333, 332, 367, 330, 367, 370],
+    "trailing space ": [263, 357, 354, 355, 302, 343, 308, 365, 354, 336, 350],
+    "": [],
+    "The assistant's questions": [293, 298, 382, 352, 350, 320, 269, 358, 264],
+    "x": [350, 123],
+}
+
+
+def test_sentencepiece_model_only_tokenizer(tmp_path):
+    """liuhaotian/llava-v1.5-7b ships only tokenizer.model: parsed by hand, identical ids to sentencepiece."""
+    import shutil
+    shutil.copy(os.path.join(os.path.dirname(__file__), "fixtures", "spm_bpe_tiny.model"), tmp_path / "tokenizer.model")
+    json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None},
+              open(tmp_path / "tokenizer_config.json", "w"))
+    tok = M.Tokenizer.from_dir(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (1, 2, 0, True)   # LLaVA pads with unk
+    for s, ids in SPM_EXPECTED.items():
+        assert tok.encode(s) == ids, s
+        if not s.startswith(" "):
+            assert tok.decode(ids) == s, s
+    ids, labels = M.encode_example(tok, "What is in the image?", "A cat.", image_seq_len=3, image_token_id=-200)
+    assert ids[0] == 1 and ids[-1] == 2 and ids.count(-200) == 3
+    assert tok.decode([i for i, l in zip(ids, labels) if l != -100]) == "A cat."
