@@ -38,7 +38,6 @@ official code Ghy0501/FCIT@9b10259). Where we differ from the official code, the
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
@@ -54,7 +53,6 @@ import torch.nn.functional as F
 
 import data
 import lora
-import model as vlm
 
 logger = logging.getLogger("fcit.federate")
 
