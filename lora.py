@@ -333,7 +333,7 @@ def _share_dropout(model, names, p):
             parent.register_forward_hook(_ParentHook(drop))
 
 
-def _freeze_non_lora(model):
+def _freeze_all(model):
     """Freeze every parameter (LoRA ones included; set_active re-enables the chosen subspace)."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -366,7 +366,7 @@ def apply_lora(model, rank, alpha, targets=DEFAULT_TARGETS, num_subspaces=1, sca
         setattr(parent, child, layer)
         wrapped[name] = layer
     _share_dropout(model, names, dropout)
-    _freeze_non_lora(model)
+    _freeze_all(model)
     set_active(model, 0)
     return wrapped
 
@@ -384,6 +384,7 @@ def remove_lora(model, alpha=None):
         lin.weight = m.weight
         if m.bias is not None:
             lin.bias = m.bias
+        lin.train(m.training)
         parent, _, child = _get_parent(model, name)
         setattr(parent, child, lin)
     for mod in model.modules():
@@ -902,7 +903,7 @@ def load_peft_adapter(model, adapter_dir, subspace=None):
                     mod.B[j].copy_(Bs[:, j * mod.r:(j + 1) * mod.r])
     if new:
         _share_dropout(model, new, float(cfg.get("lora_dropout", 0.0)))
-        _freeze_non_lora(model)
+        _freeze_all(model)
         set_active(model, 0)
     return [p[0] for p in plan]
 
@@ -979,7 +980,7 @@ def load_adapter(model, path):
         _share_dropout(model, to_wrap, max(layers[n]["dropout"] for n in to_wrap))
     load_lora_state(model, state)
     if to_wrap:
-        _freeze_non_lora(model)
+        _freeze_all(model)
         set_active(model, 0)
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     return extra, json.loads(header.get("metadata", "{}"))
