@@ -142,6 +142,8 @@ def assert_close_logits(ours, ref, am=None):
     d = (ours - ref).abs()
     if am is not None:
         d = d[am.bool()]
+    if os.environ.get("FCIT_PRINT_DLOGITS"):
+        print(f"max |dlogits| = {d.max().item():.3g}")
     assert d.max().item() <= TOL, f"max |dlogits| = {d.max().item():.3g}"
 
 
