@@ -95,7 +95,7 @@ class FedConfig:
     orthogonal_subspaces: bool = False   # DISCO option: hard-orthogonalise a new subspace against the old ones
     lora_avg: str = "factors"            # factors (A, B averaged separately; FCIT/Shepherd) | product (SVD of ΣwBA)
     prox_mu: float = 0.01                # FedProx μ
-    server_lr: float | None = None       # η; None -> 1.0 for fedavgm, 1e-2 for the adaptive optimisers
+    server_lr: float | None = None       # η; None -> 1 − server_momentum (fedavgm), 1e-3 (adaptive, as OpenFedLLM)
     server_momentum: float = 0.9         # FedAvgM β
     beta1: float = 0.9                   # FedAdam/FedYogi/FedAdagrad β1 (Reddi et al. §3)
     beta2: float = 0.99                  # FedAdam/FedYogi β2
@@ -172,6 +172,9 @@ class ServerOptimizer:
     fedadam            m ← β1 m + (1−β1) Δ ; v ← β2 v + (1−β2) Δ²                     } Reddi et al. 2021,
     fedyogi            m ← β1 m + (1−β1) Δ ; v ← v − (1−β2) Δ² sign(v − Δ²)           } Algorithm 2, v_{-1}=τ²
 
+    Default η: 1 − β for FedAvgM (steady-state step equal to FedAvg's) and 1e-3 for the adaptive ones (OpenFedLLM's
+    default): their first step moves every coordinate by about ±η whatever |Δ| is, and LoRA factors live at the
+    1e-2 scale (A ~ N(0, 0.01²)), so η = 1e-1 wipes a subspace out (measured on the toy tasks of the tests).
     Written from the paper, not from OpenFedLLM (anchors §1.3), which uses an EMA for FedAvgM, updates v from
     m² instead of Δ² and starts v at τ². We also start v at τ² (the paper's v_{-1} ≥ τ²). No bias correction
     (the paper has none). Reddi et al. weight clients uniformly; we use the sample-count weights FedAvg uses,
@@ -183,7 +186,9 @@ class ServerOptimizer:
         if kind not in AGGREGATORS:
             raise ValueError(f"unknown aggregator {kind!r}")
         self.kind = kind
-        self.lr = lr if lr is not None else (1.0 if kind in ("fedavg", "fedprox", "fedavgm") else 1e-2)
+        if lr is None:      # FedAvgM: η = 1 − β keeps the steady-state step Δ/(1 − β)·η equal to FedAvg's
+            lr = 1.0 if kind in ("fedavg", "fedprox") else (1.0 - momentum if kind == "fedavgm" else 1e-3)
+        self.lr = lr
         self.momentum, self.beta1, self.beta2, self.tau = momentum, beta1, beta2, tau
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
