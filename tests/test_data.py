@@ -219,7 +219,13 @@ def test_evaluate_task():
     g = [E("Grounding", "q", "[0,0,1,1]", meta={"answer_bbox": "[0.0,0.0,1.0,1.0]", "size": [10, 10]})]
     assert data.evaluate_task("Grounding", ["[0,0,1,0.9]"], g) == 100.0
     caps = [E("Flickr30k", "q", GTS[i][0], meta={"captions": GTS[i]}) for i in range(3)]
-    assert data.evaluate_task("Flickr30k", RES, caps) == 100.0          # CIDEr 2.87 capped at 100
+    assert data.evaluate_task("Flickr30k", RES, caps) == pytest.approx(28.71254283348988)   # CIDEr-D x 10
+    assert data.evaluate_task("Flickr30k", RES, caps, caption_metric="CIDEr_x100") == pytest.approx(287.1254283348988)
+    mini = [data.mini_sample("Flickr30k", 0, "test", i) for i in range(40)]
+    mex = [E("Flickr30k", q, a, meta={"captions": m["captions"]}) for _, q, a, m in mini]
+    perfect = data.evaluate_task("Flickr30k", [a for _, _, a, _ in mini], mex)
+    const = data.evaluate_task("Flickr30k", [mini[0][2]] * 40, mex)
+    assert 80 < perfect <= 100 and const < 30                       # bounded and discriminative on FCIT-mini
     assert data.evaluate_task("Flickr30k", RES, caps, caption_metric="Bleu_1") == pytest.approx(88.06997462775461)
     with pytest.raises(ValueError):
         data.evaluate_task("ArxivQA", ["A"], exs)
