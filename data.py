@@ -739,7 +739,7 @@ def evaluate_task(dataset: str, predictions: list[str], examples: list[Example],
     ROUGE-L x 100. Captions (Flickr30k, references from meta["captions"]): which caption number the paper
     reports is not documented. Default "CIDEr": CIDEr-D x 10, i.e. CIDEr-D on its 0..10 scale mapped onto
     0..100 (CIDEr-D <= 10 by construction), so it shares the accuracies' scale and stays discriminative on
-    FCIT-mini (a constant caption scores ~10, a wrong colour ~23, a correct caption ~90). "CIDEr_x100"
+    FCIT-mini (one constant caption scores 10-23, all colours wrong ~23, correct captions ~90). "CIDEr_x100"
     gives the usual paper-style CIDEr x 100 (unbounded), "Bleu_1".."Bleu_4" / "ROUGE_L" give x 100."""
     if len(predictions) != len(examples):
         raise ValueError(f"{dataset}: {len(predictions)} predictions for {len(examples)} examples")
