@@ -411,10 +411,10 @@ def make_partitions(root, setting: str, beta: float, n_clients: int = 50, seed: 
         for ds in task_datasets(s, k):
             folder, train_f, _ = DATASET_FILES[ds]
             p = os.path.join(str(root), "instructions", folder, train_f)
-            data = read_json(p)
-            if not isinstance(data, list):
+            rows = read_json(p)
+            if not isinstance(rows, list):
                 raise FCITDataError(f"{p}: expected a JSON list of records")
-            recs += [dict(r, dataset=ds) if isinstance(r, dict) else r for r in data]
+            recs += [dict(r, dataset=ds) if isinstance(r, dict) else r for r in rows]
         if len(task_datasets(s, k)) > 1:
             random.Random(f"{seed}:{k}").shuffle(recs)
         parts = dirichlet_partition(len(recs), n_clients, beta, seed * 1000 + k, min_size)
@@ -424,6 +424,10 @@ def make_partitions(root, setting: str, beta: float, n_clients: int = 50, seed: 
         manifest["tasks"].append({"task": k, "folder": f"Task{k + 1}", "name": name,
                                   **partition_manifest(parts, "dirichlet", seed * 1000 + k, float(beta))})
         os.makedirs(tdir, exist_ok=True)
+        for f in os.listdir(tdir):   # stale clients of an earlier, larger partition
+            m = re.fullmatch(r"client_(\d+)\.json", f)
+            if m and int(m.group(1)) >= n_clients:
+                os.remove(os.path.join(tdir, f))
         for c, idx in enumerate(parts):
             with open(os.path.join(tdir, f"client_{c}.json"), "w") as f:
                 json.dump([recs[i] for i in idx], f)
@@ -448,12 +452,20 @@ def load_client(root, setting: str, beta: float, task: int, client: int, image_r
 def load_partitions(root, setting: str, beta: float, n_clients: int = 50, seed: int = 0, min_size: int = 1,
                     image_root=None, check_images=True, skip_bad=False, create=True) -> list[list[list[Example]]]:
     """parts[task][client] -> [Example] from the released partitions; when the beta folder is absent
-    and create=True, generate it with make_partitions (manifest included)."""
+    and create=True, generate it with make_partitions (manifest included). A folder that we generated
+    (it has our manifest.json) with other n_clients / seed / min_size is regenerated; a released folder
+    (no manifest) is never touched."""
     d = partition_dir(root, setting, beta)
+    man = os.path.join(d, "manifest.json")
     if not os.path.isdir(d):
         if not create:
             raise FCITDataError(f"{d}: partition folder not found (expected Task<k>/client_<i>.json)")
         make_partitions(root, setting, beta, n_clients, seed, min_size)
+    elif create and os.path.exists(man):
+        m = read_json(man)
+        if (m.get("n_clients"), m.get("seed"), m.get("min_size")) != (n_clients, seed, min_size):
+            log.info("regenerating %s for n_clients=%d seed=%d min_size=%d", d, n_clients, seed, min_size)
+            make_partitions(root, setting, beta, n_clients, seed, min_size, overwrite=True)
     for k in range(num_stages(setting)):
         tdir = os.path.join(d, f"Task{k + 1}")
         if not os.path.isdir(tdir):

@@ -391,6 +391,10 @@ def test_partitions_generated_and_loaded(mini):
     assert man["beta"] == 1.0 and len(man["tasks"]) == 8 and man["tasks"][0]["n_items"] == 30
     het = data.load_client(mini, "task-het", 1.0, data.stage_task_for("task-het", 0, 0), 3)
     assert all(e.dataset == "ArxivQA" for e in het)
+    again = data.load_partitions(mini, "task-hom", 1.0, n_clients=3, seed=2)           # other params: regenerated
+    assert [len(p) for p in again] == [3] * 8 and sum(len(c) for c in again[0]) == 30
+    assert sorted(os.listdir(os.path.join(data.partition_dir(mini, "seq", 1.0), "Task1"))) == [f"client_{i}.json" for i in range(3)]
+    assert json.load(open(os.path.join(data.partition_dir(mini, "seq", 1.0), "manifest.json")))["n_clients"] == 3
     cap = data.load_partitions(mini, "cap-het", 0.5, n_clients=4, seed=1)
     assert len(cap) == 4 and sum(len(c) for c in cap[0]) == 120
     assert {e.dataset for c in cap[0] for e in c} == {"AOKVQA", "IconQA", "Grounding", "ImageNet-R"}
