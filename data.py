@@ -1471,7 +1471,10 @@ def vocab_corpus(seed: int = 0, n_per_task: int = 200, image_size: int = 64) -> 
     texts = texts * 100  # prompt text recurs in every example: weight it so BPE merges it
     closed = (list(COLORS) + SHAPES + list(PLURAL.values()) + OBJECTS + CURVES + TITLES + AUTHORS + list(GENRES)
               + list(FIG_COLORS) + DVQA_LABELS + TAB_NAMES + TAB_ITEMS + NUM_WORDS + [str(k) for k in range(31)]
-              + [f"{k * .25 + m:.2f}" for k in range(5) for m in (.03, -.03)])
+              + [f"{k * .25 + m:.2f}" for k in range(5) for m in (.03, -.03)]
+              + [w.upper() for w in TITLES + DVQA_LABELS + TAB_NAMES] + [chr(65 + k) for k in range(26)]
+              + [w for pair in _CAPITALS + _FRUITS + _ANIMALS + _TOPICS for w in pair] + _SIZES + _PEOPLE
+              + _CITIES + _DAYS + _PLACES + [w for k, v in _LISTS.items() for w in [k] + v])
     texts.append(" ".join(closed))
     for ds in FCIT_DATASETS:
         for i in range(n_per_task):

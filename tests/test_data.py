@@ -366,7 +366,7 @@ def test_mini_task_design():
                 assert not (full[a] & full[b]), (a, b)
 
 
-def test_caption_and_vocab_corpus():
+def test_caption_and_vocab_corpus(tmp_path):
     pairs = data.caption_corpus(60, seed=0)
     assert len(pairs) == 60 and pairs[0][0].size == (64, 64)
     caps = [c for _, c in pairs]
@@ -375,6 +375,16 @@ def test_caption_and_vocab_corpus():
     assert len(set(caps)) > 30
     v = data.vocab_corpus(n_per_task=20)
     joined = "\n".join(v)
+    words = set(re.findall(r"[A-Za-z]+", joined))
+    seen = set()
+    for ds in data.FCIT_DATASETS:
+        for i in range(150):
+            _, ins, ans, meta = data.mini_sample(ds, 9, "test", i)
+            seen |= set(re.findall(r"[A-Za-z]+", " ".join([ins, ans] + meta.get("captions", []))))
+    for r in data.load_dolly(data.make_fedit_mini(tmp_path, seed=3, n_per_category=40)):
+        seen |= set(re.findall(r"[A-Za-z]+", " ".join(r.values())))
+    seen |= {w for _, c in data.caption_corpus(300, seed=4) for w in re.findall(r"[A-Za-z]+", c)}
+    assert seen <= words, sorted(seen - words)                  # every word any generator can emit
     for ds in data.FCIT_DATASETS:
         for i in range(5):
             _, ins, ans, _ = data.mini_sample(ds, 0, "train", i)
