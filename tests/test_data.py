@@ -373,7 +373,7 @@ def test_caption_and_vocab_corpus(tmp_path):
     assert caps == [c for _, c in data.caption_corpus(60, seed=0)]
     assert not any("?" in c or "Answer" in c or "[" in c for c in caps)
     assert len(set(caps)) > 30
-    v = data.vocab_corpus(n_per_task=20)
+    v = data.vocab_corpus()
     joined = "\n".join(v)
     words = set(re.findall(r"[A-Za-z]+", joined))
     seen = set()
@@ -382,7 +382,7 @@ def test_caption_and_vocab_corpus(tmp_path):
             _, ins, ans, meta = data.mini_sample(ds, 9, "test", i)
             seen |= set(re.findall(r"[A-Za-z]+", " ".join([ins, ans] + meta.get("captions", []))))
     for r in data.load_dolly(data.make_fedit_mini(tmp_path, seed=3, n_per_category=40)):
-        seen |= set(re.findall(r"[A-Za-z]+", " ".join(r.values())))
+        seen |= set(re.findall(r"[A-Za-z]+", " ".join([r["instruction"], r["context"], r["response"]])))
     seen |= {w for _, c in data.caption_corpus(300, seed=4) for w in re.findall(r"[A-Za-z]+", c)}
     assert seen <= words, sorted(seen - words)                  # every word any generator can emit
     for ds in data.FCIT_DATASETS:
