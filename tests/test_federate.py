@@ -264,7 +264,7 @@ def make_tokenizer():
     pre = pre_tokenizers.Whitespace()
     words = set()
     for t in ("USER: ASSISTANT: repeat the word say echo this : copy", TEMPLATE_A, TEMPLATE_B,
-              " ".join(FRUITS + COLORS + [f[0] for f in FRUITS])):
+              " ".join(FRUITS + COLORS + [f[0] for f in FRUITS])) + fd.REFERENCE_TEXTS:   # no <unk> in the centre
         words |= {w for w, _ in pre.pre_tokenize_str(t)}
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + sorted(words))}, unk_token="<unk>"))
