@@ -449,6 +449,20 @@ def load_client(root, setting: str, beta: float, task: int, client: int, image_r
     return exs
 
 
+def partition_contents(root, setting: str, beta: float, client: int = 0) -> list[Counter]:
+    """Datasets found in Task<k>/client_<client>.json for every task k (from the records' "dataset"
+    field or the first folder of their image path). Spec §1.4: the Capability-related stage order is
+    uncertain in the official code, and the released partitions are the truth; compare this with
+    task_datasets(setting, k)."""
+    out = []
+    for k in range(num_stages(setting)):
+        p = os.path.join(partition_dir(root, setting, beta), f"Task{k + 1}", f"client_{client}.json")
+        rows = read_json(p)
+        out.append(Counter(r.get("dataset") or _dataset_of_image(r.get("image"), "unknown")
+                           for r in rows if isinstance(r, dict)))
+    return out
+
+
 def load_partitions(root, setting: str, beta: float, n_clients: int = 50, seed: int = 0, min_size: int = 1,
                     image_root=None, check_images=True, skip_bad=False, create=True) -> list[list[list[Example]]]:
     """parts[task][client] -> [Example] from the released partitions; when the beta folder is absent

@@ -409,6 +409,8 @@ def test_partitions_generated_and_loaded(mini):
     assert len(cap) == 4 and sum(len(c) for c in cap[0]) == 120
     assert {e.dataset for c in cap[0] for e in c} == {"AOKVQA", "IconQA", "Grounding", "ImageNet-R"}
     assert os.path.exists(os.path.join(mini, "partitioned_data", "Capability-related", "cap", "0.5", "Task4", "client_3.json"))
+    for k, cnt in enumerate(data.partition_contents(mini, "cap-het", 0.5, client=1)):
+        assert set(cnt) <= set(data.task_datasets("cap-het", k))
 
 
 # ---------------------------------------------------------------- bad input
