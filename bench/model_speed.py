@@ -69,9 +69,10 @@ def step_fn(kind, model, ids, labels):
         return lambda: model(input_ids=ids, labels=labels).loss
     if kind == "ours":               # loss(): lm_head only at supervised positions
         return lambda: model.loss(ids, labels)
-    def full():                     # like-for-like: full (B, T, V) logits then CE, as transformers does
-        logits = model(ids).float()
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    def full():                     # like-for-like: full (B, T, V) logits then CE, as transformers does it
+        logits = model(ids).float()     # (labels padded and shifted, so the logits are never sliced or copied)
+        tgt = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.reshape(-1))
     return full
 
 
