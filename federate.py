@@ -90,6 +90,7 @@ class FedConfig:
     tau: float = 0.9                     # DISCO matching threshold (§4.4)
     temperature: float = 0.05            # SSA softmax temperature (§4.5)
     small_client: float = 1e-3           # small-client share (§4.4)
+    on_full: str = "error"               # DISCO with no free subspace: error | nearest (official client rule, §4.3)
     routing: str = "softmax"             # SSA ablations: softmax | argmax | concat | cosine (§5)
     identity: str = "text"               # text (CLIP text tower or base LM) | image (ablation, §4.1)
     orthogonal_subspaces: bool = False   # DISCO option: hard-orthogonalise a new subspace against the old ones
@@ -126,6 +127,8 @@ class FedConfig:
                              "re-factorisations, so it is only offered with fedavg/fedprox")
         if self.routing not in ("softmax", "argmax", "concat", "cosine"):
             raise ValueError(f"unknown routing {self.routing!r}")
+        if self.on_full not in ("error", "nearest"):
+            raise ValueError("on_full must be 'error' or 'nearest'")
         if self.identity not in ("text", "image"):
             raise ValueError(f"unknown identity {self.identity!r}")
         if self.clients_per_round > self.n_clients:
@@ -333,7 +336,7 @@ THRESH_EPS = 1e-6   # cos is compared as cos >= tau - 1e-6 so that "exactly tau"
 
 
 def organize(mu: torch.Tensor, n: list[float], keys: torch.Tensor, sizes: torch.Tensor, tau: float = 0.9,
-             small_client: float = 1e-3) -> tuple[list[int], list[int]]:
+             small_client: float = 1e-3, on_full: str = "error", info: dict | None = None) -> tuple[list[int], list[int]]:
     """DKO assignment of the round's clients to subspaces (§4.4, paper intent per §4.7.1).
 
     mu (N, D): client identity tokens (mean feature over the client's samples), n: their sample counts,
@@ -348,7 +351,10 @@ def organize(mu: torch.Tensor, n: list[float], keys: torch.Tensor, sizes: torch.
        it joins the nearest of the existing keys and the new clusters' centroids (official: the cluster whose
        *first member* is most similar, and the client is dropped if it comes before any valid cluster — fixed;
        only if there is nothing at all to join does it cluster normally).
-    4. More clusters than empty slots -> CapacityError (official: crash or silent drop, §4.7.6).
+    4. More clusters than empty slots -> CapacityError (official: crash or silent drop, §4.7.6), or with
+       on_full="nearest" the official client-side rule of §4.3 ("if no empty slot is left, use argmax"): the
+       largest clusters (by samples) open the free slots, every other cluster joins its nearest subspace (an
+       existing key or a cluster opened now), and info["merged_on_full"] lists them (logged, never silent).
 
     Differences from the official code and why: it clusters the 5 clients of round 0 against each other and
     matches keys on the client per micro-batch, using the last batch's choice; rounds 1-9 reuse the round-0
@@ -399,18 +405,40 @@ def organize(mu: torch.Tensor, n: list[float], keys: torch.Tensor, sizes: torch.
     leftovers = [i for i in small if i not in joined]
     clusters += greedy(leftovers)
     free = [j for j in range(K) if float(sizes[j]) <= 0]
+    keep, overflow = list(range(len(clusters))), []
     if len(clusters) > len(free):
-        raise CapacityError(
-            f"DISCO needs {len(clusters)} new subspace(s) this round but only {len(free)} of K={K} are free "
-            f"(tau={tau}). More distinct tasks arrived than subspaces: raise --num-subspaces (and the LoRA rank "
-            f"with it) or lower --tau.")
-    opened = []
-    for c, j in zip(clusters, free):
-        for i in c:
+        if on_full != "nearest":
+            raise CapacityError(
+                f"DISCO needs {len(clusters)} new subspace(s) this round but only {len(free)} of K={K} are free "
+                f"(tau={tau}). More distinct tasks arrived than subspaces: raise --num-subspaces (and the LoRA rank "
+                f"with it), lower --tau, or let overflowing clusters join their nearest subspace (on_full='nearest').")
+        order = sorted(range(len(clusters)), key=lambda c: -sum(n[i] for i in clusters[c]))
+        keep, overflow = sorted(order[:len(free)]), order[len(free):]
+
+    def centroid(c):
+        w = torch.tensor([float(n[k]) for k in c], dtype=torch.float64)
+        return (w[:, None] * mu[c].double()).sum(0) / w.sum()
+    opened, cslot = [], {}
+    for c, j in zip(keep, free):
+        for i in clusters[c]:
             slot[i] = j
+        cslot[c] = j
         opened.append(j)
+    merged = []
+    for c in overflow:
+        cands = [(j, keys[j].double()) for j in used] + [(cslot[k], centroid(clusters[k])) for k in keep]
+        sims = _cos(centroid(clusters[c])[None], torch.stack([v for _, v in cands]))[0]
+        target = cands[int(sims.argmax())][0]
+        for i in clusters[c]:
+            slot[i] = target
+        cslot[c] = target
+        merged.append({"clients": list(clusters[c]), "slot": target, "cos": round(float(sims.max()), 4)})
     for i, (kind, idx) in joined.items():
-        slot[i] = idx if kind == "key" else opened[idx]
+        slot[i] = idx if kind == "key" else cslot[idx]
+    if merged:
+        logger.warning("DISCO: no free subspace for %d cluster(s); joined the nearest: %s", len(merged), merged)
+    if info is not None:
+        info["merged_on_full"] = merged
     return slot, opened
 
 
@@ -886,8 +914,14 @@ class Federation:
                 mu = torch.stack([mus[p][0] for p in pos]).float()
                 if self.keys is None:
                     self.keys = torch.zeros(self.K, mu.shape[1])
+                info = {}
                 asg, opened = organize(mu, [mus[p][1] for p in pos], self.keys, self.sizes, cfg.tau,
-                                       cfg.small_client)
+                                       cfg.small_client, cfg.on_full, info)
+                if info.get("merged_on_full"):
+                    rec["merged_on_full"] = [dict(d, clients=[pos[i] for i in d["clients"]])
+                                             for d in info["merged_on_full"]]
+                    say(f"stage {stage} round {rnd}: no free subspace; positions joined the nearest: "
+                        f"{rec['merged_on_full']}")
                 slots = dict(zip(pos, asg))
                 for j in opened:
                     old = [o for o in self.open_order if o != j]

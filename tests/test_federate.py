@@ -623,3 +623,17 @@ def test_grad_accumulation_and_checkpointing_are_equivalent():
     for s in states[1:]:
         for n in s:
             assert torch.allclose(s[n], states[0][n], atol=1e-5), n
+
+
+def test_organize_on_full_nearest():
+    keys, sizes = torch.zeros(2, 2), torch.zeros(2, dtype=torch.float64)
+    keys[0], sizes[0] = _unit(1, 0), 10
+    mu = torch.stack([_unit(0, 1), _unit(-1, 0.2), _unit(0.7, -1)])   # three new clusters, one free slot
+    info = {}
+    slot, opened = fd.organize(mu, [5, 50, 5], keys, sizes, 0.9, on_full="nearest", info=info)
+    # the biggest cluster (client 1) opens slot 1; client 0 is nearer to client 1 (cos .19) than to key 0 (0);
+    # client 2 is nearer to key 0 (cos .57)
+    assert opened == [1] and slot == [1, 1, 0]
+    assert [d["clients"] for d in info["merged_on_full"]] == [[0], [2]]
+    with pytest.raises(fd.CapacityError, match="on_full='nearest'"):
+        fd.organize(mu, [5, 50, 5], keys, sizes, 0.9)
