@@ -14,7 +14,6 @@ import torch
 
 import model as M
 
-torch.set_num_threads(1)   # toy sizes: threading only adds overhead
 TOL = 1e-4
 
 
@@ -165,6 +164,15 @@ def hf_generate(hf, ids, am, px, n, eos):
     for r in out:
         res.append(r[: r.index(eos)] if eos in r else r)
     return res
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Toy sizes: threading only adds overhead (5x slower on a shared 2-core box). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
