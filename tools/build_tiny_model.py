@@ -1,0 +1,154 @@
+"""Build the embedded tiny VLM that `fcit.py` uses when no --model is given.
+
+    python tools/build_tiny_model.py [--out assets/tiny-llava] [--steps 1500] [--seed 0]
+
+A LLaVA-1.5-shaped model (CLIP-style vision tower, two-layer GELU projector, LLaMA decoder) at toy size,
+with its own byte-level BPE tokenizer, pretrained from scratch on data.caption_corpus: generic synthetic
+image captions (shapes, colours, positions, counts, drawn characters) that never use the FCIT-mini task
+formats. The pretraining gives the model the basic vision-language alignment that LLaVA's stage-1/2
+training gives the real one, so that federated continual instruction tuning starts from a model that can
+see. The result is written in the llava-hf layout (config.json, model.safetensors, tokenizer.json,
+preprocessor_config.json) so the embedded run exercises the same loader as a real checkpoint.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import model as vlm  # noqa: E402
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+IMAGE_SIZE, PATCH = 64, 16
+
+
+def train_tokenizer(texts, vocab_size, path):
+    """Byte-level BPE (as GPT-2/Qwen2 use) trained on everything the embedded benchmarks can say."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.save(path)
+    return tok
+
+
+def tiny_config(vocab_size, image_token_index):
+    text = dict(model_type="llama", vocab_size=vocab_size, hidden_size=160, intermediate_size=432,
+                num_hidden_layers=4, num_attention_heads=5, num_key_value_heads=5, rms_norm_eps=1e-5,
+                rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=False,
+                bos_token_id=1, eos_token_id=2, pad_token_id=3, hidden_act="silu")
+    vision = dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+                  num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH, num_channels=3,
+                  layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=128)
+    return dict(model_type="llava", architectures=["LlavaForConditionalGeneration"],
+                image_token_index=image_token_index, vision_feature_layer=-2,
+                vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                image_seq_length=(IMAGE_SIZE // PATCH) ** 2, text_config=text, vision_config=vision)
+
+
+CAPTION_PROMPTS = ["Describe the image.", "What is in this picture?", "Write a short caption for the image.",
+                   "Tell me what you see."]
+
+
+def pretrain(model, tokenizer, processor, steps, batch_size, lr, seed, log_every=50, save=None, save_every=250):
+    """Full-parameter pretraining on synthetic captions with the LLaVA-1.5 prompt (answer tokens supervised)."""
+    n = steps * batch_size
+    t0 = time.time()
+    pairs = data.caption_corpus(min(n, 20000), seed=seed, image_size=IMAGE_SIZE)
+    print(f"caption corpus: {len(pairs)} pairs in {time.time() - t0:.1f}s", flush=True)
+    rng = random.Random(seed)
+    encoded = []
+    for i, (img, cap) in enumerate(pairs):
+        ids, labels = vlm.encode_example(tokenizer, rng.choice(CAPTION_PROMPTS), cap, template="vicuna_v1",
+                                         image_seq_len=model.image_seq_len, image_token_id=tokenizer.image_token_id)
+        encoded.append((ids, labels, processor([img])[0]))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    model.train()
+    order = list(range(len(encoded)))
+    pos, t0, running = len(order), time.time(), None
+    for step in range(steps):
+        if pos + batch_size > len(order):
+            rng.shuffle(order)
+            pos = 0
+        batch = [encoded[j] for j in order[pos:pos + batch_size]]
+        pos += batch_size
+        T = max(len(b[0]) for b in batch)
+        ids = torch.full((len(batch), T), tokenizer.pad_id, dtype=torch.long)
+        lab = torch.full((len(batch), T), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), T), dtype=torch.long)
+        for r, (a, l, _) in enumerate(batch):
+            ids[r, :len(a)], lab[r, :len(l)], mask[r, :len(a)] = torch.tensor(a), torch.tensor(l), 1
+        pix = torch.stack([b[2] for b in batch])
+        loss = model.loss(ids, lab, pixel_values=pix, attention_mask=mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"step {step:5d}/{steps}  loss {running:.3f}  {(step + 1) / (time.time() - t0):.2f} steps/s",
+                  flush=True)
+        if save is not None and (step + 1) % save_every == 0 and step + 1 < steps:
+            save(step + 1)
+    model.eval()
+    return running
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                  "assets", "tiny-llava"))
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--vocab-size", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)   # a script, not library code: seeding the global RNG here is fine
+    os.makedirs(args.out, exist_ok=True)
+    # The prompt templates are in every sample, so they are weighted like it: their words merge into few tokens.
+    texts = data.vocab_corpus(seed=args.seed) + ([t[0] for t in vlm.TEMPLATES.values()] + CAPTION_PROMPTS) * 500
+    train_tokenizer(texts, args.vocab_size, os.path.join(args.out, "tokenizer.json"))
+    with open(os.path.join(args.out, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+                   "add_bos_token": True}, f, indent=2)
+    tokenizer = vlm.Tokenizer.from_dir(args.out)
+    cfg = tiny_config(len(tokenizer), tokenizer.image_token_id)
+    assert tokenizer.bos_id == 1 and tokenizer.eos_id == 2 and tokenizer.pad_id == 3, "special token ids moved"
+    model = vlm.VLM(vlm.VLMConfig.from_hf(cfg))
+    processor = vlm.ImageProcessor.clip(IMAGE_SIZE)
+    with open(os.path.join(args.out, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+                   "size": {"shortest_edge": IMAGE_SIZE}, "do_center_crop": True,
+                   "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "do_rescale": True,
+                   "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(vlm.OPENAI_CLIP_MEAN),
+                   "image_std": list(vlm.OPENAI_CLIP_STD), "resample": 3, "do_convert_rgb": True}, f, indent=2)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"tiny VLM: {n_params / 1e6:.2f}M parameters, {model.image_seq_len} image tokens, vocab {len(tokenizer)}")
+    final = pretrain(model, tokenizer, processor, args.steps, args.batch_size, args.lr, args.seed,
+                     save=lambda step: vlm.save_vlm(model, args.out))   # intermediate saves: usable while it runs
+    vlm.save_vlm(model, args.out)
+    with open(os.path.join(args.out, "pretraining.json"), "w") as f:
+        json.dump({"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                   "final_loss": final, "corpus": "data.caption_corpus"}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
