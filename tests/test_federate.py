@@ -637,3 +637,29 @@ def test_organize_on_full_nearest():
     assert [d["clients"] for d in info["merged_on_full"]] == [[0], [2]]
     with pytest.raises(fd.CapacityError, match="on_full='nearest'"):
         fd.organize(mu, [5, 50, 5], keys, sizes, 0.9)
+
+
+def test_disco_het_round_opens_one_subspace_per_task_and_aggregates_separately():
+    fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="disco", clients_per_round=4, local_epochs=2))
+    task_of = {0: "A", 1: "B", 2: "A", 3: "B"}                  # Het-FCIT: the position picks the task
+    g0 = {k: v.clone() for k, v in fed.global_state.items()}
+    rec = fed.run_round(0, 0, lambda p, c: task_examples(task_of[p], 16, 10 * p + c))
+    assert rec["assignments"] == {"0": 0, "1": 1, "2": 0, "3": 1} and rec["opened"] == [0, 1]
+    assert fed.slot_data == {0: {"A": 32}, 1: {"B": 32}}
+    # slot 0 = FedAvg of the two A clients' slot-0 uploads only: retrain them alone and compare
+    sel = rec["clients"]
+    ups = [fed._local_train(task_examples("A", 16, 10 * p + sel[p]), 0, 0, 0, p, sel[p], start=g0) for p in (0, 2)]
+    for n in fed.slot_names(0):
+        assert torch.allclose(fed.global_state[n], 0.5 * ups[0]["state"][n] + 0.5 * ups[1]["state"][n], atol=1e-6)
+    assert fed.routing_accuracy({"A": task_examples("A", 8, 1), "B": task_examples("B", 8, 2)}) == 1.0
+
+
+def test_fedit_alpaca_train_on_inputs():
+    fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="fedit", template="alpaca", train_on_inputs=True,
+                                                      local_epochs=2, lora_targets=("q_proj", "k_proj", "v_proj",
+                                                                                    "o_proj")))
+    b = fed._collate(task_examples("A", 2, 0))
+    assert int((b["labels"] != -100).sum()) > 10                 # the prompt is supervised too
+    rec = fed.run_round(0, 0, client_data_for("A", 0, 0, n=16))
+    assert not rec["dropped"] and rec["per_client"][0]["trainable_params"] == sum(
+        fed.global_state[n].numel() for n in fed.slot_names(0))
