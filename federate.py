@@ -29,8 +29,9 @@ before local training from the frozen-encoder identity tokens, in every round, a
 paper's description; the official code clusters round 0 after training, copies slot 0 into the clusters'
 slots in stage 1 and can discard mismatched updates); the key update is the correct running mean (not the
 precedence bug); clusters never overlap and a small client is never dropped; more clusters than subspaces
-is a CapacityError; keys are float32 and sizes float64 (not bf16); SSA weights are fp32 per sample with
-empty slots at exactly 0.
+is a CapacityError (or, opt-in on_full="nearest", the official "no empty slot -> argmax" rule, logged); keys
+are float32 and sizes float64 (not bf16); SSA weights are fp32 per sample with empty slots at exactly 0.
+Without a CLIP text tower the identity comes from the base LM, centred on a fixed reference (our fallback).
 
 Section numbers "§x.y" refer to /work/shared/research/fcit_paper.md (the engineering spec of the paper and the
 official code Ghy0501/FCIT@9b10259). Where we differ from the official code, the docstring says so and why.
