@@ -31,7 +31,7 @@ slots in stage 1 and can discard mismatched updates); the key update is the corr
 precedence bug); clusters never overlap and a small client is never dropped; more clusters than subspaces
 is a CapacityError (or, opt-in on_full="nearest", the official "no empty slot -> argmax" rule, logged); keys
 are float32 and sizes float64 (not bf16); SSA weights are fp32 per sample with empty slots at exactly 0.
-Without a CLIP text tower the identity comes from the base LM, centred on a fixed reference (our fallback).
+Without a CLIP text tower the identity comes from the base LM's mean-pooled hidden states (our fallback).
 
 Section numbers "§x.y" refer to /work/shared/research/fcit_paper.md (the engineering spec of the paper and the
 official code Ghy0501/FCIT@9b10259). Where we differ from the official code, the docstring says so and why.
@@ -94,6 +94,7 @@ class FedConfig:
     on_full: str = "error"               # DISCO with no free subspace: error | nearest (official client rule, §4.3)
     routing: str = "softmax"             # SSA ablations: softmax | argmax | concat | cosine (§5)
     identity: str = "text"               # text (CLIP text tower or base LM) | image (ablation, §4.1)
+    identity_center: bool = False        # base-LM fallback only: centre tokens on REFERENCE_TEXTS' mean, normalise
     orthogonal_subspaces: bool = False   # DISCO option: hard-orthogonalise a new subspace against the old ones
     lora_avg: str = "factors"            # factors (A, B averaged separately; FCIT/Shepherd) | product (SVD of ΣwBA)
     prox_mu: float = 0.01                # FedProx μ
@@ -538,7 +539,7 @@ def _nbytes(state: dict) -> int:
 # the engine
 
 
-REFERENCE_TEXTS = (   # generic texts whose mean base-LM hidden state centres the identity fallback
+REFERENCE_TEXTS = (   # generic texts whose mean base-LM hidden state centres the identity fallback (option)
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the user's questions.",
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -662,12 +663,14 @@ class Federation:
         identity="text" with a text encoder: the CLIP text tower's pooled (EOS) output of the instruction
             (`<image>` removed, truncated to 77 tokens), 768-d and unprojected, as FCIT does;
         identity="text" without one (our fallback; FCIT always has CLIP): the frozen base LM's final hidden
-            states (adapters off) of the instruction alone (no template), each token centred on a fixed reference
-            vector (the mean hidden state of REFERENCE_TEXTS, identical on every client, computed once),
-            L2-normalised, then averaged over the tokens. Plain mean pooling is dominated by the LM's common
-            direction (anisotropy): on FCIT-mini with a toy LLaVA, clients of one task had cos >= 0.92 but two
-            different tasks up to 0.93, so τ = 0.9 merged them; centred + normalised: >= 0.95 within a task,
-            <= 0.82 across tasks;
+            states (adapters off) of the instruction alone (no template), mean-pooled over its tokens. With
+            identity_center=True each token is first centred on a fixed reference vector (the mean hidden state
+            of REFERENCE_TEXTS, identical on every client, computed once) and L2-normalised, which removes the
+            LM's common direction (anisotropy). Measured on FCIT-mini with 20-30-sample clients: a toy LLaVA
+            pre-trained 40 steps had cos >= 0.92 within a task but up to 0.93 across tasks plain, >= 0.95 vs
+            <= 0.82 centred; a longer-trained one overlapped both ways (plain 0.92 vs 0.97, centred 0.71 vs
+            0.94, the three caption phrasings of Flickr30k drifting apart). An LM's hidden states are no
+            paraphrase-invariant task encoder: use a CLIP text tower (the paper's) for real runs;
         identity="image": the vision tower's mean-pooled last-layer patch features (ablation; FCIT stores
             CLIP image_embeds but never uses them).
         FCIT recovers the instruction by decoding the LLaMA ids and cutting at "ASSISTANT"; we feed the
@@ -701,12 +704,13 @@ class Federation:
                 else:
                     if self.has_lora:
                         lora.disable_lora(model)
-                    if self._lm_ref is None:
-                        h, att = self._lm_hidden(REFERENCE_TEXTS)
-                        self._lm_ref = h[att.bool()].mean(0)                           # (C,)
                     h, att = self._lm_hidden([ex.instruction for ex in chunk])          # (B, T, C), (B, T)
-                    u = F.normalize(h - self._lm_ref, dim=-1) * att[..., None]
-                    out.append((u.sum(1) / att.sum(1, keepdim=True)).cpu())
+                    if self.cfg.identity_center:
+                        if self._lm_ref is None:
+                            r, ra = self._lm_hidden(REFERENCE_TEXTS)
+                            self._lm_ref = r[ra.bool()].mean(0)                         # (C,)
+                        h = F.normalize(h - self._lm_ref, dim=-1)
+                    out.append(((h * att[..., None]).sum(1) / att.sum(1, keepdim=True)).cpu())
         finally:
             model.train(was_training)
         return torch.cat(out, 0) if out else torch.zeros(0)

@@ -663,3 +663,15 @@ def test_fedit_alpaca_train_on_inputs():
     rec = fed.run_round(0, 0, client_data_for("A", 0, 0, n=16))
     assert not rec["dropped"] and rec["per_client"][0]["trainable_params"] == sum(
         fed.global_state[n].numel() for n in fed.slot_names(0))
+
+
+def test_identity_center_option():
+    m, tok = tiny_model()
+    plain = fd.Federation(m, tok, None, tiny_cfg())
+    exs = task_examples("A", 4, 0) + task_examples("B", 4, 0)
+    f0 = plain.identity_features(exs)
+    cen = fd.Federation(*tiny_model(), None, tiny_cfg(identity_center=True))
+    f1 = cen.identity_features(exs)
+    assert f0.shape == f1.shape == (8, 64) and cen._lm_ref is not None and not torch.allclose(f0, f1)
+    assert torch.allclose(f1.norm(dim=-1), f1.norm(dim=-1))           # finite, deterministic
+    assert torch.equal(f1, cen.identity_features(exs))
