@@ -673,5 +673,5 @@ def test_identity_center_option():
     cen = fd.Federation(*tiny_model(), None, tiny_cfg(identity_center=True))
     f1 = cen.identity_features(exs)
     assert f0.shape == f1.shape == (8, 64) and cen._lm_ref is not None and not torch.allclose(f0, f1)
-    assert torch.allclose(f1.norm(dim=-1), f1.norm(dim=-1))           # finite, deterministic
+    assert bool(torch.isfinite(f1).all())
     assert torch.equal(f1, cen.identity_features(exs))
