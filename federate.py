@@ -92,6 +92,8 @@ class FedConfig:
     temperature: float = 0.05            # SSA softmax temperature (§4.5)
     small_client: float = 1e-3           # small-client share (§4.4)
     on_full: str = "error"               # DISCO with no free subspace: error | nearest (official client rule, §4.3)
+    assign: str = "every_round"          # DISCO: match every round (paper) | round0 (official: later rounds of a
+                                         # stage reuse the round-0 subspace of the client's position, §4.3)
     routing: str = "softmax"             # SSA ablations: softmax | argmax | concat | cosine (§5)
     identity: str = "text"               # text (CLIP text tower or base LM) | image (ablation, §4.1)
     identity_center: bool = False        # base-LM fallback only: centre tokens on REFERENCE_TEXTS' mean, normalise
@@ -129,6 +131,8 @@ class FedConfig:
                              "re-factorisations, so it is only offered with fedavg/fedprox")
         if self.routing not in ("softmax", "argmax", "concat", "cosine"):
             raise ValueError(f"unknown routing {self.routing!r}")
+        if self.assign not in ("every_round", "round0"):
+            raise ValueError("assign must be 'every_round' or 'round0'")
         if self.on_full not in ("error", "nearest"):
             raise ValueError("on_full must be 'error' or 'nearest'")
         if self.identity not in ("text", "image"):
@@ -599,6 +603,7 @@ class Federation:
         self.stage_fisher: dict[str, torch.Tensor] = {}
         self.local_states: dict[int, dict[str, torch.Tensor]] = {}
         self.last = None                                              # (stage, round) of the last run_round
+        self.pos_slot: dict = {}                                      # DISCO assign=round0: position -> slot
         self.rank, self.world = dist_info()
         self._collators: dict = {}
         self._ewc_dev = None
@@ -914,8 +919,12 @@ class Federation:
                 if not bool(torch.isfinite(mus[p][0]).all()):
                     dropped.append({"client": sel[p], "position": p, "reason": "non-finite identity feature"})
                     del mus[p]
-            if mus:
-                pos = list(mus)
+            if rnd == 0 or self.pos_slot.get("stage") != stage:
+                self.pos_slot = {"stage": stage}
+            if cfg.assign == "round0" and rnd > 0:     # official: reuse the round-0 subspace of the position
+                slots = {p: self.pos_slot[str(p)] for p in mus if str(p) in self.pos_slot}
+            if mus and len(slots) < len(mus):
+                pos = [p for p in mus if p not in slots]
                 mu = torch.stack([mus[p][0] for p in pos]).float()
                 if self.keys is None:
                     self.keys = torch.zeros(self.K, mu.shape[1])
@@ -927,13 +936,16 @@ class Federation:
                                              for d in info["merged_on_full"]]
                     say(f"stage {stage} round {rnd}: no free subspace; positions joined the nearest: "
                         f"{rec['merged_on_full']}")
-                slots = dict(zip(pos, asg))
+                slots.update(zip(pos, asg))
+                for p in pos:
+                    self.pos_slot.setdefault(str(p), slots[p])
                 for j in opened:
                     old = [o for o in self.open_order if o != j]
                     if cfg.orthogonal_subspaces and old:
                         self._orthogonalize(j, old)
                     say(f"stage {stage} round {rnd}: DISCO opened subspace {j} for positions "
                         f"{[p for p in pos if slots[p] == j]}")
+                slots = dict(sorted(slots.items()))
         else:
             slots = {p: self._slot_for_stage(stage) for p in range(len(sel))}
 
@@ -1174,7 +1186,7 @@ class Federation:
             t.update({f"local/{c}/{n}": v for n, v in st.items()})
         t = {k: v.detach().cpu().contiguous().clone() for k, v in t.items()}
         meta = {"version": 1, "method": self.cfg.method, "aggregator": self.cfg.aggregator, "K": self.K,
-                "last": list(self.last) if self.last else None, "open_order": self.open_order,
+                "last": list(self.last) if self.last else None, "open_order": self.open_order, "pos_slot": self.pos_slot,
                 "stage_slot": {str(k): v for k, v in self.stage_slot.items()},
                 "slot_data": {str(k): v for k, v in self.slot_data.items()},
                 "config": dataclasses.asdict(self.cfg)}
@@ -1203,6 +1215,7 @@ class Federation:
             self.local_states.setdefault(int(c), {})[n] = v
         self.last = tuple(meta["last"]) if meta.get("last") else None
         self.open_order = list(meta.get("open_order", []))
+        self.pos_slot = dict(meta.get("pos_slot", {}))
         self.stage_slot = {int(k): v for k, v in meta.get("stage_slot", {}).items()}
         self.slot_data = {int(k): v for k, v in meta.get("slot_data", {}).items()}
         self._load(self.global_state)

@@ -675,3 +675,20 @@ def test_identity_center_option():
     assert f0.shape == f1.shape == (8, 64) and cen._lm_ref is not None and not torch.allclose(f0, f1)
     assert bool(torch.isfinite(f1).all())
     assert torch.equal(f1, cen.identity_features(exs))
+
+
+@pytest.mark.parametrize("assign", ["every_round", "round0"])
+def test_disco_assign_every_round_vs_round0(assign):
+    fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="disco", local_epochs=1, assign=assign, num_subspaces=4))
+    r0 = fed.run_round(0, 0, lambda p, c: task_examples("AB"[p], 12, c))
+    assert r0["assignments"] == {"0": 0, "1": 1}
+    r1 = fed.run_round(0, 1, lambda p, c: task_examples("BA"[p], 12, c))        # the positions swap tasks
+    assert r1["assignments"] == ({"0": 1, "1": 0} if assign == "every_round" else {"0": 0, "1": 1})
+    t, meta = fed.state_dict()
+    assert meta["pos_slot"] == {"stage": 0, "0": 0, "1": 1}
+    if assign == "every_round":    # (round0 has just mixed B into key 0 and A into key 1, as the official code would)
+        r2 = fed.run_round(1, 0, lambda p, c: task_examples("BA"[p], 12, c))
+        assert r2["assignments"] == {"0": 1, "1": 0}
+    else:                          # a new stage matches again from its round 0
+        r2 = fed.run_round(1, 0, lambda p, c: task_examples("AB"[p], 12, c))
+        assert fed.pos_slot == {"stage": 1, "0": r2["assignments"]["0"], "1": r2["assignments"]["1"]}
