@@ -368,7 +368,9 @@ def organize(mu: torch.Tensor, n: list[float], keys: torch.Tensor, sizes: torch.
     compute and upload them *before* training and the server assigns every client of every round; this is the
     paper's description ("matched with the global identity tokens, a new token and subspace on a miss") and
     removes the round-0 slot mismatch that discarded updates (§4.7.3) and the stage-1 "train slot 0 then copy"
-    trick. Comparisons use >= on both sides (the official client uses >, the server >=)."""
+    trick. Comparisons use >= on both sides (the official client uses >, the server >=). With
+    FedConfig.assign="round0" Federation calls this only in round 0 of a stage and later rounds reuse the
+    position's subspace (the official schedule)."""
     N = mu.shape[0]
     K = keys.shape[0]
     used = [j for j in range(K) if float(sizes[j]) > 0]
