@@ -25,9 +25,10 @@ the projector over all (aggregate), then updates the keys (update_keys). Inferen
 routing per sample for DISCO (§4.5). Under torchrun the clients of a round are split over ranks.
 
 Differences from the official DISCO code (fcit_paper.md §4.7, §7), all deliberate: subspaces are assigned
-before local training from the frozen-encoder identity tokens, in every round, against the global keys (the
-paper's description; the official code clusters round 0 after training, copies slot 0 into the clusters'
-slots in stage 1 and can discard mismatched updates); the key update is the correct running mean (not the
+before local training from the frozen-encoder identity tokens, against the global keys (the paper's
+description; the official code clusters round 0 after training, copies slot 0 into the clusters' slots in
+stage 1 and can discard mismatched updates), in round 0 of a stage, later rounds reusing the position's
+subspace as the official code does (FedConfig.assign; "every_round" re-matches every client); the key update is the correct running mean (not the
 precedence bug); clusters never overlap and a small client is never dropped; more clusters than subspaces
 is a CapacityError (or, opt-in on_full="nearest", the official "no empty slot -> argmax" rule, logged); keys
 are float32 and sizes float64 (not bf16); SSA weights are fp32 per sample with empty slots at exactly 0.
@@ -92,8 +93,9 @@ class FedConfig:
     temperature: float = 0.05            # SSA softmax temperature (§4.5)
     small_client: float = 1e-3           # small-client share (§4.4)
     on_full: str = "error"               # DISCO with no free subspace: error | nearest (official client rule, §4.3)
-    assign: str = "every_round"          # DISCO: match every round (paper) | round0 (official: later rounds of a
-                                         # stage reuse the round-0 subspace of the client's position, §4.3)
+    assign: str = "round0"               # DISCO: round0 = match in round 0 of a stage, later rounds reuse the
+                                         # position's subspace (official schedule, §4.3; robust to noisy
+                                         # identities) | every_round = match every client of every round
     routing: str = "softmax"             # SSA ablations: softmax | argmax | concat | cosine (§5)
     identity: str = "text"               # text (CLIP text tower or base LM) | image (ablation, §4.1)
     identity_center: bool = False        # base-LM fallback only: centre tokens on REFERENCE_TEXTS' mean, normalise
@@ -369,8 +371,8 @@ def organize(mu: torch.Tensor, n: list[float], keys: torch.Tensor, sizes: torch.
     paper's description ("matched with the global identity tokens, a new token and subspace on a miss") and
     removes the round-0 slot mismatch that discarded updates (§4.7.3) and the stage-1 "train slot 0 then copy"
     trick. Comparisons use >= on both sides (the official client uses >, the server >=). With
-    FedConfig.assign="round0" Federation calls this only in round 0 of a stage and later rounds reuse the
-    position's subspace (the official schedule)."""
+    FedConfig.assign="round0" (default) Federation calls this only in round 0 of a stage (and for positions
+    without a round-0 subspace); later rounds reuse the position's subspace (the official schedule)."""
     N = mu.shape[0]
     K = keys.shape[0]
     used = [j for j in range(K) if float(sizes[j]) > 0]
