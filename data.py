@@ -847,7 +847,16 @@ PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "di
           "star": "stars", "cross": "crosses"}
 OBJECTS = ["house", "tree", "fish", "car", "boat", "flower"]
 NUM_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-SUFFIX_WORD = "Answer the question using a single word or phrase."
+
+# FCIT-mini replaces the shared suffix by a task-specific answer-format line: a tiny LM's mean-pooled states (DISCO's
+# identity fallback without a CLIP text tower) are dominated by a long shared suffix, which made three tasks look
+# alike (cos > 0.95) and merge at tau = 0.9. Real FCIT data keeps the shared suffix and uses the CLIP text tower.
+TASK_SUFFIX = {"ImageNet-R": "Answer with the name of the object class.",
+               "CLEVR-Math": "Answer with the number of objects.",
+               "OCR-VQA": "Answer by reading the book cover.",
+               "super-CLEVR": "Answer with an attribute of the objects.",
+               "DVQA": "Answer by reading the bar chart.",
+               "TabMWP": "Answer with a number computed from the table."}
 SUFFIX_LETTER = "Answer with the option's letter from the given choices directly."
 _FONTS = {}
 
@@ -958,7 +967,7 @@ def _mini_imagenet_r(rng, S):
     x0, y0 = rng.uniform(0, S - sz), rng.uniform(0, S - sz)
     _object(d, obj, (x0, y0, x0 + sz, y0 + sz), COLORS[rng.choice(list(COLORS))], style)
     q = rng.choice(["What is the object in the image?", "What object is shown in this picture?"])
-    return im, f"{q}\n{SUFFIX_WORD}", obj, {"object": obj, "style": style}
+    return im, f"{q}\n{TASK_SUFFIX['ImageNet-R']}", obj, {"object": obj, "style": style}
 
 
 CURVES = ["increasing", "decreasing", "peak", "valley", "flat", "oscillating"]
@@ -1022,7 +1031,7 @@ def _mini_clevr_math(rng, S):
     else:
         k, col, sh = rng.randint(1, 3), rng.choice(["red", "green", "blue", "yellow"]), rng.choice(["circle", "square", "triangle"])
         q, ans = f"Add {k} {col} {PLURAL[sh] if k > 1 else sh}. How many objects exist?", n + k
-    return im, f"{q}\n{SUFFIX_WORD}", str(ans), {"objects": objs}
+    return im, f"{q}\n{TASK_SUFFIX['CLEVR-Math']}", str(ans), {"objects": objs}
 
 
 GENRES = {"Cooking": (245, 130, 20), "Travel": (40, 80, 215), "History": (140, 90, 50), "Science": (34, 160, 60)}
@@ -1039,7 +1048,7 @@ def _mini_ocrvqa(rng, S):
     kind = rng.choice(["title", "author", "genre"])
     q, ans = {"title": ("What is the title of this book?", title), "author": ("Who wrote this book?", author),
               "genre": ("What is the genre of this book?", genre)}[kind]
-    return im, f"{q}\n{SUFFIX_WORD}", ans, {"title": title, "author": author, "genre": genre}
+    return im, f"{q}\n{TASK_SUFFIX['OCR-VQA']}", ans, {"title": title, "author": author, "genre": genre}
 
 
 def _person(d, x, y, s, color=(30, 30, 30)):
@@ -1134,7 +1143,7 @@ def _mini_super_clevr(rng, S):
     else:
         a, b = rng.sample(objs, 2)
         q, ans = f"Is the {a['color']} object to the left of the {b['color']} object?", "yes" if a["x"] < b["x"] else "no"
-    return im, f"{q}\n{SUFFIX_WORD}", ans, {"objects": objs}
+    return im, f"{q}\n{TASK_SUFFIX['super-CLEVR']}", ans, {"objects": objs}
 
 
 WEATHER = ["sunny", "rainy", "snowy", "night"]
@@ -1224,7 +1233,7 @@ def _mini_dvqa(rng, S):
     else:
         t = rng.randint(1, 8)
         q, ans = f"How many bars have values larger than {t}?", str(sum(v > t for v in vals))
-    return im, f"{q}\n{SUFFIX_WORD}", ans, {"labels": labels, "values": vals}
+    return im, f"{q}\n{TASK_SUFFIX['DVQA']}", ans, {"labels": labels, "values": vals}
 
 
 TAB_NAMES = ["Ann", "Bob", "Cal", "Dee", "Eli", "Fay"]
@@ -1253,7 +1262,7 @@ def _mini_tabmwp(rng, S):
         q, ans = f"How many more {item} does {names[i]} have than {names[j]}?", vals[i] - vals[j]
     else:
         q, ans = f"What is the largest number of {item} in the table?", max(vals)
-    ins = f"Look at the table. Then answer the question.\nQuestion: {q}\n{SUFFIX_WORD}"
+    ins = f"Look at the table. Then answer the question.\nQuestion: {q}\n{TASK_SUFFIX['TabMWP']}"
     return im, ins, str(ans), {"names": names, "values": vals, "item": item}
 
 
@@ -1276,7 +1285,7 @@ def make_fcit_mini(root, seed: int = 0, n_train: int = 300, n_test: int = 50, im
     parameters. Same seed -> byte-identical files."""
     root = str(root)
     params = {"seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size,
-              "datasets": list(datasets or FCIT_DATASETS), "version": 1}
+              "datasets": list(datasets or FCIT_DATASETS), "version": 2}
     stamp = os.path.join(root, "fcit_mini.json")
     if not overwrite and os.path.exists(stamp):
         try:

@@ -38,6 +38,13 @@ FEDIT_METHODS = ("fedit", "local", "mtl")
 AGGREGATORS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where it has one (None means "chosen by the setting", said in the help)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 class UsageError(Exception):
     """Bad command-line input: reported with exit code 2 before any work starts."""
 
@@ -52,7 +59,7 @@ def build_parser():
         description="Federated continual instruction tuning (FCIT/DISCO) and federated instruction tuning "
         "(FedIT) of LLaVA-style models. Without --model/--data-root the embedded tiny VLM and the built-in "
         "FCIT-mini / FedIT-mini benchmarks are used with a scaled-down protocol.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--setting", default="task-hom", choices=SETTINGS,
                    help="task-hom/task-het: 8 stages, one dataset each, clients of a stage hold the same task "
@@ -81,6 +88,25 @@ def build_parser():
                    help="DISCO task-identity feature source")
     p.add_argument("--orthogonal-subspaces", action="store_true",
                    help="DISCO: keep each newly opened subspace orthogonal to the existing ones")
+    p.add_argument("--tau", type=float, default=0.9, help="DISCO identity-matching threshold (cosine)")
+    p.add_argument("--assign", default="round0", choices=("round0", "every_round"),
+                   help="DISCO: match clients to subspaces in round 0 of a stage and keep the position's subspace "
+                   "for the later rounds (official schedule), or re-match every round")
+    p.add_argument("--identity-layer", default=None, choices=("last", "embedding"),
+                   help="DISCO without --text-encoder: mean-pool the base LM's final hidden states (default with "
+                   "--model) or its input token embeddings (default for the embedded tiny VLM, whose final states "
+                   "do not tell FCIT-mini's tasks apart)")
+    p.add_argument("--identity-center", action="store_true",
+                   help="DISCO without --text-encoder: centre the base LM's token states on a fixed reference and "
+                   "normalise them before pooling (counters the anisotropy of small LMs)")
+    p.add_argument("--on-full", default="error", choices=("error", "nearest"),
+                   help="DISCO when a new task arrives and all K subspaces are taken: stop with an error, or join the "
+                   "nearest subspace (the official client rule), logged")
+    p.add_argument("--prox-mu", type=float, default=0.01, help="FedProx proximal weight mu")
+    p.add_argument("--server-lr", type=float, default=None,
+                   help="server learning rate of fedavgm/fedadam/fedyogi/fedadagrad (default: 1-momentum / 1e-3)")
+    p.add_argument("--ewc-lambda", type=float, default=1.0, help="EWC penalty weight")
+    p.add_argument("--olora-lambda", type=float, default=0.5, help="O-LoRA orthogonality penalty weight")
     p.add_argument("--model", default=None, help="local model directory (llava-hf, original LLaVA or a text-only "
                    "LLaMA/Qwen2 causal LM); default: the embedded tiny VLM")
     p.add_argument("--vision-tower", default=None, help="local CLIP directory for the original LLaVA layout")
@@ -123,6 +149,15 @@ class RunConfig:
     routing: str
     identity: str
     orthogonal_subspaces: bool
+    tau: float
+    assign: str
+    identity_layer: str
+    identity_center: bool
+    on_full: str
+    prox_mu: float
+    server_lr: float
+    ewc_lambda: float
+    olora_lambda: float
     model: str
     vision_tower: str
     text_encoder: str
@@ -135,17 +170,18 @@ class RunConfig:
 
 
 # Paper protocol (fcit_paper.md §1.2, §6) and the scaled-down protocol of the embedded default.
-PAPER = dict(clients=50, clients_per_round=5, rounds=10, local_epochs=1, lr=2e-4, max_new_tokens=128)
+PAPER = dict(clients=50, clients_per_round=5, rounds=10, local_epochs=1, lr=2e-4, max_new_tokens=128,
+             identity_layer="last")
 PAPER_TASK = dict(rank=64, alpha=128.0, subspaces=8, batch_size=128)
 PAPER_CAP = dict(rank=32, alpha=64.0, subspaces=4, batch_size=64)
 PAPER_FEDIT = dict(clients=10, clients_per_round=1, rounds=10, local_epochs=2, lr=3e-4, rank=8, alpha=16.0,
-                   subspaces=1, batch_size=64, max_new_tokens=128)
-EMBEDDED = dict(clients=10, clients_per_round=3, rounds=3, local_epochs=1, lr=2e-3, batch_size=16,
-                max_new_tokens=12, eval_samples=40)
+                   subspaces=1, batch_size=64, max_new_tokens=128, identity_layer="last")
+EMBEDDED = dict(clients=5, clients_per_round=5, rounds=2, local_epochs=1, lr=1e-3, batch_size=8,
+                max_new_tokens=12, eval_samples=40, identity_layer="embedding")
 EMBEDDED_TASK = dict(rank=32, alpha=64.0, subspaces=8)
 EMBEDDED_CAP = dict(rank=16, alpha=32.0, subspaces=4)
 EMBEDDED_FEDIT = dict(clients=10, clients_per_round=5, rounds=4, local_epochs=2, lr=2e-3, rank=8, alpha=16.0,
-                      subspaces=1, batch_size=16, max_new_tokens=16, eval_samples=None)
+                      subspaces=1, batch_size=16, max_new_tokens=16, eval_samples=None, identity_layer="last")
 
 
 def resolve_config(args):
@@ -193,7 +229,10 @@ def resolve_config(args):
         clients=pick("clients"), clients_per_round=pick("clients_per_round"), rounds=pick("rounds"),
         local_epochs=pick("local_epochs"), lr=pick("lr"), batch_size=pick("batch_size"), grad_accum=args.grad_accum,
         rank=pick("rank"), alpha=pick("alpha"), subspaces=pick("subspaces"), routing=args.routing,
-        identity=args.identity, orthogonal_subspaces=args.orthogonal_subspaces,
+        identity=args.identity, orthogonal_subspaces=args.orthogonal_subspaces, tau=args.tau, assign=args.assign,
+        identity_layer=pick("identity_layer"), identity_center=args.identity_center, on_full=args.on_full,
+        prox_mu=args.prox_mu, server_lr=args.server_lr,
+        ewc_lambda=args.ewc_lambda, olora_lambda=args.olora_lambda,
         model=os.path.abspath(args.model) if args.model else TINY_MODEL_DIR,
         vision_tower=os.path.abspath(args.vision_tower) if args.vision_tower else None,
         text_encoder=os.path.abspath(args.text_encoder) if args.text_encoder else None,
@@ -344,7 +383,10 @@ def fed_config(cfg: RunConfig, method: str, device: str, dtype: str) -> federate
         method=method, aggregator=cfg.aggregator, n_clients=cfg.clients, clients_per_round=cfg.clients_per_round,
         rounds=cfg.rounds, local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum, rank=cfg.rank, alpha=cfg.alpha, num_subspaces=cfg.subspaces,
-        routing=cfg.routing, identity=cfg.identity, orthogonal_subspaces=cfg.orthogonal_subspaces, seed=cfg.seed,
+        routing=cfg.routing, identity=cfg.identity, orthogonal_subspaces=cfg.orthogonal_subspaces, tau=cfg.tau,
+        assign=cfg.assign, identity_layer=cfg.identity_layer, identity_center=cfg.identity_center,
+        on_full=cfg.on_full, prox_mu=cfg.prox_mu,
+        server_lr=cfg.server_lr, ewc_lambda=cfg.ewc_lambda, olora_lambda=cfg.olora_lambda, seed=cfg.seed,
         device=device, dtype=dtype, max_new_tokens=cfg.max_new_tokens, gradient_checkpointing=cfg.gradient_checkpointing,
         template="alpaca" if fedit else "vicuna_v1", train_on_inputs=fedit,
         # FedIT (Shepherd) adapts the attention projections of a text-only LM; FCIT the MLP (§4.2).
@@ -388,9 +430,10 @@ def evaluate(fed, bench, method, stage):
     for k in bench.seen(stage):
         if method == "local":   # FedIT's local baseline: each client's own model, averaged over clients
             clients = fed.local_clients()
-            row[k] = sum(bench.score_task(k, lambda exs, c=c: fed.predict(exs, client=c)) for c in clients) / len(clients)
+            row[k] = sum(bench.score_task(k, lambda exs, c=c: fed.predict(exs, client=c, distributed=True))
+                         for c in clients) / len(clients)
         else:
-            row[k] = bench.score_task(k, fed.predict)
+            row[k] = bench.score_task(k, lambda exs: fed.predict(exs, distributed=True))
     return row
 
 
