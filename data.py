@@ -25,6 +25,7 @@ import math
 import os
 import random
 import re
+import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -1293,6 +1294,8 @@ def make_fcit_mini(root, seed: int = 0, n_train: int = 300, n_test: int = 50, im
                 return root
         except FCITDataError:
             pass
+    # partitions copy the records: ones made from an earlier version of these files would be stale
+    shutil.rmtree(os.path.join(root, "partitioned_data"), ignore_errors=True)
     for ds in params["datasets"]:
         folder, train_f, test_f = DATASET_FILES[ds]
         os.makedirs(os.path.join(root, "images", folder), exist_ok=True)

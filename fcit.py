@@ -176,7 +176,7 @@ PAPER_TASK = dict(rank=64, alpha=128.0, subspaces=8, batch_size=128)
 PAPER_CAP = dict(rank=32, alpha=64.0, subspaces=4, batch_size=64)
 PAPER_FEDIT = dict(clients=10, clients_per_round=1, rounds=10, local_epochs=2, lr=3e-4, rank=8, alpha=16.0,
                    subspaces=1, batch_size=64, max_new_tokens=128, identity_layer="last")
-EMBEDDED = dict(clients=5, clients_per_round=5, rounds=2, local_epochs=1, lr=1e-3, batch_size=8,
+EMBEDDED = dict(clients=5, clients_per_round=5, rounds=2, local_epochs=2, lr=3e-3, batch_size=8,
                 max_new_tokens=12, eval_samples=40, identity_layer="embedding")
 EMBEDDED_TASK = dict(rank=32, alpha=64.0, subspaces=8)
 EMBEDDED_CAP = dict(rank=16, alpha=32.0, subspaces=4)

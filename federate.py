@@ -948,7 +948,7 @@ class Federation:
                 if info.get("merged_on_full"):
                     rec["merged_on_full"] = [dict(d, clients=[pos[i] for i in d["clients"]])
                                              for d in info["merged_on_full"]]
-                    say(f"stage {stage} round {rnd}: no free subspace; positions joined the nearest: "
+                    say(f"stage {stage + 1} round {rnd + 1}: no free subspace; positions joined the nearest: "
                         f"{rec['merged_on_full']}")
                 slots.update(zip(pos, asg))
                 for p in pos:
@@ -957,7 +957,7 @@ class Federation:
                     old = [o for o in self.open_order if o != j]
                     if cfg.orthogonal_subspaces and old:
                         self._orthogonalize(j, old)
-                    say(f"stage {stage} round {rnd}: DISCO opened subspace {j} for positions "
+                    say(f"stage {stage + 1} round {rnd + 1}: DISCO opened subspace {j} for positions "
                         f"{[p for p in pos if slots[p] == j]}")
                 slots = dict(sorted(slots.items()))
         else:
@@ -980,7 +980,7 @@ class Federation:
         kept, bad = screen_clients(list(allu.values()))
         dropped += [d for d in bad if not any(d["position"] == x["position"] for x in dropped)]
         for d in dropped:
-            say(f"stage {stage} round {rnd}: client {d['client']} (position {d['position']}) excluded: {d['reason']}")
+            say(f"stage {stage + 1} round {rnd + 1}: client {d['client']} (position {d['position']}) excluded: {d['reason']}")
 
         # server aggregation
         if m == "local":
@@ -1002,7 +1002,7 @@ class Federation:
             if applied:
                 self.global_state.update(new)
             else:
-                say(f"stage {stage} round {rnd}: aggregated update is not finite; global model kept")
+                say(f"stage {stage + 1} round {rnd + 1}: aggregated update is not finite; global model kept")
                 rec["aggregation_skipped"] = "non-finite aggregate"
             if m == "disco" and applied:
                 pos = [u["position"] for u in kept]

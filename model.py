@@ -1156,7 +1156,7 @@ def encode_example(tokenizer: Tokenizer, instruction: str, answer: str | None = 
                    image_seq_len: int = 0, image_token_id: int | None = None, max_length: int = 2048):
     """One single-turn example -> (input_ids, labels). Only the answer tokens and the end token are supervised
     (labels -100 elsewhere); answer None gives the generation prompt with all labels -100 (MF §4.3).
-    The conversation is rendered once and tokenized once; a token is supervised iff its span reaches into the answer."""
+    The conversation is rendered once and tokenized once; a token is supervised iff it starts after the prompt."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
     fmt, sep, end_text = TEMPLATES[template]
@@ -1169,8 +1169,12 @@ def encode_example(tokenizer: Tokenizer, instruction: str, answer: str | None = 
     prompt = fmt.format(instruction=instruction)
     text = prompt if answer is None else prompt + sep + answer
     ids, offs = _encode_offsets(tokenizer, text, image_token_id, image_seq_len)
-    start = len(text) if answer is None else len(prompt) + len(sep)
-    labels = [i if (o[1] > start and i != image_token_id) else IGNORE_INDEX for i, o in zip(ids, offs)]
+    # Supervise every token that starts after the generation prompt, the separator included: with SentencePiece the
+    # separator space merges into the first answer token ("▁No", as LLaVA's preprocess_v1 masks it); where a byte-level
+    # BPE keeps it as a token of its own, the model must still learn to emit it, since generation starts right after
+    # "ASSISTANT:". A token that straddles the end of the prompt belongs to the prompt.
+    start = len(text) if answer is None else len(prompt)
+    labels = [i if (o[0] >= start and i != image_token_id) else IGNORE_INDEX for i, o in zip(ids, offs)]
     if answer is not None:
         end_id = tokenizer.token_to_id(end_text)
         end_id = tokenizer.eos_id if end_id is None else end_id

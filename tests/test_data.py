@@ -541,3 +541,13 @@ def test_length_bucketed_batches():
     spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in bs])
     rand = np.mean([np.ptp([lengths[i] for i in range(k, min(k + 8, 230))]) for k in range(0, 230, 8)])
     assert spread < rand / 3
+
+
+def test_regenerated_fcit_mini_drops_stale_partitions(tmp_path):
+    """Partitions copy the records, so regenerating FCIT-mini (other parameters) must not keep old client files."""
+    root = str(tmp_path / "mini")
+    data.make_fcit_mini(root, seed=0, n_train=4, n_test=1, datasets=data.TASK_ORDER)
+    data.make_partitions(root, "task-hom", 1.0, n_clients=2, seed=0)
+    assert os.path.isdir(os.path.join(root, "partitioned_data"))
+    data.make_fcit_mini(root, seed=1, n_train=4, n_test=1, datasets=data.TASK_ORDER)
+    assert not os.path.exists(os.path.join(root, "partitioned_data"))

@@ -795,3 +795,15 @@ def test_sentencepiece_model_only_tokenizer(tmp_path):
     ids, labels = M.encode_example(tok, "What is in the image?", "A cat.", image_seq_len=3, image_token_id=-200)
     assert ids[0] == 1 and ids[-1] == 2 and ids.count(-200) == 3
     assert tok.decode([i for i, l in zip(ids, labels) if l != -100]) == "A cat."
+
+
+def test_byte_level_separator_is_supervised():
+    """With a byte-level BPE that keeps the separator space as its own token (the embedded tiny model's), the
+    supervised tokens are exactly what generation must produce after the prompt: prompt + supervised == full."""
+    tok = M.Tokenizer.from_dir(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                            "assets", "tiny-llava"))
+    ids, labels = M.encode_example(tok, "Is Blue the minimum?", "No", image_seq_len=4)
+    prompt, _ = M.encode_example(tok, "Is Blue the minimum?", None, image_seq_len=4)
+    sup = [i for i, l in zip(ids, labels) if l != -100]
+    assert tok.decode(sup[:-1]) == " No" and sup[-1] == tok.eos_id
+    assert ids == prompt + sup
