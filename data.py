@@ -1076,8 +1076,8 @@ def _mini_flickr30k(rng, S):
         _object(d, obj, box, COLORS[col], "photo")
     subj, verb, be = ("a person", "stands", "is") if n == 1 else ("two people", "stand", "are")
     caps = [f"{subj} {verb} {rel} a {col} {obj}", f"{subj} {be} {rel} a {col} {obj}"]
-    q = rng.choice(["Describe the image concisely.", "Provide a brief description of the given image.",
-                    "Give a short caption for the photo."])
+    q = rng.choice(["Describe the image concisely.", "Describe the image briefly.",
+                    "Describe the image in a few words."])   # one phrasing family per task, as for the others
     return im, q, caps[0], {"captions": caps, "people": n, "object": obj, "color": col, "relation": rel}
 
 
@@ -1286,7 +1286,7 @@ def make_fcit_mini(root, seed: int = 0, n_train: int = 300, n_test: int = 50, im
     parameters. Same seed -> byte-identical files."""
     root = str(root)
     params = {"seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size,
-              "datasets": list(datasets or FCIT_DATASETS), "version": 2}
+              "datasets": list(datasets or FCIT_DATASETS), "version": 3}
     stamp = os.path.join(root, "fcit_mini.json")
     if not overwrite and os.path.exists(stamp):
         try:

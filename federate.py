@@ -120,6 +120,8 @@ class FedConfig:
     gradient_checkpointing: bool = False
     lora_targets: tuple = ("gate_proj", "up_proj", "down_proj")   # §4.2: MLP only
     train_projector: bool = True         # §4.3: FCIT trains and averages mm_projector
+    projector_lr: float | None = None    # None: lr. FCIT sets --mm_projector_lr 2e-5 (lr/10) but its optimizer ignores
+                                         # it (§4.7.5), so the official projector trains at lr; this is the intent
     train_on_inputs: bool = False        # supervise the prompt too (Shepherd's default for FedIT)
 
     def __post_init__(self):
@@ -812,7 +814,11 @@ class Federation:
         total_micro = n_batches * cfg.local_epochs
         steps = math.ceil(total_micro / acc)
         warm = math.ceil(cfg.warmup_ratio * steps)
-        optim = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        proj = set(self.proj_names)
+        groups = [{"params": [self._params[n] for n in names if n not in proj], "lr": cfg.lr},
+                  {"params": [self._params[n] for n in names if n in proj],
+                   "lr": cfg.lr if cfg.projector_lr is None else cfg.projector_lr}]
+        optim = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: cosine_warmup(s, steps, warm))
         scaler = torch.amp.GradScaler("cuda") if (self.device.type == "cuda" and cfg.dtype == "float16") else None
         gc_before = getattr(model, "gradient_checkpointing", False)
