@@ -203,7 +203,7 @@ def resolve_config(args):
     if len(set(methods)) != len(methods):
         raise UsageError(f"--methods lists a method twice: {args.methods}")
     embedded = args.model is None and args.data_root is None
-    defaults = {}
+    defaults = dict(identity_layer="last", identity_center=False, on_full="error", projector_lr=None)
     if args.setting == "fedit":
         defaults.update(EMBEDDED_FEDIT if embedded else PAPER_FEDIT)
     else:

@@ -1,6 +1,7 @@
 """torch.distributed: the same Federation code on 2 gloo processes (CPU) gives the same aggregated adapters as the
 single-process run (issue 5 §6). Clients of a round are split across ranks (position p -> rank p % world); their
 uploads and identity tokens are all-gathered, every rank aggregates identically."""
+import json
 import os
 import socket
 import sys
@@ -8,9 +9,11 @@ import tempfile
 
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import federate as fd          # noqa: E402
+import model as vlm            # noqa: E402
 import test_federate as tf     # noqa: E402
 
 WORLD = 2
@@ -34,19 +37,21 @@ def _eval_set():
     return tf.task_examples("A", 5, 3) + tf.task_examples("B", 4, 4)
 
 
-def _worker(rank, port, base_path, out_dir, methods):
+def _worker(rank, port, base_dir, out_dir, methods):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     assert fd.init_distributed() == (rank, WORLD)
     try:
-        base, tok = torch.load(base_path, weights_only=False)
+        base, tok = vlm.load_vlm(base_dir), vlm.Tokenizer.from_dir(base_dir)
         for method in methods:
             fed = fd.Federation(tf.copy.deepcopy(base), tok, None, _cfg(method))
             tensors, meta = _run(fed, method)
             preds = fed.predict(_eval_set(), batch_size=4, distributed=True)   # sharded evaluation
-            if rank == 0:       # rank 0 writes
-                torch.save((tensors, meta, preds), os.path.join(out_dir, f"{method}.pt"))
+            if rank == 0:       # rank 0 writes (safetensors + JSON: nothing is unpickled)
+                save_file(tensors, os.path.join(out_dir, f"{method}.safetensors"))
+                with open(os.path.join(out_dir, f"{method}.json"), "w") as f:
+                    json.dump({"meta": meta, "preds": preds}, f)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -64,12 +69,16 @@ def test_two_gloo_processes_match_single_process():
         methods = ["disco", "fedit"]
         base, tok = tf.tiny_model()
         with tempfile.TemporaryDirectory() as d:
-            torch.save((base, tok), os.path.join(d, "base.pt"))
-            mp.spawn(_worker, args=(_free_port(), os.path.join(d, "base.pt"), d, methods), nprocs=WORLD, join=True)
+            base_dir = os.path.join(d, "base")
+            vlm.save_vlm(base, base_dir, tokenizer=tok)
+            mp.spawn(_worker, args=(_free_port(), base_dir, d, methods), nprocs=WORLD, join=True)
             for method in methods:
                 fed = fd.Federation(tf.copy.deepcopy(base), tok, None, _cfg(method))
                 single, meta1 = _run(fed, method)
-                multi, meta2, preds = torch.load(os.path.join(d, f"{method}.pt"), weights_only=False)
+                multi = load_file(os.path.join(d, f"{method}.safetensors"))
+                with open(os.path.join(d, f"{method}.json")) as f:
+                    saved = json.load(f)
+                meta2, preds = saved["meta"], saved["preds"]
                 assert preds == fed.predict(_eval_set(), batch_size=4)
                 assert set(single) == set(multi)
                 for k in single:
