@@ -361,8 +361,9 @@ class Benchmark:
     def client_data(self, stage):
         """The callable Federation.run_round asks for a client's examples (position -> task by the setting)."""
         def get(position, client):
-            if position is None:   # mtl: the pooled data of every task seen so far
-                return [ex for k in self.seen(stage) for shard in self.parts[k] for ex in shard]
+            if position is None:   # mtl: the pooled data of every task seen so far (FedIT: all of it)
+                pools = self.parts if self.cfg.setting == "fedit" else [self.parts[k] for k in self.seen(stage)]
+                return [ex for shards in pools for shard in shards for ex in shard]
             k = 0 if self.cfg.setting == "fedit" else data.stage_task_for(self.cfg.setting, stage, position)
             return self.parts[k][client]
         return get
