@@ -598,16 +598,7 @@ def test_peft_roundtrip_with_our_model(tmp_path):
         got = pm(ids).logits
     assert float((got - want).abs().max()) <= 1e-4
     # reverse: peft adapter -> our loader on a fresh load_vlm model
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])
-    pm2 = peft.get_peft_model(copy.deepcopy(hf), cfg)
-    with torch.no_grad():
-        for n, p in pm2.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn_like(p) * 0.1)
-    pm2.eval()
-    pm2.save_pretrained(str(tmp_path / "pe"))
-    fresh = mp.load_vlm(str(tmp_path / "base"), dtype=torch.float32).eval()
-    lora.load_peft_adapter(fresh, str(tmp_path / "pe"))
+    fresh, pm2 = _peft_adapter_into_ours(hf, ["gate_proj", "up_proj", "down_proj"], tmp_path)
     with torch.no_grad():
         assert float((fresh(ids) - pm2(ids).logits).abs().max()) <= 1e-4
 
@@ -656,16 +647,7 @@ def test_peft_roundtrip_llava(tmp_path):
         with torch.no_grad():
             assert float((fresh(ids, pixel_values=pix) - want).abs().max()) <= 1e-5
     # reverse: peft on the language model only
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(gate_proj|up_proj|down_proj|q_proj)")
-    pm2 = peft.get_peft_model(copy.deepcopy(hf), cfg)
-    with torch.no_grad():
-        for name, p in pm2.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p) * 0.1)
-    pm2.eval()
-    pm2.save_pretrained(str(tmp_path / "pe"))
-    fresh = mp.load_vlm(str(tmp_path / "base"), dtype=torch.float32).eval()
-    lora.load_peft_adapter(fresh, str(tmp_path / "pe"))
+    fresh, pm2 = _peft_adapter_into_ours(hf, r".*language_model.*\.(gate_proj|up_proj|down_proj|q_proj)", tmp_path)
     with torch.no_grad():
         assert float((fresh(ids, pixel_values=pix) - pm2(input_ids=ids, pixel_values=pix).logits).abs().max()) <= 1e-4
     # peft's list form also hits CLIP's q_proj: our loader refuses it, naming the key
@@ -705,3 +687,19 @@ def test_bf16_base_fp32_adapter():
     assert torch.equal(m.weight, w0)
     with torch.no_grad():
         model(x)
+
+
+def _peft_adapter_into_ours(hf, target_modules, tmp_path):
+    """peft.get_peft_model on the transformers model with random nonzero LoRA weights, saved by peft, then read by
+    our load_peft_adapter into a fresh load_vlm of tmp_path/base. Returns (ours, peft model)."""
+    import peft
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    pm.eval()
+    pm.save_pretrained(str(tmp_path / "pe"))
+    fresh = _model_py().load_vlm(str(tmp_path / "base"), dtype=torch.float32).eval()
+    lora.load_peft_adapter(fresh, str(tmp_path / "pe"))
+    return fresh, pm
