@@ -485,9 +485,9 @@ def run_method(cfg: RunConfig, method, bench, out, device, dtype, log, is_main):
             log(f"[{method}] after stage {stage + 1}/{bench.stages} ({time.time() - t0:.0f}s): " + ", ".join(seen))
             progress["stage"], progress["round"] = stage + 1, 0
             progress["done"] = stage + 1 == bench.stages
+            save_adapters(fed, model, out, method, stage, is_main)
             if progress["done"]:
                 progress["routing_accuracy"] = fed.routing_accuracy(bench.examples_by_task(bench.seen(stage)))
-                save_adapters(fed, model, out, method, stage, is_main)
         progress["wall_s"] = time.time() - t_start
         if is_main:
             save_state(state_path, fed, progress)
@@ -495,11 +495,11 @@ def run_method(cfg: RunConfig, method, bench, out, device, dtype, log, is_main):
 
 
 def save_adapters(fed, model, out, method, stage, is_main):
-    """The final adapters: our full format (all subspaces + identity keys) and PEFT's format (DISCO: the
+    """The adapters after a stage: our full format (all subspaces + identity keys) and PEFT's format (DISCO: the
     subspaces concatenated with uniform weights over the used ones, since PEFT has no routing)."""
     if not is_main or not fed.has_lora or method == "local":
         return
-    d = os.path.join(out, "adapters", method)
+    d = os.path.join(out, "adapters", method, f"stage{stage + 1}")
     os.makedirs(d, exist_ok=True)
     extra = {}
     if getattr(fed, "keys", None) is not None:

@@ -55,8 +55,9 @@ def test_fcit_settings_end_to_end(tmp_path, setting):
     assert len(r["methods"]["disco"]["matrix"]) == stages
     assert r["methods"]["finetune"]["routing_accuracy"] is None
     assert r["methods"]["disco"]["comm_bytes"] > 0
-    assert os.path.exists(os.path.join(out, "adapters", "disco", "peft", "adapter_config.json"))
-    assert os.path.exists(os.path.join(out, "adapters", "disco", "fcit_adapter.safetensors"))
+    for k in range(1, stages + 1):
+        assert os.path.exists(os.path.join(out, "adapters", "disco", f"stage{k}", "peft", "adapter_config.json"))
+        assert os.path.exists(os.path.join(out, "adapters", "disco", f"stage{k}", "fcit_adapter.safetensors"))
 
 
 def test_fedit_end_to_end(tmp_path):
