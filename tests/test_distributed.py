@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 import tempfile
+import warnings
 
 import torch
 import torch.multiprocessing as mp
@@ -53,6 +54,7 @@ def _worker(rank, port, base_dir, out_dir, methods):
                 with open(os.path.join(out_dir, f"{method}.json"), "w") as f:
                     json.dump({"meta": meta, "preds": preds}, f)
     finally:
+        torch.distributed.barrier()   # no rank tears gloo down while the other still talks to it
         torch.distributed.destroy_process_group()
 
 
@@ -71,7 +73,17 @@ def test_two_gloo_processes_match_single_process():
         with tempfile.TemporaryDirectory() as d:
             base_dir = os.path.join(d, "base")
             vlm.save_vlm(base, base_dir, tokenizer=tok)
-            mp.spawn(_worker, args=(_free_port(), base_dir, d, methods), nprocs=WORLD, join=True)
+            try:
+                mp.spawn(_worker, args=(_free_port(), base_dir, d, methods), nprocs=WORLD, join=True)
+            except mp.ProcessExitedException as e:
+                # Seen 2 times in ~10 full-suite runs on a loaded 2-core box, never alone: a worker aborts in gloo's
+                # C++ teardown ("terminate called without an active exception") after its work is done. Rank 0
+                # writes its results after the last collective, so with every result file present the run itself
+                # completed; anything else is a real failure.
+                done = all(os.path.exists(os.path.join(d, f"{m}.json")) for m in methods)
+                if e.signal_name != "SIGABRT" or not done:
+                    raise
+                warnings.warn(f"gloo teardown aborted after the run completed: {e}")
             for method in methods:
                 fed = fd.Federation(tf.copy.deepcopy(base), tok, None, _cfg(method))
                 single, meta1 = _run(fed, method)
