@@ -633,6 +633,9 @@ def main(argv=None):
             draw_matrix(r["matrix"], bench.tasks, f"{name} - {cfg.setting}", os.path.join(out, f"matrix_{name}.png"))
         print("\n" + md)
         print(f"wrote {out}/results.json, results.md, matrix_<method>.png")
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 
