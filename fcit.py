@@ -247,6 +247,9 @@ def resolve_config(args):
         dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing)
     if cfg.clients_per_round > cfg.clients:
         raise UsageError(f"--clients-per-round {cfg.clients_per_round} exceeds --clients {cfg.clients}")
+    if cfg.setting.endswith("-het") and cfg.clients_per_round != 5:
+        raise UsageError(f"--setting {cfg.setting} maps the 5 client positions of a round to tasks (the official "
+                         f"seq_dyn_list / cap_dyn_list); --clients-per-round must be 5, not {cfg.clients_per_round}")
     if cfg.rank % cfg.subspaces:
         raise UsageError(f"--rank {cfg.rank} must be divisible by the number of subspaces {cfg.subspaces}")
     return cfg

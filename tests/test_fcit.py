@@ -122,6 +122,8 @@ def test_bad_input_exits_2_before_work(tmp_path, capsys):
     assert fcit.main(["--setting", "task-hom", "--data-root", str(tmp_path)]) == 2
     assert "not an FCIT release" in capsys.readouterr().err
     assert fcit.main(["--setting", "task-hom", "--model", str(tmp_path / "missing")]) == 2
+    assert fcit.main(["--setting", "task-het", "--clients-per-round", "3"]) == 2
+    assert "must be 5" in capsys.readouterr().err
 
 
 def test_dry_run_prints_the_plan(capsys):
