@@ -540,11 +540,12 @@ def plan(cfg: RunConfig, bench):
              f"batch {cfg.batch_size}x{cfg.grad_accum}, lr {cfg.lr}, LoRA r={cfg.rank} alpha={cfg.alpha} K={cfg.subspaces}"]
     total = 0
     for s in range(bench.stages):
-        sizes = [len(shard) for k in range(len(bench.parts)) for shard in bench.parts[k]]
+        trained = [0] if cfg.setting == "fedit" else data.tasks_of_stage(cfg.setting, s)
+        sizes = [len(shard) for k in trained for shard in bench.parts[k]]   # the shards this stage's clients hold
         mean = sum(sizes) / max(1, len(sizes))
         steps = cfg.rounds * cfg.clients_per_round * math.ceil(mean * cfg.local_epochs / cfg.batch_size)
         total += steps
-        tasks = bench.tasks if cfg.setting == "fedit" else [bench.tasks[k] for k in data.tasks_of_stage(cfg.setting, s)]
+        tasks = bench.tasks if cfg.setting == "fedit" else [bench.tasks[k] for k in trained]
         lines.append(f"  stage {s + 1}: trains {', '.join(tasks)}; evaluates {len(bench.seen(s))} task(s); "
                      f"~{steps} optimizer steps per method")
     lines.append(f"~{total} optimizer steps per method in all")
