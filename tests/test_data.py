@@ -296,11 +296,39 @@ def _mask(im, rgb):
     return (np.abs(x - np.array(rgb)).sum(-1) == 0)
 
 
+def _components(mask):
+    """Number of 4-connected True regions (the structure scipy.ndimage.label uses by default)."""
+    seen = np.zeros_like(mask, dtype=bool)
+    h, w = mask.shape
+    n = 0
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        n += 1
+        seen[y0, x0] = True
+        stack = [(y0, x0)]
+        while stack:
+            y, x = stack.pop()
+            for v, u in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= v < h and 0 <= u < w and mask[v, u] and not seen[v, u]:
+                    seen[v, u] = True
+                    stack.append((v, u))
+    return n
+
+
+def test_components_flood_fill():
+    m = np.zeros((6, 6), dtype=bool)
+    m[0, 0] = m[0, 1] = True            # one region of two
+    m[2, 2] = True                      # diagonal neighbour of nothing connected
+    m[3, 3] = True                      # diagonal to (2, 2): separate under 4-connectivity
+    m[5, 0:6] = True
+    assert _components(m) == 4 and _components(np.zeros((3, 3), dtype=bool)) == 0
+
+
 def test_mini_answers_derivable_by_construction():
-    from scipy import ndimage
     for i in range(40):
         im, ins, ans, meta = data.mini_sample("IconQA", 1, "train", i)
-        n = ndimage.label(_mask(im, data.COLORS[meta["color"]]))[1]
+        n = _components(_mask(im, data.COLORS[meta["color"]]))
         assert n == meta["count"] == int(ans) and f"{data.PLURAL[meta['shape']]}" in ins and ans in ins
 
         im, ins, ans, meta = data.mini_sample("FigureQA", 1, "train", i)
@@ -335,7 +363,7 @@ def test_mini_answers_derivable_by_construction():
             assert ans == str(max(meta["values"]))
 
         im, ins, ans, meta = data.mini_sample("CLEVR-Math", 1, "train", i)
-        n_obj = ndimage.label(np.abs(np.asarray(im).astype(int) - 200).sum(-1) > 0)[1]
+        n_obj = _components(np.abs(np.asarray(im).astype(int) - 200).sum(-1) > 0)
         assert n_obj == len(meta["objects"])
         if ins.startswith("Subtract all") and meta["objects"]:
             what = ins.split(".")[0].split()[2]
