@@ -78,10 +78,28 @@ def build_parser():
     p.add_argument("--local-epochs", type=int, default=None, help="local epochs per round (paper: 1)")
     p.add_argument("--lr", type=float, default=None, help="client AdamW learning rate (paper: 2e-4)")
     p.add_argument("--batch-size", type=int, default=None, help="client batch size (paper: 128 task / 64 cap)")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help="gradient accumulation steps (paper: 1; FedIT: 2, Shepherd's batch 64 in micro-batches of 32)")
     p.add_argument("--projector-lr", type=float, default=None,
-                   help="learning rate of the trained projector (paper: 2e-5, lr/10, as FCIT's scripts set it; the "
-                   "official optimizer ignores that flag and trains the projector at --lr, a bug we do not copy)")
+                   help="learning rate of the trained projector (default: --lr, which produced the paper's numbers: "
+                   "FCIT's scripts pass mm_projector_lr 2e-5 but its optimizer ignores it)")
+    p.add_argument("--lr-schedule", default=None, choices=("cosine", "linear"),
+                   help="client LR decay, restarted per client and round (FCIT: cosine; FedIT/Shepherd: linear)")
+    p.add_argument("--warmup-ratio", type=float, default=None,
+                   help="client LR warmup as a fraction of its steps (FCIT: 0.03; FedIT/Shepherd: 0)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="token cutoff of a training sequence (FCIT: 2048; FedIT/Shepherd: 512)")
+    p.add_argument("--lora-init", default=None, choices=("fcit", "peft"),
+                   help="LoRA A init: fcit = N(0, 0.01^2) (FCIT); peft = kaiming-uniform, PEFT's default (FedIT)")
+    p.add_argument("--client-sampling", default=None, choices=("official", "seeded"),
+                   help="official: the draw of FCIT's and Shepherd's code, np.random.seed(stage*10 + round) then "
+                   "choice (default with --model/--data-root; ignores --seed); seeded: keyed by --seed, stage and round "
+                   "(default for the embedded run)")
+    p.add_argument("--server-state", default="reset", choices=("reset", "carry"),
+                   help="server-optimizer state (fedavgm momentum, fedadam/yogi/adagrad m and v) at a stage boundary")
+    p.add_argument("--mtl-epochs", type=float, default=None,
+                   help="epochs of the centralised mtl upper bound over the union of every stage's training data "
+                   "(default: rounds x local epochs x clients-per-round / clients, the federated methods' budget)")
     p.add_argument("--rank", type=int, default=None, help="total LoRA rank r (paper: 64 task-related, 32 capability)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (paper: 128 task-related, 64 capability)")
     p.add_argument("--subspaces", type=int, default=None, help="number of LoRA subspaces K (paper: 8 task, 4 cap)")
@@ -95,6 +113,9 @@ def build_parser():
     p.add_argument("--assign", default="round0", choices=("round0", "every_round"),
                    help="DISCO: match clients to subspaces in round 0 of a stage and keep the position's subspace "
                    "for the later rounds (official schedule), or re-match every round")
+    p.add_argument("--lm-identity", action="store_true", default=None,
+                   help="DISCO without --text-encoder: take task identities from the base LM (a fallback that can "
+                   "merge distinct tasks; required explicitly with --model, the embedded run sets it)")
     p.add_argument("--identity-layer", default=None, choices=("last", "embedding"),
                    help="DISCO without --text-encoder: mean-pool the base LM's final hidden states (default with "
                    "--model) or its input token embeddings (default for the embedded tiny VLM, whose final states "
@@ -109,13 +130,19 @@ def build_parser():
     p.add_argument("--prox-mu", type=float, default=0.01, help="FedProx proximal weight mu")
     p.add_argument("--server-lr", type=float, default=None,
                    help="server learning rate of fedavgm/fedadam/fedyogi/fedadagrad (default: 1-momentum / 1e-3)")
-    p.add_argument("--ewc-lambda", type=float, default=1.0, help="EWC penalty weight")
+    p.add_argument("--ewc-lambda", type=float, default=federate.FedConfig.ewc_lambda, help="EWC penalty weight "
+                   "(chosen from a sweep on the toy tasks, see README)")
     p.add_argument("--olora-lambda", type=float, default=0.5, help="O-LoRA orthogonality penalty weight")
     p.add_argument("--model", default=None, help="local model directory (llava-hf, original LLaVA or a text-only "
                    "LLaMA/Qwen2 causal LM); default: the embedded tiny VLM")
     p.add_argument("--vision-tower", default=None, help="local CLIP directory for the original LLaVA layout")
     p.add_argument("--text-encoder", default=None, help="local CLIP directory whose text tower gives DISCO's "
-                   "identity features (paper: clip-vit-large-patch14-336); default: the base LM's mean-pooled states")
+                   "identity features (paper: clip-vit-large-patch14-336); required by disco with --model unless "
+                   "--lm-identity")
+    p.add_argument("--image-aspect", default=None, choices=("pad", "crop"),
+                   help="pad images to a square with the mean colour before resize and crop (LLaVA-1.5, FCIT) or "
+                   "centre-crop them (default: pad, unless an original LLaVA config.json names another "
+                   "image_aspect_ratio)")
     p.add_argument("--data-root", default=None, help="the FCIT release (instructions/, partitioned_data/, images) or "
                    "a dolly-15k JSONL for fedit; default: FCIT-mini / FedIT-mini generated into the cache")
     p.add_argument("--out", default=None, help="output directory (default: runs/<setting>-b<beta>-s<seed>)")
@@ -124,6 +151,11 @@ def build_parser():
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="weights/compute dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--eval-samples", type=int, default=None, help="test samples per task (default: all)")
+    p.add_argument("--caption-metric", default=data.CAPTION_METRICS[0], choices=data.CAPTION_METRICS,
+                   help="Flickr30k score: average = mean of BLEU-1..4, ROUGE-L and CIDEr x 100 (FCIT's 'Average' "
+                   "without METEOR); CIDEr, Bleu_N, ROUGE_L x 100; CIDEr_x10 = CIDEr-D on a 0..100 scale")
+    p.add_argument("--shard-seed", type=int, default=42,
+                   help="fedit: seed of Shepherd's category-shard shuffle (Shepherd: 42)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (paper: 128)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder layers in backward")
     p.add_argument("--dry-run", action="store_true", help="print the plan (stages, tasks, clients, steps) and exit")
@@ -148,6 +180,13 @@ class RunConfig:
     batch_size: int
     grad_accum: int
     projector_lr: float
+    lr_schedule: str
+    warmup_ratio: float
+    max_length: int
+    lora_init: str
+    client_sampling: str
+    server_state: str
+    mtl_epochs: float
     rank: int
     alpha: float
     subspaces: int
@@ -156,6 +195,7 @@ class RunConfig:
     orthogonal_subspaces: bool
     tau: float
     assign: str
+    lm_identity: bool
     identity_layer: str
     identity_center: bool
     on_full: str
@@ -166,27 +206,37 @@ class RunConfig:
     model: str
     vision_tower: str
     text_encoder: str
+    image_aspect: str
+    image_preprocess: dict
     data_root: str
     embedded: bool
     eval_samples: int
+    caption_metric: str
+    shard_seed: int
     max_new_tokens: int
     dtype: str
     gradient_checkpointing: bool
 
 
-# Paper protocol (fcit_paper.md §1.2, §6) and the scaled-down protocol of the embedded default.
-PAPER = dict(clients=50, clients_per_round=5, rounds=10, local_epochs=1, lr=2e-4, projector_lr=2e-5,
-             max_new_tokens=128, identity_layer="last", on_full="error")
+# The paper's protocol (FCIT's training scripts; Shepherd's README command for FedIT) and the scaled-down
+# protocol of the embedded default. Flags left unset take these values.
+FCIT_TRAINER = dict(lr_schedule="cosine", warmup_ratio=0.03, max_length=2048, lora_init="fcit")
+SHEPHERD_TRAINER = dict(lr_schedule="linear", warmup_ratio=0.0, max_length=512, lora_init="peft")
+PAPER = dict(FCIT_TRAINER, clients=50, clients_per_round=5, rounds=10, local_epochs=1, lr=2e-4, max_new_tokens=128,
+             identity_layer="last", on_full="error", client_sampling="official")
 PAPER_TASK = dict(rank=64, alpha=128.0, subspaces=8, batch_size=128)
 PAPER_CAP = dict(rank=32, alpha=64.0, subspaces=4, batch_size=64)
-PAPER_FEDIT = dict(clients=10, clients_per_round=1, rounds=10, local_epochs=2, lr=3e-4, rank=8, alpha=16.0,
-                   subspaces=1, batch_size=64, max_new_tokens=128, identity_layer="last")
-EMBEDDED = dict(clients=5, clients_per_round=5, rounds=2, local_epochs=2, lr=3e-3, projector_lr=3e-4, batch_size=8,
-                max_new_tokens=12, eval_samples=40, identity_layer="embedding", identity_center=True, on_full="nearest")
+PAPER_FEDIT = dict(SHEPHERD_TRAINER, clients=10, clients_per_round=1, rounds=10, local_epochs=2, lr=3e-4, rank=8,
+                   alpha=16.0, subspaces=1, batch_size=32, grad_accum=2, max_new_tokens=128, identity_layer="last",
+                   client_sampling="official")
+EMBEDDED = dict(FCIT_TRAINER, clients=5, clients_per_round=5, rounds=2, local_epochs=2, lr=3e-3, projector_lr=3e-4,
+                batch_size=8, max_new_tokens=12, eval_samples=40, lm_identity=True, identity_layer="embedding",
+                identity_center=True, on_full="nearest", client_sampling="seeded")
 EMBEDDED_TASK = dict(PAPER_TASK, batch_size=8)
 EMBEDDED_CAP = dict(PAPER_CAP, batch_size=8)
-EMBEDDED_FEDIT = dict(clients=10, clients_per_round=5, rounds=4, local_epochs=2, lr=2e-3, rank=8, alpha=16.0,
-                      subspaces=1, batch_size=16, max_new_tokens=16, eval_samples=None, identity_layer="last")
+EMBEDDED_FEDIT = dict(SHEPHERD_TRAINER, clients=10, clients_per_round=5, rounds=4, local_epochs=2, lr=2e-3, rank=8,
+                      alpha=16.0, subspaces=1, batch_size=16, max_new_tokens=16, eval_samples=None,
+                      identity_layer="last", client_sampling="seeded")
 
 
 def resolve_config(args):
@@ -203,7 +253,8 @@ def resolve_config(args):
     if len(set(methods)) != len(methods):
         raise UsageError(f"--methods lists a method twice: {args.methods}")
     embedded = args.model is None and args.data_root is None
-    defaults = dict(identity_layer="last", identity_center=False, on_full="error", projector_lr=None)
+    defaults = dict(identity_layer="last", identity_center=False, on_full="error", projector_lr=None, grad_accum=1,
+                    lm_identity=False)
     if args.setting == "fedit":
         defaults.update(EMBEDDED_FEDIT if embedded else PAPER_FEDIT)
     else:
@@ -229,22 +280,43 @@ def resolve_config(args):
         elif not os.path.isdir(os.path.join(args.data_root, "instructions")):
             raise UsageError(f"--data-root {args.data_root!r} is not an FCIT release: expected an instructions/ "
                              "folder (instructions/<Dataset>/*.json) in it")
+    model_dir = os.path.abspath(args.model) if args.model else TINY_MODEL_DIR
+    vision_tower = os.path.abspath(args.vision_tower) if args.vision_tower else None
     cfg = RunConfig(
         setting=args.setting, methods=methods, aggregator=args.aggregator, beta=float(args.beta), seed=args.seed,
         clients=pick("clients"), clients_per_round=pick("clients_per_round"), rounds=pick("rounds"),
-        local_epochs=pick("local_epochs"), lr=pick("lr"), batch_size=pick("batch_size"), grad_accum=args.grad_accum,
-        projector_lr=pick("projector_lr"),
+        local_epochs=pick("local_epochs"), lr=pick("lr"), batch_size=pick("batch_size"), grad_accum=pick("grad_accum"),
+        projector_lr=pick("projector_lr"), lr_schedule=pick("lr_schedule"), warmup_ratio=pick("warmup_ratio"),
+        max_length=pick("max_length"), lora_init=pick("lora_init"), client_sampling=pick("client_sampling"),
+        server_state=args.server_state, mtl_epochs=args.mtl_epochs,
         rank=pick("rank"), alpha=pick("alpha"), subspaces=pick("subspaces"), routing=args.routing,
         identity=args.identity, orthogonal_subspaces=args.orthogonal_subspaces, tau=args.tau, assign=args.assign,
-        identity_layer=pick("identity_layer"), identity_center=bool(pick("identity_center")), on_full=pick("on_full"),
+        lm_identity=bool(pick("lm_identity")), identity_layer=pick("identity_layer"),
+        identity_center=bool(pick("identity_center")), on_full=pick("on_full"),
         prox_mu=args.prox_mu, server_lr=args.server_lr,
         ewc_lambda=args.ewc_lambda, olora_lambda=args.olora_lambda,
-        model=os.path.abspath(args.model) if args.model else TINY_MODEL_DIR,
-        vision_tower=os.path.abspath(args.vision_tower) if args.vision_tower else None,
+        model=model_dir, vision_tower=vision_tower,
         text_encoder=os.path.abspath(args.text_encoder) if args.text_encoder else None,
+        image_aspect=args.image_aspect, image_preprocess=None,
         data_root=os.path.abspath(args.data_root) if args.data_root else None, embedded=embedded,
-        eval_samples=pick("eval_samples"), max_new_tokens=pick("max_new_tokens"),
-        dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing)
+        eval_samples=pick("eval_samples"), caption_metric=args.caption_metric,
+        shard_seed=args.shard_seed if args.setting == "fedit" else None,
+        max_new_tokens=pick("max_new_tokens"), dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing)
+    check_ranges(cfg)
+    if cfg.mtl_epochs is None:   # the federated methods' data passes per stage: rounds x E x (sampled share)
+        cfg.mtl_epochs = round(cfg.rounds * cfg.local_epochs * cfg.clients_per_round / cfg.clients, 6)
+    if cfg.setting != "fedit" and vlm.load_config(model_dir, vision_tower).vision is not None:
+        try:
+            improc = vlm.ImageProcessor.for_checkpoint(model_dir, vision_tower, cfg.image_aspect)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--model {model_dir!r}: cannot resolve the image pre-processing: {e}") from None
+        cfg.image_preprocess = improc.describe()
+        cfg.image_aspect = "pad" if improc.pad_to_square else "crop"
+    if "disco" in methods and cfg.identity == "text" and cfg.text_encoder is None and not cfg.lm_identity:
+        raise UsageError("disco needs a task-identity encoder: pass --text-encoder <local CLIP folder> (the paper "
+                         "uses clip-vit-large-patch14-336). Without it, the base LM's pooled states can give every "
+                         "task the same identity at --tau 0.9, and DISCO silently becomes Finetune; pass "
+                         "--lm-identity to use that fallback anyway")
     if cfg.clients_per_round > cfg.clients:
         raise UsageError(f"--clients-per-round {cfg.clients_per_round} exceeds --clients {cfg.clients}")
     if cfg.setting.endswith("-het") and cfg.clients_per_round != 5:
@@ -253,6 +325,24 @@ def resolve_config(args):
     if cfg.rank % cfg.subspaces:
         raise UsageError(f"--rank {cfg.rank} must be divisible by the number of subspaces {cfg.subspaces}")
     return cfg
+
+
+def check_ranges(cfg: RunConfig):
+    """Every count, rate and threshold in its range, named by its flag (exit 2 before any work)."""
+    rules = [("clients", cfg.clients >= 1, ">= 1"), ("clients-per-round", cfg.clients_per_round >= 1, ">= 1"),
+             ("rounds", cfg.rounds >= 1, ">= 1"), ("local-epochs", cfg.local_epochs >= 1, ">= 1"),
+             ("batch-size", cfg.batch_size >= 1, ">= 1"), ("grad-accum", cfg.grad_accum >= 1, ">= 1"),
+             ("subspaces", cfg.subspaces >= 1, ">= 1"), ("rank", cfg.rank >= 1, ">= 1"),
+             ("lr", cfg.lr > 0, "> 0"), ("projector-lr", cfg.projector_lr is None or cfg.projector_lr > 0, "> 0"),
+             ("warmup-ratio", 0 <= cfg.warmup_ratio < 1, "in [0, 1)"), ("max-length", cfg.max_length >= 1, ">= 1"),
+             ("mtl-epochs", cfg.mtl_epochs is None or cfg.mtl_epochs > 0, "> 0"), ("tau", -1 <= cfg.tau <= 1, "a cosine in [-1, 1]"),
+             ("beta", cfg.beta > 0, "> 0"), ("eval-samples", cfg.eval_samples is None or cfg.eval_samples >= 1, ">= 1"),
+             ("max-new-tokens", cfg.max_new_tokens >= 1, ">= 1"), ("ewc-lambda", cfg.ewc_lambda >= 0, ">= 0"),
+             ("olora-lambda", cfg.olora_lambda >= 0, ">= 0"), ("prox-mu", cfg.prox_mu >= 0, ">= 0"),
+             ("server-lr", cfg.server_lr is None or cfg.server_lr > 0, "> 0")]
+    for flag, ok, want in rules:
+        if not ok:
+            raise UsageError(f"--{flag} must be {want}, not {getattr(cfg, flag.replace('-', '_'))}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -333,7 +423,7 @@ class Benchmark:
             path = cfg.data_root or data.make_fedit_mini(mini, seed=cfg.seed, **MINI_FEDIT)
             train, test = data.dolly_split(data.load_dolly(path))
             cats = [r["category"] for r in train]
-            shards = data.shepherd_partition(cats, cfg.clients, seed=cfg.seed)
+            shards = data.shepherd_partition(cats, cfg.clients, seed=cfg.shard_seed)
             self.tasks = sorted(set(cats))
             self.stages = 1
             self.parts = [[[data.dolly_example(train[i], i) for i in idx] for idx in shards]]
@@ -364,9 +454,8 @@ class Benchmark:
     def client_data(self, stage):
         """The callable Federation.run_round asks for a client's examples (position -> task by the setting)."""
         def get(position, client):
-            if position is None:   # mtl: the pooled data of every task seen so far (FedIT: all of it)
-                pools = self.parts if self.cfg.setting == "fedit" else [self.parts[k] for k in self.seen(stage)]
-                return [ex for shards in pools for shard in shards for ex in shard]
+            if position is None:   # mtl: the union of every stage's training data, every client's shard
+                return [ex for shards in self.parts for shard in shards for ex in shard]
             k = 0 if self.cfg.setting == "fedit" else data.stage_task_for(self.cfg.setting, stage, position)
             return self.parts[k][client]
         return get
@@ -376,7 +465,7 @@ class Benchmark:
         scores = []
         for ds in self.test_datasets[self.tasks[k]]:
             exs = self.test[ds]
-            scores.append(data.evaluate_task(ds, predict(exs), exs))
+            scores.append(data.evaluate_task(ds, predict(exs), exs, caption_metric=self.cfg.caption_metric))
         return sum(scores) / len(scores)
 
     def examples_by_task(self, tasks):
@@ -388,19 +477,23 @@ class Benchmark:
 
 
 def fed_config(cfg: RunConfig, method: str, device: str, dtype: str) -> federate.FedConfig:
+    """The engine's configuration for one method; mtl is one centralised client, one round of mtl_epochs."""
     fedit = cfg.setting == "fedit"
+    mtl = method == "mtl"
     return federate.FedConfig(
         method=method, aggregator=cfg.aggregator, n_clients=cfg.clients, clients_per_round=cfg.clients_per_round,
-        rounds=cfg.rounds, local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum, projector_lr=cfg.projector_lr, rank=cfg.rank, alpha=cfg.alpha,
-        num_subspaces=cfg.subspaces,
+        rounds=1 if mtl else cfg.rounds, local_epochs=cfg.mtl_epochs if mtl else cfg.local_epochs, lr=cfg.lr,
+        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, projector_lr=cfg.projector_lr,
+        lr_schedule=cfg.lr_schedule, warmup_ratio=cfg.warmup_ratio, max_length=cfg.max_length,
+        lora_init=cfg.lora_init, client_sampling=cfg.client_sampling, server_state=cfg.server_state,
+        rank=cfg.rank, alpha=cfg.alpha, num_subspaces=cfg.subspaces,
         routing=cfg.routing, identity=cfg.identity, orthogonal_subspaces=cfg.orthogonal_subspaces, tau=cfg.tau,
         assign=cfg.assign, identity_layer=cfg.identity_layer, identity_center=cfg.identity_center,
         on_full=cfg.on_full, prox_mu=cfg.prox_mu,
         server_lr=cfg.server_lr, ewc_lambda=cfg.ewc_lambda, olora_lambda=cfg.olora_lambda, seed=cfg.seed,
         device=device, dtype=dtype, max_new_tokens=cfg.max_new_tokens, gradient_checkpointing=cfg.gradient_checkpointing,
         template="alpaca" if fedit else "vicuna_v1", train_on_inputs=fedit,
-        # FedIT (Shepherd) adapts the attention projections of a text-only LM; FCIT the MLP (§4.2).
+        # FedIT (Shepherd) adapts the attention projections of a text-only LM; FCIT the MLP.
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj") if fedit else ("gate_proj", "up_proj", "down_proj"))
 
 
@@ -411,8 +504,7 @@ def load_model(cfg: RunConfig, device, dtype):
     tokenizer = vlm.Tokenizer.from_dir(cfg.model)
     improc = None
     if model.vision is not None and cfg.setting != "fedit":
-        src = cfg.model if os.path.exists(os.path.join(cfg.model, "preprocessor_config.json")) else cfg.vision_tower
-        improc = vlm.ImageProcessor.from_dir(src)
+        improc = vlm.ImageProcessor.for_checkpoint(cfg.model, cfg.vision_tower, cfg.image_aspect)
     text_encoder = vlm.load_clip_text(cfg.text_encoder, device=device) if cfg.text_encoder else None
     return model, tokenizer, improc, text_encoder
 
@@ -435,10 +527,10 @@ def load_state(path):
     return tensors, st
 
 
-def evaluate(fed, bench, method, stage):
-    """Row `stage` of the accuracy matrix: every task seen so far (None for the others)."""
+def evaluate(fed, bench, method, tasks):
+    """One row of the accuracy matrix: the scores of `tasks` (None for the others)."""
     row = [None] * len(bench.tasks)
-    for k in bench.seen(stage):
+    for k in tasks:
         if method == "local":   # FedIT's local baseline: each client's own model, averaged over clients
             clients = fed.local_clients()
             row[k] = sum(bench.score_task(k, lambda exs, c=c: fed.predict(exs, client=c, distributed=True))
@@ -460,9 +552,10 @@ def run_method(cfg: RunConfig, method, bench, out, device, dtype, log, is_main):
         progress = st["progress"]
         if not progress["done"]:
             log(f"[{method}] resuming at stage {progress['stage'] + 1}, round {progress['round'] + 1}")
-    rounds = 1 if method == "zeroshot" else cfg.rounds
+    rounds = 1 if method in ("zeroshot", "mtl") else cfg.rounds
+    stages = 1 if method == "mtl" else bench.stages      # mtl: one joint training on every stage's data
     t_start = time.time() - progress["wall_s"]
-    total_rounds = bench.stages * rounds
+    total_rounds = stages * rounds
     while not progress["done"]:
         stage, rnd = progress["stage"], progress["round"]
         t0 = time.time()
@@ -472,7 +565,7 @@ def run_method(cfg: RunConfig, method, bench, out, device, dtype, log, is_main):
             done = stage * rounds + rnd + 1
             eta = (time.time() - t_start) / done * (total_rounds - done)
             loss = f"{c['loss']:.3f}" if c.get("loss") is not None else "-"
-            log(f"[{method}] stage {stage + 1}/{bench.stages} round {rnd + 1}/{rounds} client {c['client']:>3} "
+            log(f"[{method}] stage {stage + 1}/{stages} round {rnd + 1}/{rounds} client {c['client']:>3} "
                 f"n={c['n']:<4} loss {loss}  {sps:.2f} steps/s  ETA {eta / 60:.1f} min", progress_line=True,
                 record={"method": method, "stage": stage, "round": rnd, **c})
         progress["comm_bytes"] += int(rec.get("bytes_up", 0) + rec.get("bytes_down", 0))
@@ -482,19 +575,20 @@ def run_method(cfg: RunConfig, method, bench, out, device, dtype, log, is_main):
             progress["round"] = rnd + 1
         else:
             fed.end_stage(stage)
-            row = evaluate(fed, bench, method, stage)
+            tasks = bench.seen(bench.stages - 1 if method == "mtl" else stage)
+            row = evaluate(fed, bench, method, tasks)
             progress["matrix"].append(row)
-            seen = [f"{bench.tasks[k]} {row[k]:.1f}" for k in bench.seen(stage)]
-            log(f"[{method}] after stage {stage + 1}/{bench.stages} ({time.time() - t0:.0f}s): " + ", ".join(seen))
+            seen = [f"{bench.tasks[k]} {row[k]:.1f}" for k in tasks]
+            log(f"[{method}] after stage {stage + 1}/{stages} ({time.time() - t0:.0f}s): " + ", ".join(seen))
             progress["stage"], progress["round"] = stage + 1, 0
-            progress["done"] = stage + 1 == bench.stages
+            progress["done"] = stage + 1 == stages
             save_adapters(fed, model, out, method, stage, is_main)
             if progress["done"]:
-                progress["routing_accuracy"] = fed.routing_accuracy(bench.examples_by_task(bench.seen(stage)))
+                progress["routing_accuracy"] = fed.routing_accuracy(bench.examples_by_task(tasks))
         progress["wall_s"] = time.time() - t_start
         if is_main:
             save_state(state_path, fed, progress)
-    return summarize(progress, bench)
+    return summarize(progress, bench, continual=method != "mtl")
 
 
 def save_adapters(fed, model, out, method, stage, is_main):
@@ -516,8 +610,11 @@ def save_adapters(fed, model, out, method, stage, is_main):
     lora.save_peft_adapter(model, os.path.join(d, "peft"), alpha=alpha)
 
 
-def summarize(progress, bench):
+def summarize(progress, bench, continual=True):
+    """results.json's entry of one method; a single joint training (mtl) has Last only, no Avg or BWT."""
     m = data.continual_metrics(progress["matrix"])
+    if not continual:
+        m["avg"] = m["bwt"] = None
     clean = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4)
     last_row = progress["matrix"][-1]
     return {"matrix": [[clean(v) for v in row] for row in progress["matrix"]],
@@ -549,6 +646,12 @@ def plan(cfg: RunConfig, bench):
         lines.append(f"  stage {s + 1}: trains {', '.join(tasks)}; evaluates {len(bench.seen(s))} task(s); "
                      f"~{steps} optimizer steps per method")
     lines.append(f"~{total} optimizer steps per method in all")
+    if "mtl" in cfg.methods:
+        n = sum(len(shard) for shards in bench.parts for shard in shards)
+        lines.append(f"mtl: one joint training, {cfg.mtl_epochs:g} epoch(s) over {n} pooled samples, "
+                     f"~{math.ceil(math.ceil(n * cfg.mtl_epochs / cfg.batch_size) / cfg.grad_accum)} optimizer steps")
+    if cfg.image_preprocess:
+        lines.append(f"images: {cfg.image_preprocess}")
     return "\n".join(lines)
 
 
@@ -596,12 +699,11 @@ def main(argv=None):
         device = f"cuda:{rank % torch.cuda.device_count()}"
     dtype_name = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     out = args.out or os.path.join("runs", f"{cfg.setting}-b{cfg.beta}-s{cfg.seed}")
-    if not args.dry_run:
-        try:
-            cfg_path, cfg_json = check_out_dir(out, cfg)
-        except UsageError as e:
-            print(f"fcit.py: error: {e}", file=sys.stderr)
-            return 2
+    try:
+        cfg_path, cfg_json = check_out_dir(out, cfg)
+    except UsageError as e:
+        print(f"fcit.py: error: {e}", file=sys.stderr)
+        return 2
     if not args.dry_run and cfg.embedded and not os.path.exists(os.path.join(TINY_MODEL_DIR, "model.safetensors")):
         log(f"building the embedded tiny VLM into {TINY_MODEL_DIR} (one time)")
         sys.path.insert(0, os.path.join(HERE, "tools"))
@@ -614,6 +716,10 @@ def main(argv=None):
         return 2
     if args.dry_run:
         log(plan(cfg, bench))
+        if is_main:
+            os.makedirs(out, exist_ok=True)
+            write_json(cfg_path, cfg_json)
+            log(f"wrote {cfg_path}")
         return 0
     torch.manual_seed(cfg.seed)   # the entry point owns the global RNG; library code never reseeds it
     if is_main:

@@ -1117,9 +1117,14 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
+# alpaca-lora's prompt_input header (templates/alpaca.json, as Shepherd uses it): "alpaca" switches to it when the
+# instruction carries an input after ALPACA_INPUT (data.dolly_example appends a record's context that way)
+ALPACA_INPUT_SYSTEM = ("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.")
+ALPACA_INPUT = "\n\n### Input:\n"
 # template -> (prompt format with {instruction}, separator between prompt and answer, end token text)
 TEMPLATES = {
-    "vicuna_v1": (VICUNA_SYSTEM + " USER: {instruction} ASSISTANT:", " ", "</s>"),        # LLaVA-1.5 (MF §4.1)
+    "vicuna_v1": (VICUNA_SYSTEM + " USER: {instruction} ASSISTANT:", " ", "</s>"),        # LLaVA-1.5 conv_vicuna_v1
     "alpaca": (ALPACA_SYSTEM + "\n\n### Instruction:\n{instruction}\n\n### Response:\n", "", "</s>"),   # FedIT
     "chatml": ("<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n", "", "<|im_end|>"),  # Qwen
 }
@@ -1155,11 +1160,13 @@ def _encode_offsets(tokenizer: Tokenizer, text: str, image_token_id, image_seq_l
 def encode_example(tokenizer: Tokenizer, instruction: str, answer: str | None = None, template: str = "vicuna_v1",
                    image_seq_len: int = 0, image_token_id: int | None = None, max_length: int = 2048):
     """One single-turn example -> (input_ids, labels). Only the answer tokens and the end token are supervised
-    (labels -100 elsewhere); answer None gives the generation prompt with all labels -100 (MF §4.3).
+    (labels -100 elsewhere); answer None gives the generation prompt with all labels -100.
     The conversation is rendered once and tokenized once; a token is supervised iff it starts after the prompt."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
     fmt, sep, end_text = TEMPLATES[template]
+    if template == "alpaca" and ALPACA_INPUT in instruction:   # alpaca-lora's prompt_input
+        fmt = fmt.replace(ALPACA_SYSTEM, ALPACA_INPUT_SYSTEM, 1)
     if image_seq_len > 0:
         if image_token_id is None:
             image_token_id = tokenizer.image_token_id
@@ -1220,6 +1227,29 @@ class ImageProcessor:
     @classmethod
     def siglip(cls, image_size=384):
         return cls(("exact", (image_size, image_size)), None, False, (0.5,) * 3, (0.5,) * 3)
+
+    @classmethod
+    def for_checkpoint(cls, model_dir: str, vision_tower: str | None = None,
+                       aspect: str | None = None) -> "ImageProcessor":
+        """The pre-processing a LLaVA checkpoint was trained with: preprocessor_config.json from the model folder
+        (llava-hf) or the CLIP folder (original layout), padded to a square unless `aspect` is "crop" or the
+        original config.json names another image_aspect_ratio (LLaVA-1.5, Liu et al. 2024, pads)."""
+        src = model_dir if os.path.exists(os.path.join(str(model_dir), "preprocessor_config.json")) else vision_tower
+        if src is None:
+            raise FileNotFoundError(f"{model_dir}/preprocessor_config.json does not exist and no vision tower "
+                                    "folder was given")
+        if aspect is None:
+            ratio = _read_json(os.path.join(str(model_dir), "config.json"), {}).get("image_aspect_ratio")
+            aspect = "crop" if ratio not in (None, "pad") else "pad"
+        if aspect not in ("pad", "crop"):
+            raise ValueError(f"image aspect {aspect!r}; expected 'pad' or 'crop'")
+        return cls.from_dir(src, pad_to_square=aspect == "pad")
+
+    def describe(self) -> dict:
+        """The resolved pre-processing, JSON-able (recorded in a run's config.json)."""
+        return {"pad_to_square": bool(self.pad_to_square), "size": list(self.size),
+                "crop_size": list(self.crop_size) if self.do_center_crop and self.crop_size else None,
+                "image_mean": [float(x) for x in self.image_mean], "image_std": [float(x) for x in self.image_std]}
 
     @classmethod
     def from_dir(cls, path: str, pad_to_square: bool | None = None) -> "ImageProcessor":

@@ -1,0 +1,104 @@
+"""The paper's protocol where it is a choice: client draws, learning-rate schedules, server-optimizer state at a
+stage boundary, fractional local epochs (the mtl budget) and LLaVA-1.5's pad-to-square pre-processing."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import federate as fd
+import model as vlm
+from test_federate import task_examples, tiny_cfg, tiny_model
+
+
+def test_official_client_draw_matches_the_reseeding_code_and_leaves_numpy_alone():
+    saved = np.random.get_state()
+    try:
+        for stage, rnd in [(0, 0), (0, 9), (3, 4), (7, 9)]:
+            np.random.seed(stage * 10 + rnd)                      # FCIT's train.py / Shepherd's client_selection
+            expected = np.random.choice(50, 5, replace=False).tolist()
+            np.random.seed(123)
+            before = np.random.random()
+            np.random.seed(123)
+            got = fd.sample_clients(50, 5, seed=7, stage=stage, rnd=rnd, scheme="official")
+            assert got == expected
+            assert np.random.random() == before                   # the global RNG was not touched
+    finally:
+        np.random.set_state(saved)
+    seeded = [fd.sample_clients(50, 5, seed=s, stage=0, rnd=0) for s in (0, 1)]
+    assert seeded[0] != seeded[1] and seeded[0] == fd.sample_clients(50, 5, seed=0, stage=0, rnd=0)
+    with pytest.raises(ValueError, match="scheme"):
+        fd.sample_clients(50, 5, 0, 0, 0, scheme="round-robin")
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_lr_schedules_match_transformers(kind):
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    make = get_cosine_schedule_with_warmup if kind == "cosine" else get_linear_schedule_with_warmup
+    for total, warmup in [(10, 0), (10, 1), (37, 2), (1, 1)]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = make(opt, num_warmup_steps=warmup, num_training_steps=total)
+        for step in range(total):
+            assert fd.lr_multiplier(step, total, warmup, kind) == pytest.approx(sched.get_last_lr()[0], abs=1e-12)
+            opt.step()
+            sched.step()
+
+
+@pytest.mark.parametrize("server_state", ["reset", "carry"])
+def test_server_optimizer_state_at_a_stage_boundary(server_state):
+    fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="finetune", aggregator="fedavgm", rounds=1,
+                                                        local_epochs=1, server_state=server_state))
+    fed.run_round(0, 0, lambda p, c: task_examples("A", 16, c))
+    momentum = {k: v.clone() for k, v in fed.opt.m.items()}
+    assert momentum and any(float(v.abs().sum()) > 0 for v in momentum.values())
+    fed.end_stage(0)
+    if server_state == "reset":
+        assert fed.opt.m == {} and fed.opt.v == {}
+    else:
+        assert fed.opt.m.keys() == momentum.keys() and all(torch.equal(fed.opt.m[k], momentum[k]) for k in momentum)
+
+
+def test_fractional_local_epochs_train_a_seeded_prefix():
+    fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="finetune", local_epochs=1.5, batch_size=4))
+    exs = task_examples("A", 10, 0)
+    u = fed._local_train(exs, 0, 0, 0, 0, 0)
+    assert u["steps"] == math.ceil(10 / 4) + math.ceil(5 / 4)     # one full epoch, then 5 of the 10 samples
+    with pytest.raises(ValueError, match="local_epochs"):
+        tiny_cfg(local_epochs=0)
+
+
+def _llava_hf_folder(tmp_path, preprocessor, config=None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    (tmp_path / "config.json").write_text(json.dumps(config or {"model_type": "llava"}))
+    return tmp_path
+
+
+def test_llava_checkpoints_pad_to_a_square_by_default(tmp_path):
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+    pre = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 28},
+           "crop_size": {"height": 28, "width": 28}}                                   # no do_pad, as llava-hf ships
+    hf = _llava_hf_folder(tmp_path / "hf", pre)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 44, 3), dtype=np.uint8))
+    ours = vlm.ImageProcessor.for_checkpoint(str(hf))
+    assert ours.pad_to_square and ours.describe()["pad_to_square"] is True
+    # LLaVA-1.5's expand2square by hand: the mean colour as int(mean * 255), the image centred, then CLIP.
+    mean = (0.48145466, 0.4578275, 0.40821073)
+    square = Image.new("RGB", (44, 44), tuple(int(m * 255) for m in mean))
+    square.paste(img, (0, 12))
+    ref = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    expected = torch.as_tensor(np.asarray(ref(images=[square], return_tensors="np")["pixel_values"]))
+    assert (ours([img]) - expected).abs().max() < 1e-5
+    crop = vlm.ImageProcessor.for_checkpoint(str(hf), aspect="crop")
+    expected_crop = torch.as_tensor(np.asarray(ref(images=[img], return_tensors="np")["pixel_values"]))
+    assert (crop([img]) - expected_crop).abs().max() < 1e-5
+    # the original layout: the CLIP folder holds the processor, the model's config.json its aspect ratio
+    clip = _llava_hf_folder(tmp_path / "clip", pre, {"model_type": "clip_vision_model"})
+    orig = _llava_hf_folder(tmp_path / "orig", pre, {"model_type": "llava", "image_aspect_ratio": "square"})
+    (orig / "preprocessor_config.json").unlink()
+    assert not vlm.ImageProcessor.for_checkpoint(str(orig), str(clip)).pad_to_square
+    assert vlm.ImageProcessor.for_checkpoint(str(orig), str(clip), aspect="pad").pad_to_square
+    with pytest.raises(ValueError, match="aspect"):
+        vlm.ImageProcessor.for_checkpoint(str(hf), aspect="stretch")
