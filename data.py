@@ -1,9 +1,10 @@
 """FCIT / FedIT data: the released benchmark layout, the four FCIT settings, seeded partitioners,
 scorers and continual metrics, and two small built-in benchmarks (FCIT-mini, FedIT-mini).
 
-Sources (see /work/shared/research/fcit_paper.md, "spec" below, and anchors.md):
-  * FCIT official code, Ghy0501/FCIT @ 9b10259: settings and dyn lists (spec §1), data format (§2.1),
-    scorers (§2.4), metrics (§3).
+Sources:
+  * FCIT (Guo et al., ICCV 2025) and its official code, Ghy0501/FCIT @ 9b10259: settings and dyn lists
+    (ETrain/Train/LLaVA/train.py), data format (ETrain/Dataset/LLaVA/llava_dataset.py), scorers
+    (ETrain/Eval/LLaVA/CoIN/*.py, scripts/LLaVA/Eval_FCIT/*.sh).
   * Shepherd / FedIT, JayZhang42/FederatedGPT-Shepherd: client_data_allocation.py (held-out split,
     category shards), templates/alpaca.json (prompt).
   * pycocoevalcap 1.2: BLEU (bleu_scorer.py) and CIDEr-D (cider_scorer.py), re-implemented here
@@ -18,6 +19,7 @@ Stages, tasks and client positions are 0-based here; task k lives in folder Task
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,7 +36,7 @@ import numpy as np
 log = logging.getLogger("fcit.data")
 
 # ----------------------------------------------------------------------------------------------------
-# Benchmark tables (spec §1.3-1.5). Everything the settings need is here, in one place.
+# Benchmark tables (Guo et al. ICCV 2025 and the official code). Everything the settings need is here.
 
 # dataset name -> (folder under instructions/, train file, test file)   [code: process_data.py, eval_*.sh]
 DATASET_FILES = {
@@ -54,11 +56,11 @@ DATASET_FILES = {
 FLICKR_GT_FILE = "val_coco_type.json"  # COCO-style references, image_id = 1..N in test-file order
 FCIT_DATASETS = list(DATASET_FILES)
 
-# Task-related order (spec §1.4: eval scripts; confirmed by seq_dyn_list vs the Het eval script).
+# Task-related order of the official eval scripts (Eval_FCIT_task_hom.sh; consistent with seq_dyn_list).
 TASK_ORDER = ["ImageNet-R", "ArxivQA", "IconQA", "CLEVR-Math", "OCR-VQA", "Flickr30k", "FigureQA",
               "super-CLEVR"]
-# Capability-related groups in the order of Eval_FCIT_cap_hom.sh (spec §1.4; the order is uncertain
-# in the official code: the released partitions are the truth; this is the documented fallback).
+# Capability-related groups in the order of Eval_FCIT_cap_hom.sh (process_data.py lists another order; the
+# released partitions are the truth, and load_partitions checks them against this table).
 CAP_GROUPS = [
     ("General", ["AOKVQA", "IconQA", "Grounding", "ImageNet-R"]),
     ("Other", ["Flickr30k", "OCR-VQA"]),
@@ -66,7 +68,7 @@ CAP_GROUPS = [
     ("Chart", ["ArxivQA", "FigureQA", "DVQA"]),
 ]
 # Heterogeneous settings: stage t, client position p (0..4) trains task DYN[t][p].
-# Source: ETrain/Train/LLaVA/train.py (`seq_dyn_list`, `cap_dyn_list`) at Ghy0501/FCIT@9b10259; spec §1.5.
+# Source: ETrain/Train/LLaVA/train.py (`seq_dyn_list`, `cap_dyn_list`) at Ghy0501/FCIT@9b10259.
 SEQ_DYN_LIST = [[1, 2, 4, 5, 6], [3, 4, 5, 7, 7], [0, 2, 3, 4, 5], [0, 0, 1, 3, 7],
                 [1, 2, 4, 4, 5], [0, 3, 5, 7, 7], [2, 2, 5, 7, 7], [5, 5, 5, 6, 6]]
 CAP_DYN_LIST = [[0, 1, 1, 3, 3], [0, 2, 2, 2, 3], [1, 2, 2, 3, 3], [0, 0, 0, 1, 1]]
@@ -102,7 +104,7 @@ def task_datasets(setting: str, task: int) -> list[str]:
 
 
 def stage_task_for(setting: str, stage: int, position: int) -> int:
-    """Task index trained at `stage` by the client at `position` of the round's selection (spec §1.5).
+    """Task index trained at `stage` by the client at `position` of the round's selection.
     Hom: every client trains the stage's task. Het: the official dyn table, fixed per position."""
     s = canonical_setting(setting)
     level, het = SETTINGS[s]
@@ -126,12 +128,12 @@ def tasks_of_stage(setting: str, stage: int) -> list[int]:
 
 
 def seen_tasks(setting: str, stage: int) -> list[int]:
-    """Tasks seen by the end of `stage` (evaluation set after that stage; spec §3 S_t)."""
+    """Tasks seen by the end of `stage` (the evaluation set after that stage)."""
     return sorted({t for st in range(stage + 1) for t in tasks_of_stage(setting, st)})
 
 
 # ----------------------------------------------------------------------------------------------------
-# Examples and reading the release (spec §2.1)
+# Examples and reading the release (LLaVA conversation records)
 
 @dataclass
 class Example:
@@ -169,6 +171,24 @@ def read_json(path) -> object:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise FCITDataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def atomic_write_json(path, obj, indent=None) -> None:
+    """json.dump to `path` through a temporary file in the same folder and os.replace, so that a reader
+    (or a crash) never sees a half-written file."""
+    path = str(path)
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"   # not `random`: leaves the global RNG alone
+    f = open(tmp, "x", encoding="utf-8")
+    try:
+        with f:
+            json.dump(obj, f, indent=indent)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def load_image(path):
@@ -245,7 +265,12 @@ def load_examples(path, dataset=None, image_root=None, kind="train", check_image
                   skip_bad=False) -> list[Example]:
     """Read a train ("train": LLaVA records) or test ("test") JSON list. Bad records raise
     FCITDataError naming file and record, or with skip_bad=True are skipped and counted in the log."""
-    data = read_json(path)
+    return parse_records(read_json(path), path, dataset, image_root, kind, check_images, skip_bad)
+
+
+def parse_records(data, path, dataset=None, image_root=None, kind="train", check_images=True,
+                  skip_bad=False) -> list[Example]:
+    """load_examples on records already read from `path` (a JSON list)."""
     if not isinstance(data, list):
         raise FCITDataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     parse = parse_train_record if kind == "train" else parse_test_record
@@ -303,7 +328,7 @@ def _attach_coco_refs(exs, gt_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Partitioners (spec §1.6). All seeded through local RNGs; every item assigned; manifest per call.
+# Partitioners (official: ETrain/Fed_utils/process_data.py). Seeded local RNGs; every item assigned.
 
 def dirichlet_partition(n_items: int, n_clients: int, beta: float, seed: int, min_size: int = 1) -> list[list[int]]:
     """FCIT quantity skew: client shares w ~ Dir(beta * 1), client c gets a random ~w_c fraction of
@@ -430,46 +455,83 @@ def make_partitions(root, setting: str, beta: float, n_clients: int = 50, seed: 
             if m and int(m.group(1)) >= n_clients:
                 os.remove(os.path.join(tdir, f))
         for c, idx in enumerate(parts):
-            with open(os.path.join(tdir, f"client_{c}.json"), "w") as f:
-                json.dump([recs[i] for i in idx], f)
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
+            atomic_write_json(os.path.join(tdir, f"client_{c}.json"), [recs[i] for i in idx])
+    atomic_write_json(os.path.join(out, "manifest.json"), manifest, indent=1)
     return out
+
+
+def _client_path(root, setting: str, beta: float, task: int, client: int) -> str:
+    return os.path.join(partition_dir(root, setting, beta), f"Task{task + 1}", f"client_{client}.json")
+
+
+def _client_examples(path, rows, root, setting, task, image_root, check_images, skip_bad) -> list[Example]:
+    default = task_datasets(setting, task)[0] if len(task_datasets(setting, task)) == 1 else "unknown"
+    exs = parse_records(rows, path, default, image_root or os.path.join(str(root), "images"), "train",
+                        check_images, skip_bad)
+    if not exs:
+        raise FCITDataError(f"{path}: empty client file (expected >= 1 LLaVA record); re-partition with "
+                            f"min_size >= 1 or check the download")
+    return exs
 
 
 def load_client(root, setting: str, beta: float, task: int, client: int, image_root=None,
                 check_images=True, skip_bad=False) -> list[Example]:
     """Examples of one client file; an empty or missing file is an error naming the path."""
-    p = os.path.join(partition_dir(root, setting, beta), f"Task{task + 1}", f"client_{client}.json")
-    default = task_datasets(setting, task)[0] if len(task_datasets(setting, task)) == 1 else "unknown"
-    exs = load_examples(p, default, image_root or os.path.join(str(root), "images"), "train",
-                        check_images, skip_bad)
-    if not exs:
-        raise FCITDataError(f"{p}: empty client file (expected >= 1 LLaVA record); re-partition with "
-                            f"min_size >= 1 or check the download")
-    return exs
+    p = _client_path(root, setting, beta, task, client)
+    return _client_examples(p, read_json(p), root, setting, task, image_root, check_images, skip_bad)
 
 
-def partition_contents(root, setting: str, beta: float, client: int = 0) -> list[Counter]:
-    """Datasets found in Task<k>/client_<client>.json for every task k (from the records' "dataset"
-    field or the first folder of their image path). Spec §1.4: the Capability-related stage order is
-    uncertain in the official code, and the released partitions are the truth; compare this with
-    task_datasets(setting, k)."""
-    out = []
-    for k in range(num_stages(setting)):
-        p = os.path.join(partition_dir(root, setting, beta), f"Task{k + 1}", f"client_{client}.json")
-        rows = read_json(p)
-        out.append(Counter(r.get("dataset") or _dataset_of_image(r.get("image"), "unknown")
-                           for r in rows if isinstance(r, dict)))
-    return out
+def record_dataset(rec) -> str | None:
+    """FCIT dataset of a train record: its "dataset" field, else the first folder of its image path (a
+    dataset or instructions/ folder name); None when neither names one."""
+    if not isinstance(rec, dict):
+        return None
+    for v in (rec.get("dataset"), rec.get("image")):
+        ds = _dataset_of_image(v, None) if isinstance(v, str) else None
+        if ds is not None:
+            return ds
+    return None
+
+
+def check_task_datasets(setting: str, task: int, found: Counter, where: str) -> None:
+    """Check the datasets found in folder Task{task+1} (a Counter of record_dataset values, None for
+    undeterminable records) against task_datasets(setting, task). The released partitions fix the
+    stage order, so a mismatch raises FCITDataError naming the group (and stage) the folder holds."""
+    s = canonical_setting(setting)
+    names, expected = task_names(s), task_datasets(s, task)
+    known = {d: n for d, n in found.items() if d is not None}
+
+    def fmt(ds):
+        return "{" + ", ".join(sorted(ds)) + "}"
+    if not known:
+        if found:
+            log.warning("%s: no record names a known FCIT dataset (no \"dataset\" field, unknown image folders): "
+                        "the stage order could not be verified (expected %s %s)", where, names[task], fmt(expected))
+        return
+    foreign = set(known) - set(expected)
+    if not foreign:
+        return
+    cap = SETTINGS[s][0] == "cap"
+    other = [j for j in range(num_stages(s)) if j != task and set(known) <= set(task_datasets(s, j))]
+    held = f"{names[other[0]]} datasets" if other and cap else "datasets"
+    msg = (f"{where}: holds {held} {fmt(known)} ({sum(known.values())} records); expected "
+           + (f"{names[task]} {fmt(expected)}" if cap else expected[0]))
+    if other:
+        msg += (f": the release's stage order differs from this code's ({names[other[0]]} is "
+                f"Task{other[0] + 1} in the order {', '.join(names)})")
+    else:
+        msg += f": {fmt(foreign)} not part of {names[task]}; the folder mixes tasks, check the release"
+    raise FCITDataError(msg)
 
 
 def load_partitions(root, setting: str, beta: float, n_clients: int = 50, seed: int = 0, min_size: int = 1,
-                    image_root=None, check_images=True, skip_bad=False, create=True) -> list[list[list[Example]]]:
+                    image_root=None, check_images=True, skip_bad=False, create=True,
+                    check_order=True) -> list[list[list[Example]]]:
     """parts[task][client] -> [Example] from the released partitions; when the beta folder is absent
     and create=True, generate it with make_partitions (manifest included). A folder that we generated
     (it has our manifest.json) with other n_clients / seed / min_size is regenerated; a released folder
-    (no manifest) is never touched."""
+    (no manifest) is never touched. check_order: every Task folder must hold its task's datasets
+    (check_task_datasets)."""
     d = partition_dir(root, setting, beta)
     man = os.path.join(d, "manifest.json")
     if not os.path.isdir(d):
@@ -487,8 +549,12 @@ def load_partitions(root, setting: str, beta: float, n_clients: int = 50, seed: 
             raise FCITDataError(f"{tdir}: missing task folder (expected Task1..Task{num_stages(setting)})")
     out = []
     for k in range(num_stages(setting)):
-        out.append([load_client(root, setting, beta, k, c, image_root, check_images, skip_bad)
-                    for c in range(n_clients)])
+        files = [(p, read_json(p)) for p in (_client_path(root, setting, beta, k, c) for c in range(n_clients))]
+        if check_order:
+            found = Counter(record_dataset(r) for _, rows in files if isinstance(rows, list) for r in rows)
+            check_task_datasets(setting, k, found, os.path.join(d, f"Task{k + 1}"))
+        out.append([_client_examples(p, rows, root, setting, k, image_root, check_images, skip_bad)
+                    for p, rows in files])
     return out
 
 
@@ -555,9 +621,8 @@ def dolly_split(records, n_per_category: int = 10, seed: int = 42):
 
 
 def dolly_example(rec: dict, i=None) -> Example:
-    """A dolly record as an Example. A context is appended as "\n\n### Input:\n<context>", so that
-    model.TEMPLATES["alpaca"] renders alpaca-lora's prompt_input layout (its first sentence is the
-    no-input one); the raw fields stay in meta."""
+    """A dolly record as an Example; a context is appended as "\n\n### Input:\n<context>", which makes
+    model.TEMPLATES["alpaca"] render exactly alpaca_prompt() (prompt_input). Raw fields stay in meta."""
     instr = rec["instruction"] if not rec.get("context") else f"{rec['instruction']}\n\n### Input:\n{rec['context']}"
     return Example(f"dolly/{rec['category']}", instr, rec["response"], None, i,
                    {"category": rec["category"], "context": rec.get("context", ""),
@@ -565,7 +630,7 @@ def dolly_example(rec: dict, i=None) -> Example:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Scorers (spec §2.4), official rules with the official bugs fixed.
+# Scorers: the official rules (ETrain/Eval/LLaVA/CoIN/eval_*.py) with the official bugs fixed.
 
 EXACT_MATCH = {"ImageNet-R", "ArxivQA", "IconQA", "CLEVR-Math", "OCR-VQA", "super-CLEVR", "TabMWP", "AOKVQA"}
 SUBSTRING = {"FigureQA", "DVQA"}
@@ -760,14 +825,34 @@ def caption_scores(preds: list[str], refs: list[list[str]]) -> dict[str, float]:
     return out
 
 
+# Caption score names for evaluate_task (default first). "average": the official eval_caption "Average"
+# (mean of Bleu_1..4, METEOR, ROUGE_L, CIDEr, x100) without METEOR, which needs Java.
+CAPTION_METRICS = ("average", "CIDEr", "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr_x10")
+_AVERAGE_OF = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr")
+
+
+def _check_caption_metric(metric):
+    if metric not in CAPTION_METRICS:
+        raise ValueError(f"unknown caption metric {metric!r}; expected one of {', '.join(CAPTION_METRICS)}")
+
+
+def caption_metric_value(scores: dict, metric: str = "average") -> float:
+    """One caption score from caption_scores() output, x 100 as the official scripts print it: "average"
+    (see CAPTION_METRICS) or one metric; CIDEr can exceed 1, so these can exceed 100. "CIDEr_x10" is
+    CIDEr-D x 10, which CIDEr-D's bound of 10 keeps within 0..100."""
+    _check_caption_metric(metric)
+    if metric == "average":
+        return 100.0 * float(np.mean([scores[k] for k in _AVERAGE_OF]))
+    if metric == "CIDEr_x10":
+        return 10.0 * scores["CIDEr"]
+    return 100.0 * scores[metric]
+
+
 def evaluate_task(dataset: str, predictions: list[str], examples: list[Example],
-                  caption_metric: str = "CIDEr") -> float:
-    """Task score in 0..100. Grounding uses meta["answer_bbox"] when present; "dolly/..." gives mean
-    ROUGE-L x 100. Captions (Flickr30k, references from meta["captions"]): which caption number the paper
-    reports is not documented. Default "CIDEr": CIDEr-D x 10, i.e. CIDEr-D on its 0..10 scale mapped onto
-    0..100 (CIDEr-D <= 10 by construction), so it shares the accuracies' scale and stays discriminative on
-    FCIT-mini (one constant caption scores 10-23, all colours wrong ~23, correct captions ~90). "CIDEr_x100"
-    gives the usual paper-style CIDEr x 100 (unbounded), "Bleu_1".."Bleu_4" / "ROUGE_L" give x 100."""
+                  caption_metric: str = "average") -> float:
+    """Task score x 100: accuracy, Acc@IoU>0.5 (meta["answer_bbox"] when present), mean ROUGE-L for
+    "dolly/...", or for Flickr30k (references in meta["captions"]) caption_metric_value(caption_metric)."""
+    _check_caption_metric(caption_metric)   # for every dataset, so a typo fails before any caption task
     if len(predictions) != len(examples):
         raise ValueError(f"{dataset}: {len(predictions)} predictions for {len(examples)} examples")
     if not examples:
@@ -775,14 +860,7 @@ def evaluate_task(dataset: str, predictions: list[str], examples: list[Example],
     preds = [p.strip() for p in predictions]
     if dataset in CAPTION:
         refs = [e.meta.get("captions") or [e.answer] for e in examples]
-        sc = caption_scores(preds, refs)
-        if caption_metric == "CIDEr":
-            return 10.0 * sc["CIDEr"]
-        if caption_metric == "CIDEr_x100":
-            return 100.0 * sc["CIDEr"]
-        if caption_metric not in sc:
-            raise ValueError(f"caption_metric {caption_metric!r}; expected CIDEr, CIDEr_x100 or one of {sorted(sc)}")
-        return 100.0 * sc[caption_metric]
+        return caption_metric_value(caption_scores(preds, refs), caption_metric)
     if dataset == "Grounding":
         return 100.0 * float(np.mean([grounding_score(p, e.meta.get("answer_bbox", e.answer))
                                       for p, e in zip(preds, examples)]))
@@ -805,7 +883,7 @@ def evaluate_fedit(predictions: list[str], examples: list[Example]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Continual metrics (spec §3)
+# Continual metrics (Last / Avg, Guo et al. ICCV 2025)
 
 def continual_metrics(matrix) -> dict[str, float]:
     """matrix[t][i] = score (0-100) on task i after stage t, None where task i is unseen by stage t.
@@ -1516,7 +1594,7 @@ def vocab_corpus(seed: int = 0, n_per_task: int = 200, image_size: int = 64) -> 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Collation (spec §2.2): model.encode_example templates, labels on answers only, padding, images.
+# Collation: model.encode_example templates, labels on answers only, padding, images.
 
 IGNORE_INDEX = -100
 

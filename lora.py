@@ -1,6 +1,6 @@
 """LoRA with task subspaces, orthogonalization, routing and PEFT-compatible adapters.
 
-One small layer carries every LoRA flavour the project needs (fcit_paper.md §4.2, §4.5):
+One small layer carries every LoRA flavour the project needs (FCIT's subspaces and SSA, Guo et al. 2025):
 
 * DISCO (FCIT): K subspaces per layer, `A_j (r, in)`, `B_j (out, r)` with `r = rank // K`; training
   touches one subspace (`set_active`), inference mixes all of them per sample with weights
@@ -23,7 +23,7 @@ Parameter names inside the model: the wrapped layer keeps the base `weight`/`bia
 names (`lm.layers.0.mlp.gate_proj.weight`) and adds `...gate_proj.A.{j}`, `...gate_proj.B.{j}` and, for
 MoELoRA, `...gate_proj.router.weight`. `lora_state` uses exactly these names.
 
-Adapters on disk (model_formats.md §6): `save_peft_adapter` writes a PEFT LoRA adapter
+Adapters on disk (PEFT's LoRA format): `save_peft_adapter` writes a PEFT LoRA adapter
 (`adapter_config.json` + `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained` loads on the
 equivalent transformers model; `load_peft_adapter` reads one written by peft. `save_adapter` /
 `load_adapter` is our own exact format: every subspace, routers, extra tensors (identity keys...) and
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-DEFAULT_TARGETS = ("gate_proj", "up_proj", "down_proj")  # fcit_paper.md §4.2: MLP only, no attention
+DEFAULT_TARGETS = ("gate_proj", "up_proj", "down_proj")  # FCIT adapts the MLP only, no attention
 DEFAULT_INCLUDE = r"^lm\."
 # never wrapped, whatever `include` says: vision tower, text tower, projector, output head
 NEVER = r"(^|\.)(vision|vision_tower|vision_model|text_tower|text_model|clip_text|projector|multi_modal_projector|mm_projector|lm_head)(\.|$)"
@@ -100,7 +100,7 @@ class _ParentHook:
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus K LoRA subspaces (fcit_paper.md §4.2).
+    """A frozen linear layer plus K LoRA subspaces (DISCO, Guo et al. 2025).
 
     base: nn.Linear whose `weight` (out, in) and `bias` are taken over under the same names (frozen).
     rank: TOTAL rank, split into K = num_subspaces blocks of r = rank // K.
@@ -346,7 +346,7 @@ def apply_lora(model, rank, alpha, targets=DEFAULT_TARGETS, num_subspaces=1, sca
     lm_head. Freezes every parameter of the model, then makes subspace 0 trainable (`set_active(model, 0)`);
     unfreeze e.g. the projector afterwards if wanted. Returns {name: LoRALinear}.
 
-    rank = TOTAL rank (K blocks of rank // K); fcit_paper.md §4.2: task-related rank=64, alpha=128, K=8."""
+    rank = TOTAL rank (K blocks of rank // K); FCIT task-related: rank=64, alpha=128, K=8."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     inc, never = re.compile(include), re.compile(NEVER)
     names = []
@@ -410,7 +410,7 @@ def set_active(model, j):
 
 
 def set_routing(model, alpha, min_weight=0.0):
-    """Inference with a weight per subspace (DISCO SSA, fcit_paper.md §4.5): alpha (K,) for every sample
+    """Inference with a weight per subspace (DISCO's subspace selective activation): alpha (K,) for every sample
     or (B, K) per sample (broadcast over tokens; the batch stays B during KV-cache generation). Stored in
     fp32; requires_grad flags are not changed.
 
@@ -624,7 +624,7 @@ def subspace_overlap(model, reduce="mean"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# routing (fcit_paper.md §4.5 and the ablation's variants)
+# routing (DISCO's subspace selective activation and the paper's ablation variants)
 
 
 def route(features, keys, mode="softmax", temperature=0.05, valid=None):
@@ -736,7 +736,7 @@ def _target_regex(model, names, legacy):
 
 def save_peft_adapter(model, out_dir, alpha=None, legacy_names=False, dtype=torch.float32,
                       base_model_name_or_path=None):
-    """Write a PEFT LoRA adapter (model_formats.md §6): adapter_config.json + adapter_model.safetensors.
+    """Write a PEFT LoRA adapter (PEFT's format): adapter_config.json + adapter_model.safetensors.
 
     A K-subspace layer with fixed weights alpha (K,) (default: the current single/routed choice) is exported
     as ONE rank-(K r) LoRA: lora_A = A_cat, lora_B = B_cat diag(alpha) * (s / s_peft) with
@@ -779,7 +779,7 @@ def save_peft_adapter(model, out_dir, alpha=None, legacy_names=False, dtype=torc
     return out_dir
 
 
-# model_formats.md §1.5, reduced to the decoder (fallback when the model has no hf_module_name)
+# transformers' decoder module names (fallback when the model has no hf_module_name)
 _CANON = [(r"^language_model\.model\.(.*)", r"lm.\1"), (r"^model\.language_model\.(.*)", r"lm.\1"),
           (r"^model\.(embed_tokens|layers|norm)(.*)", r"lm.\1\2")]
 
@@ -795,7 +795,7 @@ def load_peft_adapter(model, adapter_dir, subspace=None):
     """Load a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, as peft writes it).
 
     Names: 'base_model.model.' is stripped and the rest matched to our modules through
-    model.hf_module_name (current and legacy) or the §1.5 decoder rules. A module without LoRA is wrapped
+    model.hf_module_name (current and legacy) or the decoder rules above. A module without LoRA is wrapped
     as a K=1 layer with peft scaling (exact copy of A, B); a module that already has LoRA receives it in
     `subspace` (r must match), or, with subspace=None, in subspace 0 (K=1) or split over the K subspaces
     when the adapter rank is K r (B rescaled so the function matches with alpha = 1 for all). Wrong shapes,

@@ -1,19 +1,19 @@
-"""LLaVA-style vision-language model in plain PyTorch (FCIT paper §3: the frozen MLLM that LoRA adapts).
+"""LLaVA-style vision-language model in plain PyTorch: the frozen MLLM that FCIT's LoRA adapts.
 
 One file, nanoGPT/gpt-fast style. It loads real Hugging Face checkpoints from local disk and matches
-transformers to ~1e-5 in float32 (specs: shared/research/model_formats.md, cited as MF §x):
+transformers to ~1e-5 in float32:
 
-  configs      DecoderConfig / VisionConfig / CLIPTextConfig / VLMConfig, sparse-config defaults (MF §1.6)
-  vision       CLIP ViT (class token, bias-free patch conv, pre_layrnorm, quick_gelu) and SigLIP (MF §2, §7.2)
-  projector    Linear -> GELU -> Linear (MF §1.3)
-  decoder      LLaMA / Qwen2: RMSNorm, RoPE, GQA, SwiGLU, SDPA, KV cache (MF §3)
+  configs      DecoderConfig / VisionConfig / CLIPTextConfig / VLMConfig, sparse-config defaults
+  vision       CLIP ViT (class token, bias-free patch conv, pre_layrnorm, quick_gelu) and SigLIP
+  projector    Linear -> GELU -> Linear
+  decoder      LLaMA / Qwen2: RMSNorm, RoPE, GQA, SwiGLU, SDPA, KV cache
   VLM          forward / hidden_states / loss / generate, image tokens already expanded in input_ids
-  CLIPTextTower  EOS-pooled CLIP text encoder (DISCO task-identity features, MF §2.3)
-  loading      load_vlm / save_vlm / load_clip_text: llava-hf, v5 names, original LLaVA, text-only (MF §1)
-  text         Tokenizer (tokenizers' tokenizer.json as shipped), TEMPLATES, encode_example (MF §4, §5)
-  images       ImageProcessor: CLIP (optional LLaVA-1.5 pad-to-square) and SigLIP (MF §2.4)
+  CLIPTextTower  EOS-pooled CLIP text encoder (DISCO task-identity features)
+  loading      load_vlm / save_vlm / load_clip_text: llava-hf, v5 names, original LLaVA, text-only
+  text         Tokenizer (tokenizers' tokenizer.json as shipped), TEMPLATES, encode_example
+  images       ImageProcessor: CLIP (optional LLaVA-1.5 pad-to-square) and SigLIP
 
-Internal parameter names (MF §1.5): `lm.` (embed_tokens, layers, norm), `lm_head.`, `vision.` (the CLIP/SigLIP
+Internal parameter names: `lm.` (embed_tokens, layers, norm), `lm_head.`, `vision.` (the CLIP/SigLIP
 `vision_model` contents), `projector.linear_{1,2}`. Module names below `lm.`/`vision.` equal transformers'.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ _TORCH_GQA = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) >=
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# configs (field defaults = transformers' documented defaults, MF §1.6)
+# configs (field defaults = transformers' documented defaults)
 
 _DECODER_DEFAULTS = {
     "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -222,7 +222,7 @@ class VLMConfig:
 
 
 def image_seq_len(cfg: VLMConfig) -> int:
-    """Image tokens per image: patches (+1 CLIP class token), minus one under the "default" strategy (MF §4.2)."""
+    """Image tokens per image: patches (+1 CLIP class token), minus one under the "default" strategy."""
     if cfg.vision is None:
         return 0
     n = (cfg.vision.image_size // cfg.vision.patch_size) ** 2 + int(cfg.vision.is_clip)
@@ -256,7 +256,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):   # fp32 statistics, cast back BEFORE the weight (MF §3.2)
+    def forward(self, x):   # fp32 statistics, cast back BEFORE the weight
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -437,7 +437,7 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """CLIP / SigLIP `vision_model` (MF §2.1, §7.2). Returns hidden_states[0..n_layers] like output_hidden_states."""
+    """CLIP / SigLIP `vision_model`. Returns hidden_states[0..n_layers] like output_hidden_states."""
 
     def __init__(self, c: VisionConfig):
         super().__init__()
@@ -486,7 +486,7 @@ def _init_weights(m):   # transformers-like init (std 0.02) for models built fro
 # the model
 
 class VLM(nn.Module):
-    """LLaVA: vision tower -> projector -> image rows spliced into the decoder's input embeddings (MF §2.2).
+    """LLaVA: vision tower -> projector -> image rows spliced into the decoder's input embeddings.
     With config.vision None it is a plain LLaMA/Qwen2 causal LM (the FedIT setting)."""
 
     def __init__(self, config: VLMConfig):
@@ -633,7 +633,7 @@ class VLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLIP text tower (DISCO task-identity features, MF §2.3)
+# CLIP text tower (DISCO task-identity features)
 
 class CLIPTextTower(nn.Module):
     """CLIPTextModel(WithProjection): causal + padding mask, final_layer_norm, EOS pooling as transformers does it."""
@@ -681,9 +681,9 @@ class CLIPTextTower(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# checkpoint reading (MF §1)
+# checkpoint reading
 
-_KEY_RULES = [   # first match wins (MF §1.5)
+_KEY_RULES = [   # first match wins
     (r"^language_model\.model\.(.*)", r"lm.\1"),
     (r"^model\.language_model\.(.*)", r"lm.\1"),
     (r"^(?:language_model\.)?lm_head\.(.*)", r"lm_head.\1"),
@@ -966,7 +966,7 @@ def load_clip_text(path: str, dtype=None, device=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# tokenizer and prompts (MF §4, §5)
+# tokenizer and prompts
 
 def _proto_fields(b: bytes):
     """Yield (field, value) of a protobuf message: varint, fixed64, length-delimited (bytes), fixed32 (float)."""
@@ -999,7 +999,7 @@ def _proto_fields(b: bytes):
 
 def sentencepiece_tokenizer(path: str):
     """A LLaMA-style SentencePiece BPE `tokenizer.model` -> tokenizers.Tokenizer, built the way transformers'
-    LlamaConverter (legacy) builds the shipped tokenizer.json (MF §5.3). The protobuf is parsed by hand."""
+    LlamaConverter (legacy) builds the shipped tokenizer.json. The protobuf is parsed by hand."""
     from tokenizers import AddedToken, decoders, normalizers, processors
     from tokenizers import Tokenizer as _Tok
     from tokenizers.models import BPE
@@ -1068,7 +1068,7 @@ class Tokenizer:
         sm = _read_json(os.path.join(path, "special_tokens_map.json"), {})
         mc = _read_json(os.path.join(path, "config.json"), {})
         for sid, info in sorted((tc.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
-            if tok.token_to_id(info["content"]) is None:   # declared only in tokenizer_config (MF §5.1)
+            if tok.token_to_id(info["content"]) is None:   # declared only in tokenizer_config
                 tok.add_special_tokens([AddedToken(info["content"], special=info.get("special", True),
                                                    normalized=info.get("normalized", False),
                                                    lstrip=info.get("lstrip", False), rstrip=info.get("rstrip", False),
@@ -1193,7 +1193,7 @@ def encode_example(tokenizer: Tokenizer, instruction: str, answer: str | None = 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# images (MF §2.4, §7.2)
+# images
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -1281,7 +1281,7 @@ class ImageProcessor:
             bg.paste(img, ((s - img.width) // 2, (s - img.height) // 2))
             img = bg
         kind, v = self.size
-        if kind == "shortest":   # long side int()-truncated (MF §2.4)
+        if kind == "shortest":   # long side int()-truncated
             w, h = img.size
             short, long = min(w, h), max(w, h)
             new = (v, int(v * long / short))

@@ -1,4 +1,4 @@
-"""LoRA speed ratios (issue 3). Not a test: prints timings and ratios.
+"""LoRA speed ratios. Not a test: prints timings and ratios.
 
   (a) train step, one active subspace of K=8 (rank 8 each, total 64)  vs  a plain single LoRA of rank 8
       target <= 1.05
@@ -8,7 +8,7 @@
       target <= 1.0
 
 All on a text-only model.VLM (LLaMA decoder) built from a small config, LoRA on the MLP projections
-(fcit_paper.md §4.2). Timings are the median of interleaved repeats (A, B, A, B, ...).
+(FCIT's task-related LoRA). Timings are the median of interleaved repeats (A, B, A, B, ...).
 
     python bench/lora_speed.py                       # tiny config, CPU
     python bench/lora_speed.py --hidden 1024 --layers 8 --device cuda --dtype bfloat16

@@ -13,16 +13,20 @@ import pytest
 import data
 
 
-# ---------------------------------------------------------------- settings tables (spec §1.4-1.5)
+# ---------------------------------------------------------------- settings tables
 
 def test_task_order_and_groups():
-    assert data.TASK_ORDER == ["ImageNet-R", "ArxivQA", "IconQA", "CLEVR-Math", "OCR-VQA", "Flickr30k",
-                               "FigureQA", "super-CLEVR"]
-    groups = dict(data.CAP_GROUPS)
-    assert [g for g, _ in data.CAP_GROUPS] == ["General", "Other", "Math", "Chart"]
-    assert sorted(sum(groups.values(), [])) == sorted(data.FCIT_DATASETS) and len(data.FCIT_DATASETS) == 12
-    assert set(groups["General"]) == {"AOKVQA", "IconQA", "Grounding", "ImageNet-R"}
-    assert set(groups["Chart"]) == {"ArxivQA", "FigureQA", "DVQA"}
+    # the official eval scripts' order (Eval_FCIT_task_hom.sh, Eval_FCIT_cap_hom.sh), written out literally
+    task_order = ["ImageNet-R", "ArxivQA", "IconQA", "CLEVR-Math", "OCR-VQA", "Flickr30k", "FigureQA", "super-CLEVR"]
+    cap = [("General", {"AOKVQA", "IconQA", "Grounding", "ImageNet-R"}), ("Other", {"Flickr30k", "OCR-VQA"}),
+           ("Math", {"CLEVR-Math", "super-CLEVR", "TabMWP"}), ("Chart", {"ArxivQA", "FigureQA", "DVQA"})]
+    for setting in ("task-hom", "task-het"):
+        assert data.task_names(setting) == task_order
+        assert [data.task_datasets(setting, k) for k in range(8)] == [[d] for d in task_order]
+    for setting in ("cap-hom", "cap-het"):
+        assert data.task_names(setting) == [g for g, _ in cap]
+        assert [set(data.task_datasets(setting, k)) for k in range(4)] == [ds for _, ds in cap]
+    assert sorted(data.FCIT_DATASETS) == sorted(set().union(*(ds for _, ds in cap)))
 
 
 def test_hom_het_assignment_matches_official_tables():
@@ -137,7 +141,7 @@ def test_manifest_hash():
     assert m["sha256"] == data.partition_hash(data.dirichlet_partition(100, 5, 1.0, 0))
 
 
-# ---------------------------------------------------------------- scorers (spec §2.4)
+# ---------------------------------------------------------------- scorers
 
 def test_exact_and_substring():
     s = data.score
@@ -218,20 +222,57 @@ def test_evaluate_task():
     assert data.evaluate_task("ArxivQA", ["A", "b", "x", ""], exs) == 50.0
     g = [E("Grounding", "q", "[0,0,1,1]", meta={"answer_bbox": "[0.0,0.0,1.0,1.0]", "size": [10, 10]})]
     assert data.evaluate_task("Grounding", ["[0,0,1,0.9]"], g) == 100.0
-    caps = [E("Flickr30k", "q", GTS[i][0], meta={"captions": GTS[i]}) for i in range(3)]
-    assert data.evaluate_task("Flickr30k", RES, caps) == pytest.approx(28.71254283348988)   # CIDEr-D x 10
-    assert data.evaluate_task("Flickr30k", RES, caps, caption_metric="CIDEr_x100") == pytest.approx(287.1254283348988)
     mini = [data.mini_sample("Flickr30k", 0, "test", i) for i in range(40)]
     mex = [E("Flickr30k", q, a, meta={"captions": m["captions"]}) for _, q, a, m in mini]
-    perfect = data.evaluate_task("Flickr30k", [a for _, _, a, _ in mini], mex)
-    const = data.evaluate_task("Flickr30k", [mini[0][2]] * 40, mex)
-    assert 80 < perfect <= 100 and const < 30                       # bounded and discriminative on FCIT-mini
-    assert data.evaluate_task("Flickr30k", RES, caps, caption_metric="Bleu_1") == pytest.approx(88.06997462775461)
+    for metric in data.CAPTION_METRICS:                              # discriminative on FCIT-mini
+        perfect = data.evaluate_task("Flickr30k", [a for _, _, a, _ in mini], mex, caption_metric=metric)
+        const = data.evaluate_task("Flickr30k", [mini[0][2]] * 40, mex, caption_metric=metric)
+        assert perfect > 1.5 * const, metric
+    perfect = data.evaluate_task("Flickr30k", [a for _, _, a, _ in mini], mex, caption_metric="CIDEr_x10")
+    assert 80 < perfect <= 100                                       # CIDEr-D x 10 stays within 0..100
     with pytest.raises(ValueError):
         data.evaluate_task("ArxivQA", ["A"], exs)
 
 
-# ---------------------------------------------------------------- continual metrics (spec §3)
+def test_caption_average_is_official_scale():
+    E = data.Example
+    caps = [E("Flickr30k", "q", GTS[i][0], meta={"captions": GTS[i]}) for i in range(3)]
+    # pycocoevalcap 1.2 values of RES vs GTS (test_caption_metrics_match_pycocoevalcap)
+    ref = {"Bleu_1": 0.8806997462775461, "Bleu_2": 0.7568186254410687, "Bleu_3": 0.5444865517078873,
+           "Bleu_4": 6.822287337960053e-05, "ROUGE_L": 0.8491875908823429, "CIDEr": 2.871254283348988}
+    avg = 100 * (ref["Bleu_1"] + ref["Bleu_2"] + ref["Bleu_3"] + ref["Bleu_4"] + ref["ROUGE_L"] + ref["CIDEr"]) / 6
+    assert data.CAPTION_METRICS[0] == "average"
+    assert data.evaluate_task("Flickr30k", RES, caps) == pytest.approx(avg, rel=1e-9)      # default
+    for m in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"):
+        assert data.evaluate_task("Flickr30k", RES, caps, caption_metric=m) == pytest.approx(100 * ref[m], rel=1e-9)
+    assert data.evaluate_task("Flickr30k", RES, caps, caption_metric="CIDEr_x10") == pytest.approx(28.71254283348988)
+
+    # A corpus computed by hand. Image 1 is perfect; image 2 predicts "e f x" for the reference "e f g h".
+    preds, refs = ["a b c d", "e f x"], [["a b c d"], ["e f g h"]]
+    bp = math.exp(1 - 8 / 7)                                  # 7 predicted words, 8 reference words
+    p = [6 / 7, 4 / 5, 2 / 3, 1 / 1]                          # clipped n-gram precisions (n = 1..4)
+    bleu = [bp * math.prod(p[:n]) ** (1 / n) for n in (1, 2, 3, 4)]
+    pr, rc = 2 / 3, 2 / 4                                     # LCS("e f x", "e f g h") = 2
+    rouge = (1 + (2.44 * pr * rc) / (rc + 1.44 * pr)) / 2     # ROUGE_L beta = 1.2, image 1 scores 1
+    # CIDEr-D: every reference n-gram has idf log(2); image 2's cosines are 2/(sqrt3 * 2) (unigrams),
+    # 1/(sqrt2 * sqrt3) (bigrams), 0, 0, and its length penalty is exp(-(2 - 3)^2 / 72) (bigram counts)
+    cider = (10 + 10 * (1 / math.sqrt(3) + 1 / math.sqrt(6)) / 4 * math.exp(-1 / 72)) / 2
+    hand = {"Bleu_1": bleu[0], "Bleu_2": bleu[1], "Bleu_3": bleu[2], "Bleu_4": bleu[3], "ROUGE_L": rouge,
+            "CIDEr": cider}
+    caps = [E("Flickr30k", "q", r[0], meta={"captions": r}) for r in refs]
+    got = {m: data.evaluate_task("Flickr30k", preds, caps, caption_metric=m) for m in data.CAPTION_METRICS}
+    assert got["average"] == pytest.approx(100 * sum(hand.values()) / 6, rel=1e-9)
+    for m, v in hand.items():
+        assert got[m] == pytest.approx(100 * v, rel=1e-9), m
+    assert got["CIDEr_x10"] == pytest.approx(10 * cider, rel=1e-9)
+    assert len(set(round(v, 6) for v in got.values())) == len(got)       # every name selects its own value
+    with pytest.raises(ValueError, match=r"unknown caption metric 'CIDEr_x100'.*average, CIDEr"):
+        data.evaluate_task("Flickr30k", preds, caps, caption_metric="CIDEr_x100")
+    with pytest.raises(ValueError, match="'bleu'"):
+        data.evaluate_task("ArxivQA", ["A"], [E("ArxivQA", "q", "A")], caption_metric="bleu")
+
+
+# ---------------------------------------------------------------- continual metrics
 
 def test_continual_metrics_hom_and_het():
     m = [[80, None, None], [60, 70, None], [50, 65, 90]]
@@ -437,8 +478,74 @@ def test_partitions_generated_and_loaded(mini):
     assert len(cap) == 4 and sum(len(c) for c in cap[0]) == 120
     assert {e.dataset for c in cap[0] for e in c} == {"AOKVQA", "IconQA", "Grounding", "ImageNet-R"}
     assert os.path.exists(os.path.join(mini, "partitioned_data", "Capability-related", "cap", "0.5", "Task4", "client_3.json"))
-    for k, cnt in enumerate(data.partition_contents(mini, "cap-het", 0.5, client=1)):
-        assert set(cnt) <= set(data.task_datasets("cap-het", k))
+    for k, task in enumerate(cap):                     # the order check passed and each folder holds its group
+        assert {e.dataset for c in task for e in c} == set(data.task_datasets("cap-het", k))
+
+
+def _release(root, setting, tasks, n_clients=2):
+    """A release-shaped partition folder (no manifest): tasks[k] = image folders of Task{k+1}'s records."""
+    d = data.partition_dir(root, setting, 1.0)
+    for k, folders in enumerate(tasks):
+        os.makedirs(os.path.join(d, f"Task{k + 1}"))
+        for c in range(n_clients):
+            recs = [{"id": f"{k}-{c}-{i}", "image": f"{f}/{i}.jpg",
+                     "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
+                    for i, f in enumerate(folders)]
+            _write(os.path.join(d, f"Task{k + 1}", f"client_{c}.json"), recs)
+    return d
+
+
+def test_partition_order_checked(tmp_path, caplog):
+    general, other = ["AOKVQA", "IconQA", "Grounding", "ImageNet-R"], ["Flickr30k-cap", "OCRVQA"]
+    math_, chart = ["CLEVR-Math", "super-CLEVR", "TabMWP"], ["ArxivQA", "FigureQA", "DVQA"]
+    _release(tmp_path / "ok", "cap", [general, other, math_, chart])
+    ok = data.load_partitions(tmp_path / "ok", "cap-hom", 1.0, n_clients=2, check_images=False)
+    assert [{e.dataset for c in t for e in c} for t in ok] == [
+        {"AOKVQA", "IconQA", "Grounding", "ImageNet-R"}, {"Flickr30k", "OCR-VQA"},
+        {"CLEVR-Math", "super-CLEVR", "TabMWP"}, {"ArxivQA", "FigureQA", "DVQA"}]
+    # the release's order General, Chart, Math, Other (process_data.py's list): Task2 holds Chart
+    d = _release(tmp_path / "swapped", "cap", [general, chart, math_, other])
+    with pytest.raises(data.FCITDataError) as e:
+        data.load_partitions(tmp_path / "swapped", "cap-het", 1.0, n_clients=2, check_images=False)
+    msg = str(e.value)
+    assert msg.startswith(os.path.join(d, "Task2") + ": holds Chart datasets {ArxivQA, DVQA, FigureQA} (6 records)")
+    assert "expected Other {Flickr30k, OCR-VQA}" in msg and "stage order differs" in msg and "Chart is Task4" in msg
+    unchecked = data.load_partitions(tmp_path / "swapped", "cap-het", 1.0, n_clients=2, check_images=False,
+                                     check_order=False)
+    assert {e.dataset for c in unchecked[1] for e in c} == {"ArxivQA", "FigureQA", "DVQA"}
+    # one foreign dataset in an otherwise right folder: named, no stage claimed
+    _release(tmp_path / "mixed", "cap", [general + ["DVQA"], other, math_, chart])
+    with pytest.raises(data.FCITDataError, match=r"Task1: holds datasets \{.*DVQA.*\}.*expected General "
+                                                 r"\{AOKVQA, Grounding, IconQA, ImageNet-R\}: \{DVQA\} not part of General"):
+        data.load_partitions(tmp_path / "mixed", "cap-hom", 1.0, n_clients=2, check_images=False)
+    # Task-related: a single dataset per folder; the "dataset" field wins over the image folder
+    _release(tmp_path / "seq", "seq", [["ImageNet-R"], ["IconQA"]] + [["x"]] * 6)
+    with pytest.raises(data.FCITDataError, match=r"Task2: holds datasets \{IconQA\} \(2 records\); expected ArxivQA: "
+                                                 r"the release's stage order differs .*IconQA is Task3"):
+        data.load_partitions(tmp_path / "seq", "task-hom", 1.0, n_clients=2, check_images=False)
+    assert data.record_dataset({"dataset": "ArxivQA", "image": "IconQA/1.png"}) == "ArxivQA"
+    assert data.record_dataset({"image": "OCRVQA/1.png"}) == "OCR-VQA"
+    assert data.record_dataset({"image": "coco/1.png"}) is None and data.record_dataset("x") is None
+    # undeterminable records are not failures; a folder with none determinable is logged
+    _release(tmp_path / "unk", "cap", [general, other + ["misc"], ["coco", "vg"], chart])
+    with caplog.at_level(logging.WARNING, logger="fcit.data"):
+        parts = data.load_partitions(tmp_path / "unk", "cap-hom", 1.0, n_clients=2, check_images=False)
+    assert len(parts) == 4 and caplog.text.count("could not be verified") == 1
+    assert "Task3: no record names a known FCIT dataset" in caplog.text and "Math" in caplog.text
+
+
+def test_atomic_write_json(tmp_path):
+    p = tmp_path / "m.json"
+    data.atomic_write_json(p, {"a": [1, 2]})
+    data.atomic_write_json(p, {"b": 3}, indent=1)
+    assert json.load(open(p)) == {"b": 3} and os.listdir(tmp_path) == ["m.json"]
+    with pytest.raises(TypeError):
+        data.atomic_write_json(p, {"c": object()})            # fails half-way: old file kept, no temp left
+    assert json.load(open(p)) == {"b": 3} and os.listdir(tmp_path) == ["m.json"]
+    mode = os.stat(p).st_mode & 0o777
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    assert mode == os.stat(probe).st_mode & 0o777              # ordinary permissions (umask), not 0600
 
 
 # ---------------------------------------------------------------- bad input
@@ -558,6 +665,49 @@ def test_collator(tiny_tok, mini):
     bad = data.Example("IconQA", "q", "a", str(mini) + "/images/nope.png")
     with pytest.raises(data.FCITDataError, match="nope.png"):
         col([bad])
+
+
+def _shepherd_tokenize(tok, text, cutoff_len):
+    """Shepherd's main.py tokenize(): the tokenizer adds BOS, truncates to cutoff_len, then EOS is appended
+    only if the last token is not EOS and the result is shorter than cutoff_len; labels = input_ids."""
+    ids = ([tok.bos_id] + tok.encode(text))[:cutoff_len]
+    if ids[-1] != tok.eos_id and len(ids) < cutoff_len:
+        ids.append(tok.eos_id)
+    return ids
+
+
+def test_fedit_alpaca_prompt_with_and_without_input(tiny_tok):
+    with_ctx = {"instruction": "Where does Emma live?", "context": "Emma is 31 years old and lives in Paris.",
+                "response": "Emma lives in Paris.", "category": "closed_qa"}
+    no_ctx = {"instruction": "What is the capital of Peru?", "context": "", "response": "The capital of Peru is Lima.",
+              "category": "open_qa"}
+    header_input = ("Below is an instruction that describes a task, paired with an input that provides further "
+                    "context. Write a response that appropriately completes the request.\n\n")
+    header_plain = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    assert data.alpaca_prompt(with_ctx["instruction"], with_ctx["context"]) == (
+        header_input + "### Instruction:\nWhere does Emma live?\n\n### Input:\nEmma is 31 years old and lives in "
+        "Paris.\n\n### Response:\n")
+    assert data.alpaca_prompt(no_ctx["instruction"]) == (
+        header_plain + "### Instruction:\nWhat is the capital of Peru?\n\n### Response:\n")
+    for rec in (with_ctx, no_ctx):
+        prompt = data.alpaca_prompt(rec["instruction"], rec["context"])
+        ex = data.dolly_example(rec)
+        b = data.Collator(tiny_tok, None, "alpaca", train_on_inputs=True, max_length=512)([ex])
+        ids = b["input_ids"][0].tolist()
+        assert ids == [1] + tiny_tok.encode(prompt + rec["response"]) + [2]               # BOS ... EOS
+        assert tiny_tok.decode(ids) == prompt + rec["response"]
+        assert b["labels"][0].tolist() == ids                                               # prompt supervised too
+        gen = data.Collator(tiny_tok, None, "alpaca", train=False, max_length=512)([ex])
+        assert gen["input_ids"][0].tolist() == [1] + tiny_tok.encode(prompt)
+    # Shepherd's cutoff: truncate BOS + prompt + response to cutoff_len, EOS only when shorter than cutoff_len
+    ex = data.dolly_example(with_ctx)
+    text = data.alpaca_prompt(with_ctx["instruction"], with_ctx["context"], with_ctx["response"])
+    n = 1 + len(tiny_tok.encode(text))
+    for cutoff in (n - 7, n - 1, n, n + 1, n + 2, 512):
+        b = data.Collator(tiny_tok, None, "alpaca", train_on_inputs=True, max_length=cutoff)([ex])
+        ref = _shepherd_tokenize(tiny_tok, text, cutoff)
+        assert b["input_ids"][0].tolist() == ref and b["labels"][0].tolist() == ref, cutoff
+        assert (ref[-1] == 2) == (cutoff > n)
 
 
 def test_length_bucketed_batches():

@@ -1,5 +1,5 @@
 """torch.distributed: the same Federation code on 2 gloo processes (CPU) gives the same aggregated adapters as the
-single-process run (issue 5 §6). Clients of a round are split across ranks (position p -> rank p % world); their
+single-process run. Clients of a round are split across ranks (position p -> rank p % world); their
 uploads and identity tokens are all-gathered, every rank aggregates identically."""
 import json
 import os

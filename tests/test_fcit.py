@@ -31,7 +31,9 @@ def check_results(out, setting, methods):
     for name, m in r["methods"].items():
         assert set(m) == {"matrix", "last", "avg", "bwt", "per_task_last", "routing_accuracy", "comm_bytes", "wall_s"}
         assert all(len(row) == n_tasks for row in m["matrix"])
-        assert all(v is None or 0.0 <= v <= 100.0 for row in m["matrix"] for v in row)
+        caption = [i for i, t in enumerate(r["tasks"]) if t in ("Flickr30k", "Other")]   # CIDEr can pass 1
+        assert all(v is None or 0.0 <= v <= (250.0 if i in caption else 100.0)
+                   for row in m["matrix"] for i, v in enumerate(row))
         final = [v for v in m["matrix"][-1] if v is not None]
         assert m["last"] == pytest.approx(sum(final) / len(final), abs=1e-3)
         assert set(m["per_task_last"]) <= set(r["tasks"])

@@ -115,7 +115,7 @@ def test_apply_lora_targets_and_freezing():
 
 def test_scaling_and_init():
     m = lora.LoRALinear(nn.Linear(4096, 64), 64, 128, num_subspaces=8, scaling="fcit")
-    assert m.r == 8 and m.scaling == 2.0                       # fcit_paper.md §4.2
+    assert m.r == 8 and m.scaling == 2.0                       # FCIT: scaling = alpha / total rank
     assert abs(torch.cat(list(m.A)).std().item() - 0.01) < 5e-4
     assert all(float(b.detach().abs().max()) == 0 for b in m.B)
     p = lora.LoRALinear(nn.Linear(4096, 64), 64, 128, num_subspaces=8, scaling="peft", init="peft")

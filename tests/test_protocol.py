@@ -102,3 +102,12 @@ def test_llava_checkpoints_pad_to_a_square_by_default(tmp_path):
     assert vlm.ImageProcessor.for_checkpoint(str(orig), str(clip), aspect="pad").pad_to_square
     with pytest.raises(ValueError, match="aspect"):
         vlm.ImageProcessor.for_checkpoint(str(hf), aspect="stretch")
+
+
+def test_max_length_cuts_training_sequences_but_never_a_prompt():
+    fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="finetune", max_length=6))
+    ex = task_examples("A", 1, 0)[0]
+    full = vlm.encode_example(fed.tok, ex.instruction, None, template=fed.cfg.template, max_length=None)[0]
+    assert len(full) > 6
+    assert fed._collate([ex], with_answer=False)["input_ids"][0].tolist()[-len(full):] == full
+    assert fed._collate([ex])["input_ids"].shape[1] == 6
