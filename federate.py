@@ -3,39 +3,26 @@
 One engine runs every method of FCIT (Guo et al., ICCV 2025, arXiv 2503.12897) and FedIT (Zhang et al.,
 "Towards Building the Federated GPT", arXiv 2305.05644):
 
-    disco     dynamic knowledge organisation (identity keys + one LoRA subspace per task cluster, §4.1-4.4)
-              and subspace selective activation at inference (§4.5)
+    disco     dynamic knowledge organisation (DKO: identity keys, one LoRA subspace per task cluster) and
+              subspace selective activation at inference (SSA)
     finetune  one LoRA trained sequentially over the stages (FCIT's "Finetune" row)
     ewc       finetune + diagonal-Fisher penalty (Kirkpatrick et al. 2017), Fisher from the clients' data
     olora     a new subspace per stage + O-LoRA orthogonality penalty (Wang et al. 2023)
     moelora   CoIN's rank-split experts with a trainable token router (Chen et al. 2024)
     zeroshot  the base model, no training
-    mtl       centralised multi-task training on the pooled data (upper bound), one "client"
+    mtl       one centralised joint training on every stage's pooled data (upper bound), one "client"
     fedit     FedIT / Shepherd: one LoRA + the aggregator, single stage
     local     every client trains alone (FedIT's local baseline); evaluation averages over clients
 
 Any aggregator works with any method: FedAvg, FedProx (Li et al. 2020), FedAvgM (Hsu et al. 2019) and the
 adaptive server optimisers FedAdagrad / FedAdam / FedYogi (Reddi et al., ICLR 2021, Algorithm 2).
 
-A round (Federation.run_round): sample the clients (seeded per stage/round, §1.2); DISCO only: every client
-uploads its identity token (mean frozen-encoder feature of its instructions, §4.1) and the server assigns it
-a subspace against the global keys (organize, §4.4); each client trains from the global state (§4.3);
-screen_clients drops empty / non-finite clients; the server aggregates each subspace over its clients and
-the projector over all (aggregate), then updates the keys (update_keys). Inference: predict, with SSA
-routing per sample for DISCO (§4.5). Under torchrun the clients of a round are split over ranks.
-
-Differences from the official DISCO code (fcit_paper.md §4.7, §7), all deliberate: subspaces are assigned
-before local training from the frozen-encoder identity tokens, against the global keys (the paper's
-description; the official code clusters round 0 after training, copies slot 0 into the clusters' slots in
-stage 1 and can discard mismatched updates), in round 0 of a stage, later rounds reusing the position's
-subspace as the official code does (FedConfig.assign; "every_round" re-matches every client); the key update is the correct running mean (not the
-precedence bug); clusters never overlap and a small client is never dropped; more clusters than subspaces
-is a CapacityError (or, opt-in on_full="nearest", the official "no empty slot -> argmax" rule, logged); keys
-are float32 and sizes float64 (not bf16); SSA weights are fp32 per sample with empty slots at exactly 0.
-Without a CLIP text tower the identity comes from the base LM's mean-pooled hidden states (our fallback).
-
-Section numbers "§x.y" refer to /work/shared/research/fcit_paper.md (the engineering spec of the paper and the
-official code Ghy0501/FCIT@9b10259). Where we differ from the official code, the docstring says so and why.
+A round (Federation.run_round): sample the clients; DISCO only: every client uploads its identity token (the
+mean frozen-encoder feature of its instructions) and the server assigns it a subspace against the global keys
+(organize); each client trains from the global state; screen_clients drops empty or non-finite clients; the
+server aggregates each subspace over its clients and the projector over all (aggregate), then updates the keys
+(update_keys). Inference: predict, with SSA routing per sample for DISCO. Under torchrun the clients of a round
+are split over ranks. Where we differ from the official code, the README's table says what and why.
 """
 from __future__ import annotations
 
@@ -63,7 +50,7 @@ AGGREGATORS = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi
 
 
 class CapacityError(RuntimeError):
-    """More task clusters arrived than the model has LoRA subspaces (§4.7.6: the official code crashes with an
+    """More task clusters arrived than the model has LoRA subspaces (the official code crashes with an
     index error or silently drops keys; we stop with this message instead)."""
 
 
@@ -73,31 +60,36 @@ class CapacityError(RuntimeError):
 
 @dataclass
 class FedConfig:
-    """Everything the engine needs. Paper values (§1.2, §6) in comments; fcit.py fills them per setting."""
+    """Everything the engine needs. The paper's values in comments; fcit.py fills them per setting."""
     method: str = "disco"
     aggregator: str = "fedavg"
-    n_clients: int = 50                  # §1.2 --num_clients 50
-    clients_per_round: int = 5           # §1.2 int(50 * 0.1)
+    n_clients: int = 50                  # FCIT: --num_clients 50
+    clients_per_round: int = 5           # FCIT: int(50 * 0.1)
     rounds: int = 10                     # rounds per stage
-    local_epochs: int = 1
-    lr: float = 2e-4                     # AdamW, weight decay 0 (§6)
+    local_epochs: float = 1              # a fraction trains on a seeded prefix of the last epoch (mtl budgets)
+    lr: float = 2e-4                     # AdamW, weight decay 0
     batch_size: int = 32                 # per optimizer micro-step
     grad_accum: int = 1
     max_grad_norm: float = 1.0
-    warmup_ratio: float = 0.03           # warmup = ceil(0.03 * steps), cosine decay, restarted per client/round
-    rank: int = 64                       # TOTAL LoRA rank, split into num_subspaces blocks (§4.2)
-    alpha: float = 128.0                 # scaling alpha / rank = 2 (§4.2)
+    warmup_ratio: float = 0.03           # warmup = ceil(0.03 * steps), restarted per client/round
+    lr_schedule: str = "cosine"          # cosine (FCIT's HF Trainer) | linear (HF Trainer default, Shepherd)
+    client_sampling: str = "seeded"      # seeded: local RNG keyed by (seed, stage, round) | official: FCIT's and
+                                         # Shepherd's np.random.seed(stage*10 + round) draw, on a local RandomState
+    server_state: str = "reset"          # server-optimizer state (m, v) at a stage boundary: reset | carry
+    lora_init: str = "fcit"              # fcit: A ~ N(0, 0.01^2) | peft: kaiming-uniform A (PEFT's default); B = 0
+    rank: int = 64                       # TOTAL LoRA rank, split into num_subspaces blocks
+    alpha: float = 128.0                 # scaling alpha / rank = 2
     num_subspaces: int = 8               # K
     dropout: float = 0.05
-    tau: float = 0.9                     # DISCO matching threshold (§4.4)
-    temperature: float = 0.05            # SSA softmax temperature (§4.5)
-    small_client: float = 1e-3           # small-client share (§4.4)
-    on_full: str = "error"               # DISCO with no free subspace: error | nearest (official client rule, §4.3)
+    tau: float = 0.9                     # DISCO matching threshold
+    temperature: float = 0.05            # SSA softmax temperature
+    small_client: float = 1e-3           # small-client share (official code)
+    on_full: str = "error"               # DISCO with no free subspace: error | nearest (official client rule)
     assign: str = "round0"               # DISCO: round0 = match in round 0 of a stage, later rounds reuse the
-                                         # position's subspace (official schedule, §4.3; robust to noisy
+                                         # position's subspace (official schedule; robust to noisy
                                          # identities) | every_round = match every client of every round
-    routing: str = "softmax"             # SSA ablations: softmax | argmax | concat | cosine (§5)
-    identity: str = "text"               # text (CLIP text tower or base LM) | image (ablation, §4.1)
+    routing: str = "softmax"             # SSA ablations: softmax | argmax | concat | cosine
+    identity: str = "text"               # text (CLIP text tower or base LM) | image (ablation)
     identity_center: bool = False        # base-LM fallback only: centre tokens on REFERENCE_TEXTS' mean, normalise
     identity_layer: str = "last"         # base-LM fallback only: pool the final hidden states ("last") or the
                                          # input embeddings, hidden state 0 ("embedding": a bag of token embeddings)
@@ -106,10 +98,11 @@ class FedConfig:
     prox_mu: float = 0.01                # FedProx μ
     server_lr: float | None = None       # η; None -> 1 − server_momentum (fedavgm), 1e-3 (adaptive, as OpenFedLLM)
     server_momentum: float = 0.9         # FedAvgM β
-    beta1: float = 0.9                   # FedAdam/FedYogi/FedAdagrad β1 (Reddi et al. §3)
+    beta1: float = 0.9                   # FedAdam/FedYogi/FedAdagrad β1 (Reddi et al. 2021, §3)
     beta2: float = 0.99                  # FedAdam/FedYogi β2
     tau_adaptive: float = 1e-3           # Reddi et al. τ (adaptivity, v_{-1} = τ²)
-    ewc_lambda: float = 1.0
+    ewc_lambda: float = 1e6              # EWC λ, from a sweep on the toy A→B tasks: the per-sample empirical Fisher
+                                         # of a well-fit task is tiny (~1e-6); rescale for other models (README)
     olora_lambda: float = 0.5            # O-LoRA λ1 (cmnfriend/O-LoRA scripts)
     seed: int = 0
     device: str = "cpu"
@@ -118,10 +111,10 @@ class FedConfig:
     template: str = "vicuna_v1"
     max_length: int = 2048
     gradient_checkpointing: bool = False
-    lora_targets: tuple = ("gate_proj", "up_proj", "down_proj")   # §4.2: MLP only
-    train_projector: bool = True         # §4.3: FCIT trains and averages mm_projector
-    projector_lr: float | None = None    # None: lr. FCIT sets --mm_projector_lr 2e-5 (lr/10) but its optimizer ignores
-                                         # it (§4.7.5), so the official projector trains at lr; this is the intent
+    lora_targets: tuple = ("gate_proj", "up_proj", "down_proj")   # FCIT: the MLP only
+    train_projector: bool = True         # FCIT trains and averages mm_projector
+    projector_lr: float | None = None    # None: lr, which produced the paper's numbers (FCIT's scripts pass
+                                         # mm_projector_lr 2e-5, but its optimizer has no projector group)
     train_on_inputs: bool = False        # supervise the prompt too (Shepherd's default for FedIT)
 
     def __post_init__(self):
@@ -147,21 +140,33 @@ class FedConfig:
             raise ValueError(f"unknown identity_layer {self.identity_layer!r}; expected 'last' or 'embedding'")
         if self.clients_per_round > self.n_clients:
             raise ValueError("clients_per_round > n_clients")
+        for name, allowed in (("lr_schedule", ("cosine", "linear")), ("client_sampling", ("seeded", "official")),
+                              ("server_state", ("reset", "carry")), ("lora_init", ("fcit", "peft"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        if not self.local_epochs > 0:
+            raise ValueError(f"local_epochs must be > 0, not {self.local_epochs}")
 
 
 # ----------------------------------------------------------------------------------------------------
-# client sampling (§1.2)
+# client sampling
 
 
-def sample_clients(n_clients: int, per_round: int, seed: int, stage: int, rnd: int) -> list[int]:
-    """Uniform sampling without replacement, deterministic per (seed, stage, round) (§1.2).
+def sample_clients(n_clients: int, per_round: int, seed: int, stage: int, rnd: int,
+                   scheme: str = "seeded") -> list[int]:
+    """Uniform sampling without replacement; the order is the position (Het-FCIT maps positions to tasks).
 
-    The official code calls np.random.seed(stage*10 + round) (reseeding the global NumPy RNG, and colliding for
-    stages with >= 10 rounds); we use a local generator keyed by the tuple, so nothing global is touched. The
-    order matters: in Het-FCIT the position in this list selects the task (§1.5)."""
+    official: the draw of FCIT's and Shepherd's code, np.random.seed(stage*10 + round) then choice, made on a
+    local RandomState (same numbers, global RNG untouched; independent of `seed`, and repeating for stages
+    with more than 10 rounds, as the original does). seeded: a local generator keyed by (seed, stage, round)."""
     if not 0 < per_round <= n_clients:
         raise ValueError(f"need 0 < clients_per_round ({per_round}) <= n_clients ({n_clients})")
-    rng = np.random.default_rng([int(seed), int(stage), int(rnd)])
+    if scheme == "official":
+        rng = np.random.RandomState(int(stage) * 10 + int(rnd))
+    elif scheme == "seeded":
+        rng = np.random.default_rng([int(seed), int(stage), int(rnd)])
+    else:
+        raise ValueError(f"client sampling scheme {scheme!r}; expected 'seeded' or 'official'")
     return [int(c) for c in rng.choice(n_clients, size=per_round, replace=False)]
 
 
@@ -192,7 +197,7 @@ class ServerOptimizer:
     Default η: 1 − β for FedAvgM (steady-state step equal to FedAvg's) and 1e-3 for the adaptive ones (OpenFedLLM's
     default): their first step moves every coordinate by about ±η whatever |Δ| is, and LoRA factors live at the
     1e-2 scale (A ~ N(0, 0.01²)), so η = 1e-1 wipes a subspace out (measured on the toy tasks of the tests).
-    Written from the paper, not from OpenFedLLM (anchors §1.3), which uses an EMA for FedAvgM, updates v from
+    Written from the paper, not from OpenFedLLM, which uses an EMA for FedAvgM, updates v from
     m² instead of Δ² and starts v at τ². We also start v at τ² (the paper's v_{-1} ≥ τ²). No bias correction
     (the paper has none). Reddi et al. weight clients uniformly; we use the sample-count weights FedAvg uses,
     so every aggregator sees the same Δ. State is per parameter name (per subspace for DISCO) and float32.
@@ -261,7 +266,7 @@ def lora_pairs(names) -> dict[tuple[str, str], tuple[str, str]]:
 def product_average(As: list[torch.Tensor], Bs: list[torch.Tensor], p: list[float]):
     """Average the LoRA *product* ΔW = Σ_k p_k B_k A_k and re-factorise it by truncated SVD into (B, A).
 
-    Factor averaging (the default, as FCIT §4.4 and Shepherd do) gives (Σ p B)(Σ p A), which differs from
+    Factor averaging (the default, as FCIT and Shepherd do) gives (Σ p B)(Σ p A), which differs from
     Σ p B A by the cross terms p_i p_j B_i A_j: it is not the mean of the clients' weight updates. The product
     average is exact up to the rank truncation (Σ of K rank-r products has rank ≤ K·r, we keep the top r),
     and it rotates A and B into the singular basis (B = U√S, A = √S Vᵀ), so A/B no longer continue the clients'
@@ -284,7 +289,7 @@ def aggregate(global_state: dict[str, torch.Tensor], client_states: list[dict[st
               base_states: list[dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
     """Aggregate the clients' parameters for the names of global_state; returns the new global values.
 
-    n: client sample counts (FedAvg weights, §1.6 "aggregation weight = len(client_json)").
+    n: client sample counts (FedAvg weights: the client's number of samples).
     base_states[k][name]: the value client k started from (default: global_state[name]); it differs from the
         global value of the *same* name only when a client trained a different slot than the one it is written
         to (not the case in our DISCO, kept for generality).
@@ -314,7 +319,7 @@ def aggregate(global_state: dict[str, torch.Tensor], client_states: list[dict[st
 
 
 def screen_clients(updates: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Drop clients with no data or non-finite parameters / loss (issue 5 "bad input"); returns (kept, dropped)
+    """Drop clients with no data or non-finite parameters / loss ; returns (kept, dropped)
     where dropped entries carry a `reason`. Weights are renormalised by aggregate() over the kept ones."""
     kept, dropped = [], []
     for u in updates:
@@ -336,7 +341,7 @@ def screen_clients(updates: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# DISCO server: identity keys and dynamic knowledge organisation (§4.1, §4.4, §4.7)
+# DISCO server: identity keys and dynamic knowledge organisation (DKO)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -351,7 +356,7 @@ THRESH_EPS = 1e-6   # cos is compared as cos >= tau - 1e-6 so that "exactly tau"
 
 def organize(mu: torch.Tensor, n: list[float], keys: torch.Tensor, sizes: torch.Tensor, tau: float = 0.9,
              small_client: float = 1e-3, on_full: str = "error", info: dict | None = None) -> tuple[list[int], list[int]]:
-    """DKO assignment of the round's clients to subspaces (§4.4, paper intent per §4.7.1).
+    """DKO assignment of the round's clients to subspaces (DKO, as the paper describes it).
 
     mu (N, D): client identity tokens (mean feature over the client's samples), n: their sample counts,
     keys (K, D) / sizes (K,): the global identity keys (a slot is empty iff size == 0). Returns
@@ -365,8 +370,8 @@ def organize(mu: torch.Tensor, n: list[float], keys: torch.Tensor, sizes: torch.
        it joins the nearest of the existing keys and the new clusters' centroids (official: the cluster whose
        *first member* is most similar, and the client is dropped if it comes before any valid cluster — fixed;
        only if there is nothing at all to join does it cluster normally).
-    4. More clusters than empty slots -> CapacityError (official: crash or silent drop, §4.7.6), or with
-       on_full="nearest" the official client-side rule of §4.3 ("if no empty slot is left, use argmax"): the
+    4. More clusters than empty slots -> CapacityError (official: crash or silent drop), or with
+       on_full="nearest" the official client-side rule ("if no empty slot is left, use argmax"): the
        largest clusters (by samples) open the free slots, every other cluster joins its nearest subspace (an
        existing key or a cluster opened now), and info["merged_on_full"] lists them (logged, never silent).
 
@@ -375,7 +380,7 @@ def organize(mu: torch.Tensor, n: list[float], keys: torch.Tensor, sizes: torch.
     cluster of the client's position. Here the identity features come from frozen encoders, so the clients
     compute and upload them *before* training and the server assigns every client of every round; this is the
     paper's description ("matched with the global identity tokens, a new token and subspace on a miss") and
-    removes the round-0 slot mismatch that discarded updates (§4.7.3) and the stage-1 "train slot 0 then copy"
+    removes the round-0 slot mismatch that discarded updates and the stage-1 "train slot 0 then copy"
     trick. Comparisons use >= on both sides (the official client uses >, the server >=). With
     FedConfig.assign="round0" (default) Federation calls this only in round 0 of a stage (and for positions
     without a round-0 subspace); later rounds reuse the position's subspace (the official schedule)."""
@@ -426,8 +431,8 @@ def organize(mu: torch.Tensor, n: list[float], keys: torch.Tensor, sizes: torch.
         if on_full != "nearest":
             raise CapacityError(
                 f"DISCO needs {len(clusters)} new subspace(s) this round but only {len(free)} of K={K} are free "
-                f"(tau={tau}). More distinct tasks arrived than subspaces: raise --num-subspaces (and the LoRA rank "
-                f"with it), lower --tau, or let overflowing clusters join their nearest subspace (on_full='nearest').")
+                f"(tau={tau}). More distinct tasks arrived than subspaces: raise --subspaces (and --rank "
+                f"with it), lower --tau, or let overflowing clusters join their nearest subspace (--on-full nearest).")
         order = sorted(range(len(clusters)), key=lambda c: -sum(n[i] for i in clusters[c]))
         keep, overflow = sorted(order[:len(free)]), order[len(free):]
 
@@ -459,12 +464,11 @@ def organize(mu: torch.Tensor, n: list[float], keys: torch.Tensor, sizes: torch.
 
 
 def update_keys(keys: torch.Tensor, sizes: torch.Tensor, slot: list[int], mu: torch.Tensor, n: list[float]):
-    """Sample-weighted running mean of the identity keys, in place (§4.4, intended formula):
+    """Sample-weighted running mean of the identity keys, in place (the intended formula):
 
         key_j ← (size_j · key_j + Σ_{k→j} n_k μ_k) / (size_j + Σ_{k→j} n_k),   size_j += Σ_{k→j} n_k
 
-    The official code computes `key*size + Σnμ/(Σn + size)` in round 0 of later stages (operator precedence,
-    §4.4/§4.7.2), which freezes the key's direction and inflates its norm; it also stores keys and sizes in
+    The official code computes `key*size + Σnμ/(Σn + size)` in round 0 of later stages (operator precedence), which freezes the key's direction and inflates its norm; it also stores keys and sizes in
     bf16 (counts > 256 round). We keep keys float32 and sizes float64."""
     for j in sorted(set(slot)):
         if j < 0:
@@ -481,7 +485,7 @@ def update_keys(keys: torch.Tensor, sizes: torch.Tensor, slot: list[int], mu: to
 
 
 # ----------------------------------------------------------------------------------------------------
-# torch.distributed helpers (issue 5 §6): the round's clients are split over ranks, results all-gathered
+# torch.distributed helpers: the round's clients are split over ranks, results all-gathered
 
 
 def init_distributed() -> tuple[int, int]:
@@ -536,12 +540,14 @@ def _rng_scope(device: torch.device, *key):
         yield torch.Generator().manual_seed(seed)
 
 
-def cosine_warmup(step: int, total: int, warmup: int) -> float:
-    """LR multiplier of transformers' get_cosine_schedule_with_warmup (the HF Trainer FCIT builds per client
-    per round, §4.3): linear warmup from 0, then cosine to 0."""
+def lr_multiplier(step: int, total: int, warmup: int, kind: str = "cosine") -> float:
+    """LR multiplier of transformers' get_cosine_schedule_with_warmup (FCIT's client trainer) or
+    get_linear_schedule_with_warmup (the HF Trainer default Shepherd uses): linear warmup from 0, then decay to 0."""
     if step < warmup:
         return step / max(1, warmup)
     progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
@@ -566,9 +572,9 @@ class Federation:
     """Server + simulated clients for one method (see the module docstring), on one model.
 
     model: model.VLM (or a text-only VLM for FedIT); tokenizer: model.Tokenizer; image_processor: model.ImageProcessor
-    or None; text_encoder: None or (model.CLIPTextTower, its Tokenizer) for DISCO's identity features (§4.1).
+    or None; text_encoder: None or (model.CLIPTextTower, its Tokenizer) for DISCO's identity features.
     LoRA is applied here, per method: disco/olora/moelora get K = cfg.num_subspaces subspaces of rank
-    cfg.rank // K (§4.2), the others one subspace of rank cfg.rank; zeroshot none. LoRA init uses a local
+    cfg.rank // K, the others one subspace of rank cfg.rank; zeroshot none. LoRA init uses a local
     torch.Generator seeded by cfg.seed, so every rank builds identical adapters.
 
     Clients are simulated one after the other on the same model: each starts from the global state (the
@@ -588,7 +594,7 @@ class Federation:
         if self.has_lora:
             g = torch.Generator().manual_seed(int(cfg.seed))
             lora.apply_lora(model, cfg.rank, cfg.alpha, targets=tuple(cfg.lora_targets), num_subspaces=self.K,
-                            dropout=cfg.dropout, generator=g)
+                            init=cfg.lora_init, dropout=cfg.dropout, generator=g)
             if m == "moelora":
                 lora.set_moe(model, generator=g)
         self.proj_names: list[str] = []
@@ -640,7 +646,7 @@ class Federation:
         if m == "olora":
             if stage >= self.K:
                 raise CapacityError(f"O-LoRA opens one subspace per stage; stage {stage + 1} needs "
-                                    f"{stage + 1} > K={self.K} subspaces (raise --num-subspaces)")
+                                    f"{stage + 1} > K={self.K} subspaces (raise --subspaces)")
             return stage
         return 0
 
@@ -660,7 +666,8 @@ class Federation:
             self._collators[key] = data.Collator(
                 self.tok, self.improc, template=self.cfg.template,
                 image_seq_len=getattr(self.model, "image_seq_len", 0) if self.improc is not None else 0,
-                image_token_id=getattr(self.tok, "image_token_id", None), max_length=self.cfg.max_length,
+                image_token_id=getattr(self.tok, "image_token_id", None),
+                max_length=self.cfg.max_length if key else None,    # prompts are never cut (FCIT, Shepherd)
                 train=key, train_on_inputs=self.cfg.train_on_inputs)
         b = self._collators[key](examples)
         return {k: (v.to(self.device) if v is not None else None) for k, v in b.items()}
@@ -670,10 +677,10 @@ class Federation:
             return torch.autocast("cuda", dtype=getattr(torch, self.cfg.dtype))
         return contextlib.nullcontext()
 
-    # ---------------------------------------------------------------- identity features (§4.1)
+    # ---------------------------------------------------------------- identity features
     @torch.no_grad()
     def identity_features(self, examples, batch_size: int = 32) -> torch.Tensor:
-        """(N, D) float32 task-identity features, one per example, from frozen encoders only (§4.1):
+        """(N, D) float32 task-identity features, one per example, from frozen encoders only:
 
         identity="text" with a text encoder: the CLIP text tower's pooled (EOS) output of the instruction
             (`<image>` removed, truncated to 77 tokens), 768-d and unprojected, as FCIT does;
@@ -692,7 +699,7 @@ class Federation:
         identity="image": the vision tower's mean-pooled last-layer patch features (ablation; FCIT stores
             CLIP image_embeds but never uses them).
         FCIT recovers the instruction by decoding the LLaMA ids and cutting at "ASSISTANT"; we feed the
-        instruction text directly (same text up to the tokenizer round-trip, §4.1)."""
+        instruction text directly (same text up to the tokenizer round-trip)."""
         model = self.model
         out = []
         was_training = model.training
@@ -757,7 +764,7 @@ class Federation:
         ids = ctok.tok.encode(text.replace("<image>", "").strip(), add_special_tokens=False).ids
         return [ctok.bos_id] + ids[:max_length - 2] + [ctok.eos_id]
 
-    # ---------------------------------------------------------------- client side (§4.3)
+    # ---------------------------------------------------------------- client side
     def _configure(self, slot: int, train: bool):
         """Set LoRA modes and requires_grad for training `slot` (train=True) or for inference."""
         m, model = self.cfg.method, self.model
@@ -796,10 +803,9 @@ class Federation:
 
     def _local_train(self, examples, slot, stage, rnd, position, cid, start: dict | None = None,
                      fisher: bool = False) -> dict:
-        """One client's local training (§4.3, §6): fresh AdamW (β=(0.9, 0.999), eps 1e-8, weight decay 0) and a
-        fresh cosine schedule with warmup ceil(warmup_ratio · steps) per client per round, gradient
-        accumulation, clipping at max_grad_norm, autocast bf16/fp16 on CUDA (GradScaler for fp16), optional
-        gradient checkpointing. Trains the method's LoRA parameters and the projector. Returns the upload."""
+        """One client's local training: a fresh AdamW (β=(0.9, 0.999), eps 1e-8, no weight decay) and a fresh
+        schedule with warmup ceil(warmup_ratio · steps) per client and round, as FCIT's per-client HF Trainer;
+        gradient accumulation, clipping, autocast on CUDA. Trains the method's LoRA and the projector."""
         cfg, model = self.cfg, self.model
         t0 = time.perf_counter()
         self._load(self.global_state)
@@ -810,8 +816,9 @@ class Federation:
         n_trainable = sum(p.numel() for p in params)
         ref = {n: self._params[n].detach().clone() for n in names} if cfg.aggregator == "fedprox" else None
         bs, acc = max(1, cfg.batch_size), max(1, cfg.grad_accum)
-        n_batches = math.ceil(len(examples) / bs)
-        total_micro = n_batches * cfg.local_epochs
+        whole, frac = divmod(float(cfg.local_epochs), 1.0)
+        epoch_sizes = [len(examples)] * int(whole) + ([max(1, round(frac * len(examples)))] if frac > 1e-9 else [])
+        total_micro = sum(math.ceil(sz / bs) for sz in epoch_sizes)
         steps = math.ceil(total_micro / acc)
         warm = math.ceil(cfg.warmup_ratio * steps)
         proj = set(self.proj_names)
@@ -819,7 +826,7 @@ class Federation:
                   {"params": [self._params[n] for n in names if n in proj],
                    "lr": cfg.lr if cfg.projector_lr is None else cfg.projector_lr}]
         optim = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: cosine_warmup(s, steps, warm))
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_multiplier(s, steps, warm, cfg.lr_schedule))
         scaler = torch.amp.GradScaler("cuda") if (self.device.type == "cuda" and cfg.dtype == "float16") else None
         gc_before = getattr(model, "gradient_checkpointing", False)
         model.gradient_checkpointing = bool(cfg.gradient_checkpointing)
@@ -827,9 +834,9 @@ class Federation:
         model.train()
         try:
             with _rng_scope(self.device, cfg.seed, stage, rnd, position, cid) as gen:
-                for _ in range(cfg.local_epochs):
-                    perm = torch.randperm(len(examples), generator=gen).tolist()
-                    for b in range(n_batches):
+                for size in epoch_sizes:
+                    perm = torch.randperm(len(examples), generator=gen).tolist()[:size]
+                    for b in range(math.ceil(size / bs)):
                         batch = self._collate([examples[i] for i in perm[b * bs:(b + 1) * bs]])
                         with self._autocast():
                             loss = model.loss(**batch)
@@ -872,22 +879,18 @@ class Federation:
                 "time_s": time.perf_counter() - t0, "fisher": F_k}
 
     def _fisher(self, examples, names) -> dict[str, torch.Tensor]:
-        """Diagonal empirical Fisher of the trained parameters on the client's data (EWC), at the client's
-        final weights: mean over mini-batches of the squared gradient of the mean loss (a mini-batch
-        approximation of the per-sample Fisher, to keep the cost at one extra pass)."""
+        """Diagonal empirical Fisher (Kirkpatrick et al. 2017) at the client's final weights, dropout off:
+        F = (1/N) Σ_i (∂ℓ_i/∂w)², ℓ_i the mean token loss of sample i alone (exact per-sample loop, batch 1).
+        The squared gradient of a batch-mean loss underestimates it by up to the batch size (5-8x at batch 8)."""
         model = self.model
-        for n in names:
-            self._params[n].requires_grad_(True)
         if self.has_lora:
             lora.set_active(model, 0)
-            for n in names:
-                self._params[n].requires_grad_(True)
+        for n in names:
+            self._params[n].requires_grad_(True)
         F_ = {n: torch.zeros_like(self._params[n], dtype=torch.float32) for n in names}
-        bs = max(1, self.cfg.batch_size)
-        nb = 0
         model.eval()
-        for b in range(0, len(examples), bs):
-            batch = self._collate(examples[b:b + bs])
+        for ex in examples:
+            batch = self._collate([ex])
             model.zero_grad(set_to_none=True)
             with self._autocast():
                 loss = model.loss(**batch)
@@ -896,16 +899,15 @@ class Federation:
                 g = self._params[n].grad
                 if g is not None:
                     F_[n] += g.detach().float() ** 2
-            nb += 1
         model.zero_grad(set_to_none=True)
-        return {n: (f / max(1, nb)).cpu() for n, f in F_.items()}
+        return {n: (f / max(1, len(examples))).cpu() for n, f in F_.items()}
 
     # ---------------------------------------------------------------- one communication round
     def run_round(self, stage: int, rnd: int, client_data: Callable, log: Callable | None = None) -> dict:
         """One communication round of `stage` (0-based) / `rnd` (0-based).
 
         client_data(position, client_id) -> list[Example]: the data of the client at that position of the
-        round's selection (Het-FCIT maps the position to a task, §1.5). For method "mtl" it is called once as
+        round's selection (Het-FCIT maps the position to a task). For method "mtl" it is called once as
         client_data(None, None) and must return the pooled training data of every task seen so far.
         Returns the round log: clients, per-client n / slot / loss / steps / bytes up and down / trainable
         parameters / wall time / rank, DISCO assignments and opened subspaces, dropped clients with reasons."""
@@ -919,11 +921,11 @@ class Federation:
         if m == "mtl":
             sel = [-1]
         else:
-            sel = sample_clients(cfg.n_clients, cfg.clients_per_round, cfg.seed, stage, rnd)
+            sel = sample_clients(cfg.n_clients, cfg.clients_per_round, cfg.seed, stage, rnd, cfg.client_sampling)
         mine = [p for p in range(len(sel)) if p % self.world == self.rank]
         datas = {p: list((client_data(None, None) if m == "mtl" else client_data(p, sel[p])) or []) for p in mine}
 
-        # phase 1 (DISCO): identity tokens up, subspace assignment down (§4.4, paper intent §4.7.1)
+        # phase 1 (DISCO): identity tokens up, subspace assignment down (DKO, before training)
         slots: dict[int, int] = {}
         opened: list[int] = []
         mus: dict[int, tuple] = {}
@@ -1034,7 +1036,7 @@ class Federation:
         self._load(self.global_state)
         self.last = (stage, rnd)
 
-        # accounting (issue 5 §7): what each client actually receives and sends
+        # accounting: what each client actually receives and sends
         per = []
         for p, u in allu.items():
             slot = u.get("slot")
@@ -1080,8 +1082,11 @@ class Federation:
         """Close a stage. EWC: consolidate the stage's Fisher (sample-weighted mean of the clients' Fishers
         from the stage's last round) into the running sum F ← F + F_stage and anchor w* ← the global weights
         (online EWC over stages). O-LoRA: the stage's subspace is frozen from now on (later stages train the
-        next one). DISCO: nothing to do: keys and sizes carry over (§4.4 "stage handover")."""
+        next one). DISCO: keys and sizes carry over, as in FCIT's stage handover. The server optimizer's state
+        (FedAvgM momentum, FedAdam/Yogi/Adagrad m and v) is reset unless server_state="carry"."""
         info = {"stage": stage}
+        if self.cfg.server_state == "reset":
+            self.opt.m, self.opt.v = {}, {}
         if self.cfg.method == "ewc" and self.stage_fisher:
             for n, f in self.stage_fisher.items():
                 self.ewc_F[n] = self.ewc_F.get(n, torch.zeros_like(f)) + f
@@ -1096,9 +1101,9 @@ class Federation:
             info["slot_data"] = {str(k): v for k, v in self.slot_data.items()}
         return info
 
-    # ---------------------------------------------------------------- inference (§4.5)
+    # ---------------------------------------------------------------- inference (SSA)
     def routing_weights(self, features: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        """DISCO SSA weights α (B, K) in fp32 (§4.5): softmax(cos(feature, keys) / temperature) over the used
+        """DISCO SSA weights α (B, K) in fp32: softmax(cos(feature, keys) / temperature) over the used
         slots (lora.route). Empty slots get exactly 0 (the official code includes them with cos = 0, which
         costs them a negligible e^0 share). Ablations: argmax | concat | cosine."""
         if self.keys is None:
@@ -1133,7 +1138,7 @@ class Federation:
     @torch.no_grad()
     def predict(self, examples, batch_size: int = 8, client: int | None = None, distributed: bool = False) -> list[str]:
         """Greedy answers (max_new_tokens from the config), stripped, in input order. DISCO routes every
-        sample with its own α (computed in fp32 and set per batch as (B, K), so no stale mask, §4.5).
+        sample with its own α (computed in fp32 and set per batch as (B, K), so no stale mask).
         method 'local': pass the client id (evaluation averages over clients in fcit.py).
         distributed=True (a collective: call it on every rank): rank r answers examples r, r+W, ... and the
         answers are all-gathered, so every rank returns the full list."""
