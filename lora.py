@@ -1,47 +1,15 @@
-"""LoRA with task subspaces, orthogonalization, routing and PEFT-compatible adapters.
+"""LoRA with task subspaces: the layer, injection and modes, state, orthogonalization and routing.
 
-One small layer carries every LoRA flavour the project needs (FCIT's subspaces and SSA, Guo et al. 2025):
-
-* DISCO (FCIT): K subspaces per layer, `A_j (r, in)`, `B_j (out, r)` with `r = rank // K`; training
-  touches one subspace (`set_active`), inference mixes all of them per sample with weights
-  alpha = softmax(cos(identity, keys) / 0.05) (`route`, `set_routing`):
-      y = W x + s * B_cat diag(alpha_b) A_cat x            (no per-sample weight matrix is built)
-* plain sequential LoRA / FedIT: K = 1;
-* O-LoRA: `olora_penalty` (sum |A_old A_new^T|), plus hard orthogonalization (`orthogonalize_subspace`);
-* CoIN MoELoRA: a token-level trainable linear gate over the K experts (`set_moe`).
-
-Scaling is explicit: "fcit" = alpha / rank_total (FCIT code: r=64, alpha=128, K=8 -> 2), "peft" = alpha / r
-(r = per-subspace rank). Init "fcit": A ~ N(0, 0.01^2); "peft": kaiming_uniform(a=sqrt(5)); B = 0.
-
-Dropout is applied once per *shared input*: the wrapped siblings of one parent module (gate_proj and
-up_proj of an MLP both read the same `x`) share one `_SharedDropout`. The first sibling that sees a
-tensor draws the mask, the others reuse the dropped tensor while the parent's forward runs (identity and
-`_version` of `x` are checked); a forward hook on the parent clears it. down_proj reads a different
-tensor, so it draws its own mask.
-
-Parameter names inside the model: the wrapped layer keeps the base `weight`/`bias` under their original
-names (`lm.layers.0.mlp.gate_proj.weight`) and adds `...gate_proj.A.{j}`, `...gate_proj.B.{j}` and, for
-MoELoRA, `...gate_proj.router.weight`. `lora_state` uses exactly these names.
-
-Adapters on disk (PEFT's LoRA format): `save_peft_adapter` writes a PEFT LoRA adapter
-(`adapter_config.json` + `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained` loads on the
-equivalent transformers model; `load_peft_adapter` reads one written by peft. `save_adapter` /
-`load_adapter` is our own exact format: every subspace, routers, extra tensors (identity keys...) and
-JSON metadata in one safetensors file.
-
-Imports only torch, safetensors and the standard library.
+One layer carries every flavour the project needs: DISCO's K subspaces per layer (train one with `set_active`, mix
+all per sample with `route` / `set_routing`), plain LoRA (K = 1), O-LoRA's penalty and hard orthogonalization, and
+CoIN's MoELoRA gate (`set_moe`). Imports only torch; adapters.py reads and writes adapter files.
 """
-import json
 import math
-import os
 import re
-import tempfile
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 DEFAULT_TARGETS = ("gate_proj", "up_proj", "down_proj")  # FCIT adapts the MLP only, no attention
 DEFAULT_INCLUDE = r"^lm\."
@@ -55,12 +23,9 @@ MODES = ("single", "routed", "moe", "merged", "off")
 
 
 class _SharedDropout:
-    """Input dropout shared by the LoRA layers of one parent module (one mask per distinct input tensor).
-
-    Lives as a plain attribute (not a submodule). Registered as a forward hook on the parent, which clears
-    the cached dropped tensor after the parent's forward, so nothing outlives one call. Under
-    (non-reentrant) gradient checkpointing the recomputation draws in the same order with the same
-    preserved RNG state, so it reproduces the masks."""
+    """Input dropout shared by the LoRA layers of one parent module, one mask per distinct input (gate_proj and up_proj
+    read the same `x`; down_proj draws its own). A plain attribute; a forward hook on the parent clears it after each
+    call. Non-reentrant checkpointing recomputes with the preserved RNG state, so the masks repeat."""
 
     def __init__(self, p):
         self.p = float(p)
@@ -97,6 +62,15 @@ class _ParentHook:
 
     def __call__(self, module, inputs, output):
         self.drop.clear()
+
+
+def _per_sample(a, x):
+    """Channel weights (C,) as they are, or (B, C) viewed as (B, 1, ..., C) to broadcast over the rows of x."""
+    if a.dim() == 2:
+        if a.shape[0] != x.shape[0] or x.dim() < 2:
+            raise ValueError(f"routing weights for {a.shape[0]} samples but input of shape {tuple(x.shape)}")
+        a = a.view(a.shape[0], *([1] * (x.dim() - 2)), a.shape[1])
+    return a
 
 
 class LoRALinear(nn.Module):
@@ -212,12 +186,7 @@ class LoRALinear(nn.Module):
 
     def _gates(self, alpha, x):
         """alpha (K,) or (B, K) -> multiplier over the K r LoRA channels, broadcastable to (..., K r)."""
-        a = alpha.to(device=x.device, dtype=self.A[0].dtype).repeat_interleave(self.r, dim=-1)
-        if a.dim() == 2:
-            if a.shape[0] != x.shape[0] or x.dim() < 2:
-                raise ValueError(f"routing weights for {a.shape[0]} samples but input of shape {tuple(x.shape)}")
-            a = a.view(a.shape[0], *([1] * (x.dim() - 2)), a.shape[1])
-        return a
+        return _per_sample(alpha.to(device=x.device, dtype=self.A[0].dtype).repeat_interleave(self.r, dim=-1), x)
 
     def delta_weight(self, alpha=None):
         """s * B_cat diag(alpha) A_cat (out, in) in the LoRA dtype; alpha (K,) (default: what the current
@@ -267,12 +236,7 @@ class LoRALinear(nn.Module):
                 if sel is None:
                     return base
                 A, Bs, a = sel
-                if a.dim() == 2:
-                    if a.shape[0] != xl.shape[0] or xl.dim() < 2:
-                        raise ValueError(f"routing weights for {a.shape[0]} samples but input of shape "
-                                         f"{tuple(xl.shape)}")
-                    a = a.view(a.shape[0], *([1] * (xl.dim() - 2)), a.shape[1])
-                h = F.linear(xl, A).mul_(a)                          # (..., K' r)
+                h = F.linear(xl, A).mul_(_per_sample(a, xl))          # (..., K' r)
                 if base.dtype == h.dtype and base.is_contiguous():
                     b2 = base.view(-1, base.shape[-1])
                     b2.addmm_(h.reshape(-1, h.shape[-1]), Bs.t())
@@ -317,7 +281,7 @@ def _get_parent(model, name):
 
 
 def _share_dropout(model, names, p):
-    """One _SharedDropout per parent module for the wrapped layers `names` (see module docstring)."""
+    """One _SharedDropout per parent module for the wrapped layers `names`."""
     groups = {}
     for n in names:
         groups.setdefault(_get_parent(model, n)[1], []).append(n)
@@ -658,329 +622,3 @@ def route(features, keys, mode="softmax", temperature=0.05, valid=None):
     if mode == "argmax":
         return F.one_hot(s.masked_fill(~v, float("-inf")).argmax(-1), K).float()
     raise ValueError(f"unknown routing mode {mode!r} (softmax|argmax|concat|cosine)")
-
-
-# ----------------------------------------------------------------------------------------------------
-# files
-
-
-def _atomic_save_safetensors(tensors, path, metadata):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=d)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_write_text(text, path):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _read_safetensors(path):
-    """(tensors, metadata); a clear error for anything that is not a safetensors file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
-    except Exception as e:  # SafetensorError, header errors
-        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                         f"only safetensors adapters are supported") from e
-
-
-def _hf_name(model, name, legacy=False):
-    fn = getattr(model, "hf_module_name", None)
-    return fn(name, legacy) if callable(fn) else name
-
-
-def _num(x):
-    return int(x) if float(x).is_integer() else float(x)
-
-
-def _target_regex(model, names, legacy):
-    """A regex (re.fullmatch, PEFT semantics) matching exactly the hf paths of our module `names` among all
-    the model's modules: layer indices generalised to \\d+ when that stays exact, else an explicit
-    alternation. legacy=True matches both the legacy and the current paths (old and new transformers)."""
-    variants = (False, True) if legacy else (False,)
-    all_hf = set()
-    for n, _ in model.named_modules():
-        for v in variants:
-            try:
-                all_hf.add(_hf_name(model, n, v)) if n else None
-            except Exception:
-                pass
-    want = {_hf_name(model, n, v) for n in names for v in variants}
-    general = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(h)) for h in want})
-    rx = "(" + "|".join(general) + ")"
-    if {h for h in all_hf if re.fullmatch(rx, h)} == want:
-        return rx
-    return "(" + "|".join(re.escape(h) for h in sorted(want)) + ")"
-
-
-def save_peft_adapter(model, out_dir, alpha=None, legacy_names=False, dtype=torch.float32,
-                      base_model_name_or_path=None):
-    """Write a PEFT LoRA adapter (PEFT's format): adapter_config.json + adapter_model.safetensors.
-
-    A K-subspace layer with fixed weights alpha (K,) (default: the current single/routed choice) is exported
-    as ONE rank-(K r) LoRA: lora_A = A_cat, lora_B = B_cat diag(alpha) * (s / s_peft) with
-    s_peft = lora_alpha / (K r) and lora_alpha = s * K r, so PEFT's alpha/r reproduces our s exactly
-    (fcit scaling: lora_alpha = alpha; peft scaling: lora_alpha = alpha * K). Keys are
-    'base_model.model.<hf path>.lora_{A,B}.weight' with the hf path from model.hf_module_name(name, legacy)
-    (the name itself if the model lacks it); target_modules is a regex over exactly the wrapped modules."""
-    mods = _require(model)
-    tensors, hf_names, ranks, alphas, drops = {}, [], set(), set(), set()
-    for name, m in mods.items():
-        if m._merged is not None:
-            raise RuntimeError("LoRA weights are merged; call unmerge(model) before saving an adapter")
-        a = m._effective_alpha() if alpha is None else torch.as_tensor(alpha, dtype=torch.float32)
-        if a.dim() != 1 or a.numel() != m.num_subspaces:
-            raise ValueError(f"{name}: alpha must have shape ({m.num_subspaces},), got {tuple(a.shape)}")
-        R = m.num_subspaces * m.r
-        lora_alpha = m.scaling * R
-        A = torch.cat([p.detach().float() for p in m.A], 0)
-        B = torch.cat([p.detach().float() for p in m.B], 1) * a.float().repeat_interleave(m.r).to(A.device)
-        hf = _hf_name(model, name, legacy_names)
-        hf_names.append(hf)
-        tensors[f"base_model.model.{hf}.lora_A.weight"] = A.to(dtype)
-        tensors[f"base_model.model.{hf}.lora_B.weight"] = B.to(dtype)
-        ranks.add(R)
-        alphas.add(lora_alpha)
-        drops.add(m.dropout)
-    if len(ranks) != 1 or len(alphas) != 1:
-        raise ValueError(f"layers differ in exported rank {sorted(ranks)} or lora_alpha {sorted(alphas)}; "
-                         f"one adapter needs one r and lora_alpha")
-    R, lora_alpha = ranks.pop(), alphas.pop()
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": R, "lora_alpha": _num(lora_alpha), "lora_dropout": max(drops), "bias": "none",
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-        "inference_mode": True, "target_modules": _target_regex(model, list(mods), legacy_names),
-        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
-    }
-    _atomic_save_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), {"format": "pt"})
-    _atomic_write_text(json.dumps(config, indent=2), os.path.join(out_dir, "adapter_config.json"))
-    return out_dir
-
-
-# transformers' decoder module names (fallback when the model has no hf_module_name)
-_CANON = [(r"^language_model\.model\.(.*)", r"lm.\1"), (r"^model\.language_model\.(.*)", r"lm.\1"),
-          (r"^model\.(embed_tokens|layers|norm)(.*)", r"lm.\1\2")]
-
-
-def _pattern_value(patterns, hf, default):
-    for k, v in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({k})$", hf):
-            return v
-    return default
-
-
-def load_peft_adapter(model, adapter_dir, subspace=None):
-    """Load a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, as peft writes it).
-
-    Names: 'base_model.model.' is stripped and the rest matched to our modules through
-    model.hf_module_name (current and legacy) or the decoder rules above. A module without LoRA is wrapped
-    as a K=1 layer with peft scaling (exact copy of A, B); a module that already has LoRA receives it in
-    `subspace` (r must match), or, with subspace=None, in subspace 0 (K=1) or split over the K subspaces
-    when the adapter rank is K r (B rescaled so the function matches with alpha = 1 for all). Wrong shapes,
-    modules not in the model / not targeted, non-LoRA tensors and non-safetensors files raise, naming the
-    key. Returns the list of our module names loaded."""
-    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path}: missing (not a PEFT adapter directory)")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    if cfg.get("peft_type", "LORA").upper() != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    if cfg.get("use_dora"):
-        raise ValueError(f"{cfg_path}: DoRA adapters are not supported")
-    if cfg.get("fan_in_fan_out"):
-        raise ValueError(f"{cfg_path}: fan_in_fan_out adapters (Conv1D models) are not supported")
-    wpath = os.path.join(adapter_dir, "adapter_model.safetensors")
-    if not os.path.isfile(wpath):
-        others = [p for p in os.listdir(adapter_dir) if p.startswith("adapter_model")]
-        raise ValueError(f"{adapter_dir}: no adapter_model.safetensors (found {others}); only safetensors "
-                         f"adapters are supported")
-    tensors, _ = _read_safetensors(wpath)
-
-    lookup = {}
-    has_hf = callable(getattr(model, "hf_module_name", None))
-    for n, mod in model.named_modules():
-        if not n or not isinstance(mod, (nn.Linear, LoRALinear)):
-            continue
-        lookup.setdefault(n, n)
-        if has_hf:
-            for legacy in (False, True):
-                try:
-                    lookup.setdefault(model.hf_module_name(n, legacy), n)
-                except Exception:
-                    pass
-
-    def ours(path, key):
-        if path in lookup:
-            return lookup[path]
-        for pat, rep in _CANON:
-            if re.match(pat, path):
-                cand = re.sub(pat, rep, path)
-                if cand in lookup:
-                    return lookup[cand]
-        raise ValueError(f"{key}: module {path!r} is not in the model")
-
-    pairs = {}
-    for key, t in tensors.items():
-        k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
-        mt = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", k)
-        if mt is None:
-            raise ValueError(f"{key}: unsupported adapter tensor (only Linear lora_A/lora_B weights; no "
-                             f"embedding LoRA, DoRA, lora bias or modules_to_save)")
-        pairs.setdefault(mt.group(1), {})[mt.group(2)] = (key, t)
-
-    had_lora = bool(lora_modules(model))
-    never = re.compile(NEVER)
-    plan = []                                   # validate everything before touching the model
-    for path, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            key = next(iter(ab.values()))[0]
-            raise ValueError(f"{key}: lora_{'B' if 'A' in ab else 'A'} missing for {path}")
-        (ka, A), (kb, B) = ab["A"], ab["B"]
-        name = ours(path, ka)
-        mod = model.get_submodule(name)
-        R = A.shape[0]
-        r_cfg = _pattern_value(cfg.get("rank_pattern"), path, cfg.get("r", 8))
-        a_cfg = _pattern_value(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", 8))
-        if R != r_cfg:
-            raise ValueError(f"{ka}: rank {R} != r={r_cfg} in adapter_config.json")
-        s_file = a_cfg / (math.sqrt(R) if cfg.get("use_rslora") else R)
-        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != mod.in_features or tuple(B.shape) != (mod.out_features, R):
-            raise ValueError(f"{ka}: shapes A {tuple(A.shape)}, B {tuple(B.shape)} do not fit {name} "
-                             f"(in={mod.in_features}, out={mod.out_features})")
-        if isinstance(mod, nn.Linear):
-            if had_lora:
-                raise ValueError(f"{ka}: module {name} is not targeted by LoRA in this model")
-            if never.search(name):
-                raise ValueError(f"{ka}: module {name} is outside the language model")
-        elif subspace is not None:
-            if not 0 <= subspace < mod.num_subspaces or R != mod.r:
-                raise ValueError(f"{ka}: rank {R} does not fit subspace {subspace} (K={mod.num_subspaces}, "
-                                 f"r={mod.r}) of {name}")
-        elif R != mod.num_subspaces * mod.r:
-            raise ValueError(f"{ka}: rank {R} fits neither one subspace nor all {mod.num_subspaces} "
-                             f"(r={mod.r}) of {name}; pass subspace=")
-        plan.append((name, mod, A, B, R, a_cfg, s_file))
-    new = []
-    for name, mod, A, B, R, a_cfg, s_file in plan:
-        if isinstance(mod, nn.Linear):
-            parent, _, child = _get_parent(model, name)
-            mod = LoRALinear(mod, R, a_cfg, 1, scaling="peft", init="peft",
-                             dropout=float(cfg.get("lora_dropout", 0.0)))
-            setattr(parent, child, mod)
-            new.append(name)
-        with torch.no_grad():
-            ratio = s_file / mod.scaling
-            Bs = B.float() * ratio if ratio != 1.0 else B
-            if subspace is not None:
-                mod.A[subspace].copy_(A)
-                mod.B[subspace].copy_(Bs)
-            else:
-                for j in range(mod.num_subspaces):
-                    mod.A[j].copy_(A[j * mod.r:(j + 1) * mod.r])
-                    mod.B[j].copy_(Bs[:, j * mod.r:(j + 1) * mod.r])
-    if new:
-        _share_dropout(model, new, float(cfg.get("lora_dropout", 0.0)))
-        _freeze_all(model)
-        set_active(model, 0)
-    return [p[0] for p in plan]
-
-
-FORMAT_KEY = "fcit_lora"
-
-
-def _layer_config(m):
-    return {"rank": m.rank, "num_subspaces": m.num_subspaces, "alpha": m.lora_alpha,
-            "scaling": m.scaling_mode, "init": m.init_mode, "dropout": m.dropout,
-            "in": m.in_features, "out": m.out_features, "router": m.router is not None,
-            "dtype": str(m.A[0].dtype).replace("torch.", "")}
-
-
-def save_adapter(model, path, extra=None, metadata=None):
-    """Our full format, one safetensors file: every subspace (and router) under its lora_state name,
-    `extra` tensors under 'extra.<key>' (e.g. identity keys / sizes), the per-layer LoRA configuration and
-    the JSON-serialisable `metadata` in the safetensors header. Atomic. Round-trips exactly."""
-    mods = _require(model)
-    tensors = lora_state(model)
-    for k, v in (extra or {}).items():
-        tensors[f"extra.{k}"] = torch.as_tensor(v)
-    header = {"format": "pt",
-              FORMAT_KEY: json.dumps({"version": 1, "layers": {n: _layer_config(m) for n, m in mods.items()}}),
-              "metadata": json.dumps(metadata if metadata is not None else {})}
-    _atomic_save_safetensors(tensors, path, header)
-    return path
-
-
-def load_adapter(model, path):
-    """Load a `save_adapter` file. Modules without LoRA are wrapped with the stored configuration (then
-    everything else is frozen and subspace 0 is active); modules with LoRA must match it. Everything is
-    validated before the model is touched. Returns (extra: dict[str, Tensor], metadata)."""
-    tensors, header = _read_safetensors(path)
-    if FORMAT_KEY not in header:
-        raise ValueError(f"{path}: not an fcit LoRA adapter (no '{FORMAT_KEY}' header; for PEFT adapters use "
-                         f"load_peft_adapter)")
-    layers = json.loads(header[FORMAT_KEY])["layers"]
-    to_wrap = []
-    for name, c in layers.items():
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{path}: module {name!r} is not in the model") from None
-        if isinstance(mod, nn.Linear):
-            if (mod.in_features, mod.out_features) != (c["in"], c["out"]):
-                raise ValueError(f"{name}: adapter is for ({c['in']} -> {c['out']}), model has "
-                                 f"({mod.in_features} -> {mod.out_features})")
-            to_wrap.append(name)
-        elif isinstance(mod, LoRALinear):
-            got = (mod.rank, mod.num_subspaces, mod.lora_alpha, mod.scaling_mode)
-            want = (c["rank"], c["num_subspaces"], float(c["alpha"]), c["scaling"])
-            if got != want:
-                raise ValueError(f"{name}: model LoRA (rank, K, alpha, scaling)={got} != adapter {want}")
-        else:
-            raise ValueError(f"{name}: is a {type(mod).__name__}, not a linear layer")
-    state = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
-    for k, v in state.items():
-        name, kind, j = _parse_key(k)
-        if name not in layers:
-            raise ValueError(f"{k}: module not described in the adapter header")
-        c = layers[name]
-        K, r = c["num_subspaces"], c["rank"] // c["num_subspaces"]
-        want = {"A": (r, c["in"]), "B": (c["out"], r), "router": (K, c["in"])}[kind]
-        if tuple(v.shape) != want or (j is not None and j >= K):
-            raise ValueError(f"{k}: shape {tuple(v.shape)} / index does not fit the header ({want}, K={K})")
-    for name in to_wrap:
-        c = layers[name]
-        parent, _, child = _get_parent(model, name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), c["rank"], c["alpha"], c["num_subspaces"],
-                                          c["scaling"], c["init"], c["dropout"],
-                                          dtype=getattr(torch, c.get("dtype", "float32"))))
-    if to_wrap:
-        _share_dropout(model, to_wrap, max(layers[n]["dropout"] for n in to_wrap))
-    load_lora_state(model, state)
-    if to_wrap:
-        _freeze_all(model)
-        set_active(model, 0)
-    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
-    return extra, json.loads(header.get("metadata", "{}"))

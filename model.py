@@ -1,30 +1,15 @@
 """LLaVA-style vision-language model in plain PyTorch: the frozen MLLM that FCIT's LoRA adapts.
 
-One file, nanoGPT/gpt-fast style. It loads real Hugging Face checkpoints from local disk and matches
-transformers to ~1e-5 in float32:
-
-  configs      DecoderConfig / VisionConfig / CLIPTextConfig / VLMConfig, sparse-config defaults
-  vision       CLIP ViT (class token, bias-free patch conv, pre_layrnorm, quick_gelu) and SigLIP
-  projector    Linear -> GELU -> Linear
-  decoder      LLaMA / Qwen2: RMSNorm, RoPE, GQA, SwiGLU, SDPA, KV cache
-  VLM          forward / hidden_states / loss / generate, image tokens already expanded in input_ids
-  CLIPTextTower  EOS-pooled CLIP text encoder (DISCO task-identity features)
-  loading      load_vlm / save_vlm / load_clip_text: llava-hf, v5 names, original LLaVA, text-only
-  text         Tokenizer (tokenizers' tokenizer.json as shipped), TEMPLATES, encode_example
-  images       ImageProcessor: CLIP (optional LLaVA-1.5 pad-to-square) and SigLIP
-
-Internal parameter names: `lm.` (embed_tokens, layers, norm), `lm_head.`, `vision.` (the CLIP/SigLIP
-`vision_model` contents), `projector.linear_{1,2}`. Module names below `lm.`/`vision.` equal transformers'.
+Configs, the LLaMA / Qwen2 decoder (RoPE, GQA, KV cache), CLIP / SigLIP vision tower, projector, VLM (forward, loss,
+generate), the CLIP text tower for DISCO's task identities, Tokenizer, prompt templates and ImageProcessor. Module
+names below `lm.` / `vision.` equal transformers'; checkpoint.py reads and writes checkpoint files.
 """
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
-import struct
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,39 +18,30 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-ORIGINAL_IMAGE_TOKEN = -200   # LLaVA's IMAGE_TOKEN_INDEX sentinel (original layout has no image token in the vocab)
 _TORCH_GQA = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 5)
+_REQUIRED = object()
+
+
+def read_json(path, default=_REQUIRED, error=ValueError):
+    """json.load with `error`s naming the file (line and column for malformed JSON); a missing file gives `default`
+    when one is given."""
+    path = str(path)
+    if not os.path.exists(path):
+        if default is not _REQUIRED:
+            return default
+        raise error(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# configs (field defaults = transformers' documented defaults)
+# configs (field defaults = transformers' documented defaults; checkpoint.py reads and writes config.json)
 
-_DECODER_DEFAULTS = {
-    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False, attention_bias=False),
-    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
-                  num_attention_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
-                  bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False,
-                  attention_bias=True),   # Qwen2 q/k/v always carry a bias
-}
-_VISION_DEFAULTS = {
-    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                              num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu",
-                              layer_norm_eps=1e-5),
-    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                                num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
-                                layer_norm_eps=1e-6),
-}
-# LlavaConfig builds this CLIP tower when vision_config is absent (CLIP-L/14-336).
-_LLAVA_VISION_DEFAULT = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
-                             num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
-                             projection_dim=768)
-
-
-def _pick(d: dict, defaults: dict) -> dict:
-    """Config fields present in d, transformers' default otherwise (an explicit null token id stays null)."""
-    return {k: d[k] if k in d and (d[k] is not None or k.endswith("token_id")) else v for k, v in defaults.items()}
+DECODER_TYPES = ("llama", "qwen2")
 
 
 @dataclass
@@ -88,40 +64,10 @@ class DecoderConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
-        if self.model_type not in _DECODER_DEFAULTS:
-            raise ValueError(f"unknown decoder model_type {self.model_type!r}; supported: {sorted(_DECODER_DEFAULTS)}")
+        if self.model_type not in DECODER_TYPES:
+            raise ValueError(f"unknown decoder model_type {self.model_type!r}; supported: {sorted(DECODER_TYPES)}")
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def from_hf(cls, d: dict, model_type: str | None = None) -> "DecoderConfig":
-        mt = model_type or d.get("model_type") or "llama"
-        if mt not in _DECODER_DEFAULTS:
-            raise ValueError(f"unknown text model_type {mt!r} in config.json; supported: {sorted(_DECODER_DEFAULTS)}")
-        kw = _pick(d, _DECODER_DEFAULTS[mt])
-        if mt == "qwen2":
-            kw["attention_bias"] = True
-            if d.get("use_sliding_window"):
-                raise NotImplementedError("Qwen2 use_sliding_window=true is not supported")
-        if d.get("hidden_act", "silu") != "silu":
-            raise NotImplementedError(f"decoder hidden_act {d['hidden_act']!r} (only silu)")
-        if d.get("mlp_bias"):
-            raise NotImplementedError("decoder mlp_bias=true is not supported")
-        rope = d.get("rope_parameters") or {}
-        scaling = d.get("rope_scaling") or {}
-        rtype = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-        if rtype != "default":
-            raise NotImplementedError(f"rope type {rtype!r} is not supported (only 'default')")
-        kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta") or kw["rope_theta"]))
-        return cls(model_type=mt, num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"), **kw)
-
-    def to_hf(self) -> dict:
-        d = asdict(self)
-        d.update(hidden_act="silu", rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-                 architectures=["LlamaForCausalLM" if self.model_type == "llama" else "Qwen2ForCausalLM"])
-        if self.model_type == "qwen2":
-            d.pop("attention_bias")
-        return d
 
 
 @dataclass
@@ -136,22 +82,6 @@ class VisionConfig:
     patch_size: int = 14
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
-
-    @classmethod
-    def from_hf(cls, d: dict | None) -> "VisionConfig":
-        if d is None:   # LlavaConfig default tower
-            d = dict(_LLAVA_VISION_DEFAULT)
-        mt = d.get("model_type") or "clip_vision_model"
-        mt = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}.get(mt, mt)
-        if mt not in _VISION_DEFAULTS:
-            raise ValueError(f"unknown vision model_type {mt!r}; supported: {sorted(_VISION_DEFAULTS)}")
-        return cls(model_type=mt, **_pick(d, _VISION_DEFAULTS[mt]))
-
-    def to_hf(self) -> dict:
-        d = asdict(self)
-        if self.model_type == "siglip_vision_model":
-            d["vision_use_head"] = False
-        return d
 
     @property
     def is_clip(self) -> bool:
@@ -173,16 +103,6 @@ class CLIPTextConfig:
     bos_token_id: int = 49406
     eos_token_id: int = 49407
 
-    @classmethod
-    def from_hf(cls, d: dict) -> "CLIPTextConfig":
-        if d.get("model_type") == "clip":   # full CLIPModel config: nested text config (old files: text_config_dict)
-            top = d
-            d = dict(d.get("text_config") or d.get("text_config_dict") or {})
-            d["projection_dim"] = top.get("projection_dim", 512)   # CLIPModel's text_projection uses the top level
-        elif d.get("model_type") not in (None, "clip_text_model"):
-            raise ValueError(f"unknown CLIP text model_type {d.get('model_type')!r}; expected 'clip' or 'clip_text_model'")
-        return cls(**_pick(d, asdict(cls())))
-
 
 @dataclass
 class VLMConfig:
@@ -195,30 +115,6 @@ class VLMConfig:
     layout: str = "llava-hf"      # where it was loaded from: "llava-hf" | "original" | "causal-lm"
     image_aspect_ratio: str | None = None   # original LLaVA config: "pad" -> pad images to square
     vision_tower: str | None = None         # original layout: local CLIP directory the tower is read from
-
-    @classmethod
-    def from_hf(cls, d: dict) -> "VLMConfig":
-        """config.json of a llava-hf checkpoint (model_type "llava")."""
-        text = dict(d.get("text_config") or {})   # transformers 5 ties if either level says so
-        text["tie_word_embeddings"] = bool(text.get("tie_word_embeddings") or d.get("tie_word_embeddings"))
-        if d.get("multimodal_projector_bias") is False:
-            raise NotImplementedError("multimodal_projector_bias=false is not supported")
-        return cls(text=DecoderConfig.from_hf(text, text.get("model_type") or "llama"),
-                   vision=VisionConfig.from_hf(d.get("vision_config")),
-                   image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
-                   vision_feature_layer=d.get("vision_feature_layer", -2),
-                   vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
-                   projector_hidden_act=d.get("projector_hidden_act", "gelu"))
-
-    def to_hf(self) -> dict:
-        if self.vision is None:
-            return self.text.to_hf()
-        return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-                "text_config": self.text.to_hf(), "vision_config": self.vision.to_hf(),
-                "image_token_index": self.image_token_index, "vision_feature_layer": self.vision_feature_layer,
-                "vision_feature_select_strategy": self.vision_feature_select_strategy,
-                "projector_hidden_act": self.projector_hidden_act, "multimodal_projector_bias": True,
-                "tie_word_embeddings": self.text.tie_word_embeddings, "image_seq_length": image_seq_len(self)}
 
 
 def image_seq_len(cfg: VLMConfig) -> int:
@@ -520,7 +416,8 @@ class VLM(nn.Module):
         self.lm.gradient_checkpointing = bool(on)
 
     def hf_module_name(self, name: str, legacy: bool = False) -> str:
-        """Our module path -> transformers' in-memory path (5.x; legacy=True: < 4.52 / on-disk names). Used for PEFT."""
+        """Our module path -> transformers' in-memory path (5.x; legacy=True: < 4.52 / on-disk names), for PEFT
+        and save_vlm."""
         if self.vision is None:
             rules = [(r"^lm\.", "model."), (r"^lm_head", "lm_head")]
         elif legacy:
@@ -681,368 +578,12 @@ class CLIPTextTower(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# checkpoint reading
-
-_KEY_RULES = [   # first match wins
-    (r"^language_model\.model\.(.*)", r"lm.\1"),
-    (r"^model\.language_model\.(.*)", r"lm.\1"),
-    (r"^(?:language_model\.)?lm_head\.(.*)", r"lm_head.\1"),
-    (r"^(?:model\.)?vision_tower\.(?:vision_tower\.)?(?:vision_model\.)?(.*)", r"vision.\1"),   # incl. v5 prefix drop
-    (r"^vision_model\.(.*)", r"vision.\1"),
-    (r"^(?:model\.)?multi_modal_projector\.(linear_[12])\.(.*)", r"projector.\1.\2"),
-    (r"^model\.mm_projector\.0\.(.*)", r"projector.linear_1.\1"),
-    (r"^model\.mm_projector\.2\.(.*)", r"projector.linear_2.\1"),
-    (r"^model\.(embed_tokens|layers|norm)(.*)", r"lm.\1\2"),
-]
-_IGNORED = re.compile(r".*rotary_emb\.inv_freq$|.*position_ids$|^text_model\.|^(visual|text)_projection\.|"
-                      r"^logit_(scale|bias)$|^model\.image_newline$|^vision\.head\.")
-
-
-def canonical_key(key: str) -> str | None:
-    """Checkpoint key -> our parameter name; None for keys that are ignored on purpose."""
-    if _IGNORED.match(key):
-        return None
-    for pat, rep in _KEY_RULES:
-        if re.match(pat, key):
-            name = re.sub(pat, rep, key, count=1)
-            return None if _IGNORED.match(name) else name
-    return key
-
-
-def _read_json(path, default=None):
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
-
-
-def checkpoint_files(d: str) -> list:
-    """Weight files of a checkpoint dir: sharded (index json) or single; safetensors preferred over .bin."""
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        ip = os.path.join(d, index)
-        if os.path.exists(ip):
-            wm = _read_json(ip).get("weight_map")
-            if not isinstance(wm, dict):
-                raise ValueError(f"{ip}: no 'weight_map' object")
-            files = []
-            for key, shard in wm.items():
-                p = os.path.join(d, shard)
-                if not os.path.exists(p):
-                    raise FileNotFoundError(f"{ip} maps {key!r} to shard {shard!r}, but {p} does not exist")
-                if p not in files:
-                    files.append(p)
-            return files
-        if os.path.exists(os.path.join(d, single)):
-            return [os.path.join(d, single)]
-    raise FileNotFoundError(f"no weights in {d}: expected model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
-
-
-def iter_tensors(path: str):
-    """Yield (key, tensor) one at a time from a .safetensors or .bin file (never unpickles arbitrary objects)."""
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        try:
-            f = safe_open(path, framework="pt")
-        except Exception as e:
-            raise ValueError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
-        with f:
-            for k in list(f.keys()):
-                try:
-                    t = f.get_tensor(k)
-                except Exception as e:
-                    raise ValueError(f"{path}: cannot read tensor {k!r} (truncated or corrupt?): {e}") from e
-                yield k, t
-        return
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:   # legacy (non-zip) pickles cannot be mmapped
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refusing to load: the file contains pickled objects other than tensors "
-                         f"(torch.load(weights_only=True) said: {str(e).splitlines()[0]})") from e
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read torch checkpoint (truncated or corrupt?): {e}") from e
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
-    yield from sd.items()
-
-
-def _assign(model: nn.Module, name: str, t: torch.Tensor):
-    mod_name, _, attr = name.rpartition(".")
-    mod = model.get_submodule(mod_name) if mod_name else model
-    if attr in mod._parameters:
-        setattr(mod, attr, nn.Parameter(t, requires_grad=t.is_floating_point()))
-    else:
-        mod._buffers[attr] = t
-
-
-def load_weights(model: nn.Module, files: list, rename=canonical_key, dtype=None, device=None,
-                 loaded: set | None = None, unexpected: list | None = None):
-    """Assign tensors file by file into a (meta-device) model; shape-checked, one tensor in flight at a time."""
-    loaded = set() if loaded is None else loaded
-    unexpected = [] if unexpected is None else unexpected
-    targets = dict(model.named_parameters())
-    targets.update(dict(model.named_buffers()))
-    tied = getattr(getattr(model, "config", None), "text", None)
-    tied = bool(tied and tied.tie_word_embeddings)
-    for path in files:
-        for key, t in iter_tensors(path):
-            name = rename(key)
-            if name is None or (tied and name == "lm_head.weight"):
-                continue
-            if name not in targets:
-                unexpected.append(key)
-                continue
-            want = targets[name]
-            if tuple(t.shape) != tuple(want.shape):
-                raise ValueError(f"{path}: shape mismatch for {key!r} (-> {name}): checkpoint has {tuple(t.shape)}, "
-                                 f"config.json implies {tuple(want.shape)}")
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            _assign(model, name, t.to(device) if device is not None else t)
-            loaded.add(name)
-    return loaded, unexpected
-
-
-def _finish_load(model: nn.Module, loaded: set, unexpected: list, where: str, optional=r"^vision\.post_layernorm\.",
-                 dtype=None, device=None):
-    """Raise on missing keys (by name), warn on unexpected ones; materialise optional unused params."""
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    missing = [n for n, _ in list(model.named_parameters()) + list(model.named_buffers()) if n not in loaded]
-    hard = [n for n in missing if not re.match(optional, n)]
-    if hard:
-        raise KeyError(f"{where}: {len(hard)} missing weights after key mapping: {hard[:20]}"
-                       + (" ..." if len(hard) > 20 else ""))
-    for n in missing:   # e.g. vision.post_layernorm: never used by LLaVA, some checkpoints drop it
-        p = dict(model.named_parameters())[n]
-        init = torch.ones if n.endswith("weight") else torch.zeros
-        _assign(model, n, init(p.shape, dtype=dtype or torch.float32, device=device))
-    if unexpected:
-        warnings.warn(f"{where}: ignoring {len(unexpected)} unexpected keys: {unexpected[:20]}"
-                      + (" ..." if len(unexpected) > 20 else ""))
-    return {"missing": missing, "unexpected": unexpected}
-
-
-def _vision_config_from_dir(d: str) -> VisionConfig:
-    cfg = _read_json(os.path.join(d, "config.json"))
-    if cfg is None:
-        raise FileNotFoundError(f"vision tower directory {d} has no config.json")
-    mt = cfg.get("model_type")
-    if mt in ("clip", "siglip"):
-        v = dict(cfg.get("vision_config") or cfg.get("vision_config_dict") or {})
-        v["model_type"] = mt + "_vision_model"
-        return VisionConfig.from_hf(v)
-    if mt in ("clip_vision_model", "siglip_vision_model"):
-        return VisionConfig.from_hf(cfg)
-    raise ValueError(f"{d}/config.json: unknown vision tower model_type {mt!r}; expected clip, siglip, "
-                     f"clip_vision_model or siglip_vision_model")
-
-
-def _vision_dir_key(key: str) -> str | None:
-    """Keys of a standalone CLIP/SigLIP checkpoint -> vision.*; text tower and heads ignored."""
-    k = re.sub(r"^vision_model\.", "", key)
-    if re.match(r"^(embeddings|pre_layrnorm|encoder|post_layernorm)\.", k) and not k.endswith("position_ids"):
-        return "vision." + k
-    return None
-
-
-_LLAVA_TYPES = ("llava", "llava_llama", "llava_qwen2", "llava_qwen")
-
-
-def load_config(path: str, vision_tower: str | None = None) -> VLMConfig:
-    """config.json -> VLMConfig for the llava-hf, original LLaVA and text-only causal-LM layouts."""
-    cfg_path = os.path.join(path, "config.json")
-    cfg = _read_json(cfg_path)
-    if cfg is None:
-        raise FileNotFoundError(f"{cfg_path} does not exist")
-    mt = cfg.get("model_type")
-    if mt in _DECODER_DEFAULTS:
-        return VLMConfig(text=DecoderConfig.from_hf(cfg), vision=None, layout="causal-lm", image_token_index=-1)
-    if mt == "llava" and "text_config" in cfg:
-        c = VLMConfig.from_hf(cfg)
-        c.layout = "llava-hf"
-        return c
-    if mt in _LLAVA_TYPES:   # original haotian-liu/LLaVA layout: LLaMA fields at the top level, mm_* fields
-        vt = vision_tower or cfg.get("mm_vision_tower")
-        if not vt or not os.path.isdir(vt):
-            raise ValueError(f"{cfg_path}: original LLaVA layout needs the CLIP tower as a local directory: pass "
-                             f"vision_tower=<dir> (config names mm_vision_tower={cfg.get('mm_vision_tower')!r})")
-        ptype = cfg.get("mm_projector_type", "linear")
-        if ptype != "mlp2x_gelu":
-            raise NotImplementedError(f"{cfg_path}: mm_projector_type {ptype!r} (only 'mlp2x_gelu')")
-        vcfg = _vision_config_from_dir(vt)
-        c = VLMConfig(text=DecoderConfig.from_hf(cfg, "qwen2" if "qwen" in mt else "llama"), vision=vcfg,
-                      image_token_index=ORIGINAL_IMAGE_TOKEN,
-                      vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
-                      vision_feature_select_strategy="default" if cfg.get("mm_vision_select_feature", "patch") == "patch"
-                      else "full", layout="original", image_aspect_ratio=cfg.get("image_aspect_ratio"),
-                      vision_tower=vt)
-        mm = cfg.get("mm_hidden_size")
-        n = len(c.vision_feature_layer) if isinstance(c.vision_feature_layer, list) else 1
-        if mm is not None and mm != vcfg.hidden_size * n:
-            raise ValueError(f"{cfg_path}: mm_hidden_size {mm} != vision hidden_size {vcfg.hidden_size} x {n} layers "
-                             f"from {vt}/config.json")
-        return c
-    raise ValueError(f"{cfg_path}: unknown model_type {mt!r}; supported: llava (llava-hf or original layout), "
-                     f"llava_llama, llava_qwen2, llama, qwen2")
-
-
-def load_vlm(path: str, vision_tower: str | None = None, dtype=None, device=None) -> VLM:
-    """Load a local checkpoint directory (llava-hf / v5 names / original LLaVA + CLIP dir / text-only LLaMA, Qwen2).
-    The model is built on the meta device and tensors are assigned shard by shard, so weights are never held twice.
-    dtype None keeps the on-disk dtype. Missing weights raise (by name); unexpected ones warn (by name)."""
-    path = str(path)
-    config = load_config(path, vision_tower)
-    with torch.device("meta"):
-        model = VLM(config)
-    loaded, unexpected = load_weights(model, checkpoint_files(path), dtype=dtype, device=device)
-    vt = vision_tower or config.vision_tower
-    if model.vision is not None and vt and not any(n.startswith("vision.") for n in loaded):
-        load_weights(model, checkpoint_files(str(vt)), rename=_vision_dir_key, dtype=dtype, device=device,
-                     loaded=loaded, unexpected=[])   # a CLIPModel file: text tower etc. are not ours
-    model.load_info = _finish_load(model, loaded, unexpected, f"load_vlm({path})", dtype=dtype, device=device)
-    model.tie_weights()
-    return model.eval()
-
-
-def _hf_state_dict(model: VLM) -> dict:
-    sd = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.text.tie_word_embeddings:
-            continue
-        if model.vision is None:
-            key = re.sub(r"^lm\.", "model.", name)
-        else:
-            key = model.hf_module_name(name, legacy=True)
-        sd[key] = t.detach().contiguous()
-    return sd
-
-
-def save_vlm(model: VLM, out_dir: str, tokenizer: "Tokenizer | None" = None):
-    """Write config.json + model.safetensors in the llava-hf layout (legacy on-disk names, readable by transformers
-    4.x and 5.x), or the LlamaForCausalLM / Qwen2ForCausalLM layout for a text-only model."""
-    from safetensors.torch import save_file
-    if model.vision is not None and not 0 <= model.config.image_token_index < model.config.text.vocab_size:
-        raise ValueError(f"save_vlm: image_token_index {model.config.image_token_index} is not a vocabulary id; "
-                         f"the llava-hf layout needs <image> in the vocabulary")
-    os.makedirs(out_dir, exist_ok=True)
-    cfg = model.config.to_hf()
-    cfg["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    save_file(_hf_state_dict(model), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save(out_dir)
-
-
-def load_clip_text(path: str, dtype=None, device=None):
-    """A CLIPModel / CLIPTextModel(WithProjection) directory -> (CLIPTextTower, Tokenizer)."""
-    path = str(path)
-    cfg = _read_json(os.path.join(path, "config.json"))
-    if cfg is None:
-        raise FileNotFoundError(f"{path}/config.json does not exist")
-    c = CLIPTextConfig.from_hf(cfg)
-    files = checkpoint_files(path)
-
-    def rename(k):   # CLIPModel: text_model.* (vision_model.* ignored); CLIPTextModel: with or without the prefix
-        if k == "text_projection.weight":
-            return k
-        k = re.sub(r"^text_model\.", "", k)
-        ok = re.match(r"^(embeddings|encoder|final_layer_norm)\.", k) and not k.endswith("position_ids")
-        return k if ok else None
-
-    with torch.device("meta"):
-        tower = CLIPTextTower(c)
-    loaded, unexpected = load_weights(tower, files, rename=rename, dtype=dtype, device=device)
-    if "text_projection.weight" not in loaded:   # a CLIPTextModel without projection
-        tower.text_projection = None
-    tower.load_info = _finish_load(tower, loaded, unexpected, f"load_clip_text({path})", optional=r"^$")
-    return tower.eval(), Tokenizer.from_dir(path)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # tokenizer and prompts
-
-def _proto_fields(b: bytes):
-    """Yield (field, value) of a protobuf message: varint, fixed64, length-delimited (bytes), fixed32 (float)."""
-    def varint(i):
-        r = shift = 0
-        while True:
-            c = b[i]
-            i += 1
-            r |= (c & 0x7F) << shift
-            shift += 7
-            if c < 0x80:
-                return r, i
-    i = 0
-    while i < len(b):
-        key, i = varint(i)
-        wt = key & 7
-        if wt == 0:
-            v, i = varint(i)
-        elif wt == 2:
-            n, i = varint(i)
-            v, i = b[i:i + n], i + n
-        elif wt == 5:
-            v, i = struct.unpack("<f", b[i:i + 4])[0], i + 4
-        elif wt == 1:
-            v, i = b[i:i + 8], i + 8
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wt}")
-        yield key >> 3, v
-
-
-def sentencepiece_tokenizer(path: str):
-    """A LLaMA-style SentencePiece BPE `tokenizer.model` -> tokenizers.Tokenizer, built the way transformers'
-    LlamaConverter (legacy) builds the shipped tokenizer.json. The protobuf is parsed by hand."""
-    from tokenizers import AddedToken, decoders, normalizers, processors
-    from tokenizers import Tokenizer as _Tok
-    from tokenizers.models import BPE
-    pieces, trainer, norm = [], {}, {}
-    with open(path, "rb") as f:
-        for fid, v in _proto_fields(f.read()):
-            if fid == 1:     # SentencePiece {piece = 1, score = 2, type = 3 (1 normal, 2 unk, 3 control, 4 user, 6 byte)}
-                p = dict(_proto_fields(v))
-                pieces.append((p.get(1, b"").decode("utf-8"), p.get(2, 0.0), p.get(3, 1)))
-            elif fid == 2:   # TrainerSpec {model_type = 3, unk_id = 40, bos_id = 41}
-                trainer = dict(_proto_fields(v))
-            elif fid == 3:   # NormalizerSpec {add_dummy_prefix = 3}
-                norm = dict(_proto_fields(v))
-    if trainer.get(3, 1) != 2:
-        raise ValueError(f"{path}: SentencePiece model_type {trainer.get(3, 1)} is not BPE (2); only BPE is supported")
-    vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
-    scores = [(p, 0.0 if i < 3 else s) for i, (p, s, _) in enumerate(pieces)]   # LlamaConverter zeroes 0..2
-    merges = []   # transformers' generate_merges(vocab, vocab_scores)
-    for piece, score in scores:
-        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
-        merges += sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]]))
-    merges = [(l, r) for l, r, _ in sorted(merges, key=lambda x: (x[2], len(x[0]), len(x[1])), reverse=True)]
-    tok = _Tok(BPE(vocab, merges, unk_token=pieces[trainer.get(40, 0)][0], fuse_unk=True, byte_fallback=True))
-    tok.add_tokens([AddedToken(p, normalized=False, special=t != 4) for p, _, t in pieces if t in (2, 3, 4)])
-    prefix = bool(norm.get(3, 1))
-    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if prefix else []) + [normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-                                    + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    bos = trainer.get(41, 1)
-    if 0 <= bos < len(pieces):
-        tok.post_processor = processors.TemplateProcessing(single=f"{pieces[bos][0]} $A",
-                                                           pair=f"{pieces[bos][0]} $A {pieces[bos][0]} $B",
-                                                           special_tokens=[(pieces[bos][0], bos)])
-    return tok
-
-
-def _token_str(v):
-    return v.get("content") if isinstance(v, dict) else v
 
 
 class Tokenizer:
-    """Thin wrapper over a shipped tokenizer.json; special ids from tokenizer_config.json /
-    special_tokens_map.json / config.json. encode() never runs the post-processor: BOS is added explicitly."""
+    """Thin wrapper over a tokenizers.Tokenizer with its special ids (checkpoint.load_tokenizer reads one from a
+    folder). encode() never runs the post-processor: BOS is added explicitly."""
 
     def __init__(self, tok, bos_id=None, eos_id=None, pad_id=None, add_bos=None):
         self.tok = tok
@@ -1051,53 +592,6 @@ class Tokenizer:
             add_bos = bos_id is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
         self.add_bos = bool(add_bos)
         self.image_token_id = tok.token_to_id("<image>")
-
-    @classmethod
-    def from_dir(cls, path: str) -> "Tokenizer":
-        from tokenizers import AddedToken
-        from tokenizers import Tokenizer as _Tok
-        path = str(path)
-        tj, sp = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer.model")
-        if os.path.exists(tj):
-            tok = _Tok.from_file(tj)
-        elif os.path.exists(sp):   # e.g. liuhaotian/llava-v1.5-7b ships only the SentencePiece model
-            tok = sentencepiece_tokenizer(sp)
-        else:
-            raise FileNotFoundError(f"{path}: neither tokenizer.json nor tokenizer.model exists")
-        tc = _read_json(os.path.join(path, "tokenizer_config.json"), {})
-        sm = _read_json(os.path.join(path, "special_tokens_map.json"), {})
-        mc = _read_json(os.path.join(path, "config.json"), {})
-        for sid, info in sorted((tc.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
-            if tok.token_to_id(info["content"]) is None:   # declared only in tokenizer_config
-                tok.add_special_tokens([AddedToken(info["content"], special=info.get("special", True),
-                                                   normalized=info.get("normalized", False),
-                                                   lstrip=info.get("lstrip", False), rstrip=info.get("rstrip", False),
-                                                   single_word=info.get("single_word", False))])
-                if tok.token_to_id(info["content"]) != int(sid):
-                    warnings.warn(f"{path}: added token {info['content']!r} got id {tok.token_to_id(info['content'])},"
-                                  f" tokenizer_config.json says {sid}")
-        text_cfg = mc.get("text_config") or mc
-
-        def special(name):
-            s = _token_str(tc.get(name)) or _token_str(sm.get(name))
-            if s is not None and tok.token_to_id(s) is not None:
-                return tok.token_to_id(s)
-            v = text_cfg.get(name + "_id", mc.get(name + "_id"))
-            return v[0] if isinstance(v, list) else v
-
-        bos, eos, pad = special("bos_token"), special("eos_token"), special("pad_token")
-        if pad is None:   # original LLaVA pads with unk (id 0)
-            unk = _token_str(tc.get("unk_token")) or _token_str(sm.get("unk_token"))
-            pad = tok.token_to_id(unk) if unk is not None else None
-        pad = eos if pad is None else pad
-        return cls(tok, bos, eos, pad, tc.get("add_bos_token"))
-
-    def save(self, out_dir: str):
-        self.tok.save(os.path.join(out_dir, "tokenizer.json"))
-        name = lambda i: None if i is None else self.tok.id_to_token(i)
-        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-            json.dump({"bos_token": name(self.bos_id), "eos_token": name(self.eos_id), "pad_token": name(self.pad_id),
-                       "add_bos_token": self.add_bos}, f, indent=2)
 
     def __len__(self):
         return self.tok.get_vocab_size(with_added_tokens=True)
@@ -1239,7 +733,7 @@ class ImageProcessor:
             raise FileNotFoundError(f"{model_dir}/preprocessor_config.json does not exist and no vision tower "
                                     "folder was given")
         if aspect is None:
-            ratio = _read_json(os.path.join(str(model_dir), "config.json"), {}).get("image_aspect_ratio")
+            ratio = read_json(os.path.join(str(model_dir), "config.json"), {}).get("image_aspect_ratio")
             aspect = "crop" if ratio not in (None, "pad") else "pad"
         if aspect not in ("pad", "crop"):
             raise ValueError(f"image aspect {aspect!r}; expected 'pad' or 'crop'")
@@ -1256,7 +750,7 @@ class ImageProcessor:
         """Reads preprocessor_config.json; pad_to_square None -> do_pad there, or image_aspect_ratio == "pad" in
         config.json (original LLaVA)."""
         path = str(path)
-        p = _read_json(os.path.join(path, "preprocessor_config.json"))
+        p = read_json(os.path.join(path, "preprocessor_config.json"), None)
         if p is None:
             raise FileNotFoundError(f"{path}/preprocessor_config.json does not exist")
         siglip = "siglip" in str(p.get("image_processor_type", "")).lower()
@@ -1264,7 +758,7 @@ class ImageProcessor:
         crop = p.get("crop_size", 224)
         crop = _hw(crop, square=True)[1] if crop is not None else None
         if pad_to_square is None:
-            mc = _read_json(os.path.join(path, "config.json"), {})
+            mc = read_json(os.path.join(path, "config.json"), {})
             pad_to_square = bool(p.get("do_pad", False)) or mc.get("image_aspect_ratio") == "pad"
         return cls(size, crop, p.get("do_center_crop", not siglip),
                    p.get("image_mean", (0.5,) * 3 if siglip else OPENAI_CLIP_MEAN),

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model as M  # noqa: E402
+import checkpoint  # noqa: E402
 
 
 def gemm_rate(device, n=2048, reps=10):
@@ -133,7 +133,7 @@ def main():
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf.save_pretrained(d)
-        ours = M.load_vlm(d, device=device).train()
+        ours = checkpoint.load_vlm(d, device=device).train()
     for m, emb in ((hf, hf.model.embed_tokens), (ours, ours.lm.embed_tokens)):
         m.requires_grad_(False)
         emb.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))

@@ -1,4 +1,4 @@
-"""Tests for data.py: settings tables, partitioners, scorers, metrics, FCIT-mini, FedIT-mini, loaders,
+"""Tests for data.py and mini.py: settings tables, partitioners, scorers, metrics, FCIT-mini, FedIT-mini, loaders,
 bad-input errors and collation. Reference values for BLEU / CIDEr-D / ROUGE-L(coco) were computed with
 pycocoevalcap 1.2 (Bleu(4), Cider(), Rouge()) on the corpus below; others are computed by hand."""
 import json
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import data
+import mini as synth
 
 
 # ---------------------------------------------------------------- settings tables
@@ -222,7 +223,7 @@ def test_evaluate_task():
     assert data.evaluate_task("ArxivQA", ["A", "b", "x", ""], exs) == 50.0
     g = [E("Grounding", "q", "[0,0,1,1]", meta={"answer_bbox": "[0.0,0.0,1.0,1.0]", "size": [10, 10]})]
     assert data.evaluate_task("Grounding", ["[0,0,1,0.9]"], g) == 100.0
-    mini = [data.mini_sample("Flickr30k", 0, "test", i) for i in range(40)]
+    mini = [synth.mini_sample("Flickr30k", 0, "test", i) for i in range(40)]
     mex = [E("Flickr30k", q, a, meta={"captions": m["captions"]}) for _, q, a, m in mini]
     for metric in data.CAPTION_METRICS:                              # discriminative on FCIT-mini
         perfect = data.evaluate_task("Flickr30k", [a for _, _, a, _ in mini], mex, caption_metric=metric)
@@ -296,7 +297,7 @@ def test_continual_metrics_hom_and_het():
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
     root = tmp_path_factory.mktemp("mini")
-    data.make_fcit_mini(root, seed=0, n_train=30, n_test=6)
+    synth.make_fcit_mini(root, seed=0, n_train=30, n_test=6)
     return str(root)
 
 
@@ -318,7 +319,7 @@ def test_mini_layout_and_loading(mini):
 def test_mini_byte_identical(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for d, s in ((a, 5), (b, 5), (c, 6)):
-        data.make_fcit_mini(d, seed=s, n_train=6, n_test=2)
+        synth.make_fcit_mini(d, seed=s, n_train=6, n_test=2)
 
     def files(root):
         out = {}
@@ -368,12 +369,12 @@ def test_components_flood_fill():
 
 def test_mini_answers_derivable_by_construction():
     for i in range(40):
-        im, ins, ans, meta = data.mini_sample("IconQA", 1, "train", i)
-        n = _components(_mask(im, data.COLORS[meta["color"]]))
-        assert n == meta["count"] == int(ans) and f"{data.PLURAL[meta['shape']]}" in ins and ans in ins
+        im, ins, ans, meta = synth.mini_sample("IconQA", 1, "train", i)
+        n = _components(_mask(im, synth.COLORS[meta["color"]]))
+        assert n == meta["count"] == int(ans) and f"{synth.PLURAL[meta['shape']]}" in ins and ans in ins
 
-        im, ins, ans, meta = data.mini_sample("FigureQA", 1, "train", i)
-        heights = {c: _mask(im, data.FIG_COLORS[c]).any(1).sum() for c in meta["bars"]}
+        im, ins, ans, meta = synth.mini_sample("FigureQA", 1, "train", i)
+        heights = {c: _mask(im, synth.FIG_COLORS[c]).any(1).sum() for c in meta["bars"]}
         order = sorted(heights, key=heights.get)
         assert order == sorted(meta["bars"], key=meta["bars"].get)      # pixel heights rank like the values
         words = ins.rstrip("?").split()
@@ -385,16 +386,16 @@ def test_mini_answers_derivable_by_construction():
             a, b = words[1], words[-1]
             assert (ans == "Yes") == ((heights[a] > heights[b]) if "greater" in ins else (heights[a] < heights[b]))
 
-        im, ins, ans, meta = data.mini_sample("Grounding", 1, "train", i)
+        im, ins, ans, meta = synth.mini_sample("Grounding", 1, "train", i)
         box = data.parse_box(ans)
         col, shp = [(o["color"], o["shape"]) for o in meta["objects"] if o["box"] == list(box)][0]
         assert col in ins and shp in ins
-        ys, xs = np.nonzero(_mask(im, data.COLORS[col]))
+        ys, xs = np.nonzero(_mask(im, synth.COLORS[col]))
         own = (xs >= box[0] * 64 - 1) & (xs <= box[2] * 64 + 1) & (ys >= box[1] * 64 - 1) & (ys <= box[3] * 64 + 1)
         assert own.sum() > 20                                            # the object is drawn inside its box
         assert xs[own].min() <= box[0] * 64 + 8 and xs[own].max() >= box[2] * 64 - 8
 
-        im, ins, ans, meta = data.mini_sample("DVQA", 1, "train", i)
+        im, ins, ans, meta = synth.mini_sample("DVQA", 1, "train", i)
         cols = _mask(im, (70, 110, 190)).any(0)
         runs = np.flatnonzero(np.diff(np.concatenate([[0], cols.astype(int), [0]])))
         hs = [_mask(im, (70, 110, 190))[:, s:e].any(1).sum() for s, e in zip(runs[::2], runs[1::2])]
@@ -403,15 +404,15 @@ def test_mini_answers_derivable_by_construction():
         if "largest bar" in ins:
             assert ans == str(max(meta["values"]))
 
-        im, ins, ans, meta = data.mini_sample("CLEVR-Math", 1, "train", i)
+        im, ins, ans, meta = synth.mini_sample("CLEVR-Math", 1, "train", i)
         n_obj = _components(np.abs(np.asarray(im).astype(int) - 200).sum(-1) > 0)
         assert n_obj == len(meta["objects"])
         if ins.startswith("Subtract all") and meta["objects"]:
             what = ins.split(".")[0].split()[2]
-            left = [o for o in meta["objects"] if o["color"] != what and data.PLURAL[o["shape"]] != what]
+            left = [o for o in meta["objects"] if o["color"] != what and synth.PLURAL[o["shape"]] != what]
             assert int(ans) == len(left)
 
-        im, ins, ans, meta = data.mini_sample("TabMWP", 1, "train", i)
+        im, ins, ans, meta = synth.mini_sample("TabMWP", 1, "train", i)
         v = meta["values"]
         assert int(ans) in (sum(v), max(v)) or int(ans) in {a - b for a in v for b in v if a > b}
 
@@ -419,7 +420,7 @@ def test_mini_answers_derivable_by_construction():
 def test_mini_task_design():
     firsts, answers = {}, {}
     for ds in data.FCIT_DATASETS:
-        s = [data.mini_sample(ds, 0, "train", i) for i in range(150)]
+        s = [synth.mini_sample(ds, 0, "train", i) for i in range(150)]
         firsts[ds] = {ins.split("\n")[0].split()[0] for _, ins, _, _ in s}   # phrasing family (first word)
         answers[ds] = {a for _, _, a, _ in s}
         if ds not in ("Flickr30k", "Grounding"):
@@ -428,7 +429,7 @@ def test_mini_task_design():
     assert answers["ArxivQA"] <= set("ABCD") and answers["AOKVQA"] <= set("ABCD")
     assert answers["FigureQA"] == {"Yes", "No"} and answers["super-CLEVR"] >= {"yes", "no"}
     # instructions tell the tasks apart: every full instruction belongs to one task only
-    full = {ds: {data.mini_sample(ds, 0, "train", i)[1].split("\n")[0] for i in range(150)} for ds in data.FCIT_DATASETS}
+    full = {ds: {synth.mini_sample(ds, 0, "train", i)[1].split("\n")[0] for i in range(150)} for ds in data.FCIT_DATASETS}
     for a in full:
         for b in full:
             if a < b:
@@ -436,27 +437,27 @@ def test_mini_task_design():
 
 
 def test_caption_and_vocab_corpus(tmp_path):
-    pairs = data.caption_corpus(60, seed=0)
+    pairs = synth.caption_corpus(60, seed=0)
     assert len(pairs) == 60 and pairs[0][0].size == (64, 64)
     caps = [c for _, c in pairs]
-    assert caps == [c for _, c in data.caption_corpus(60, seed=0)]
+    assert caps == [c for _, c in synth.caption_corpus(60, seed=0)]
     assert not any("?" in c or "Answer" in c or "[" in c for c in caps)
     assert len(set(caps)) > 30
-    v = data.vocab_corpus()
+    v = synth.vocab_corpus()
     joined = "\n".join(v)
     words = set(re.findall(r"[A-Za-z]+", joined))
     seen = set()
     for ds in data.FCIT_DATASETS:
         for i in range(150):
-            _, ins, ans, meta = data.mini_sample(ds, 9, "test", i)
+            _, ins, ans, meta = synth.mini_sample(ds, 9, "test", i)
             seen |= set(re.findall(r"[A-Za-z]+", " ".join([ins, ans] + meta.get("captions", []))))
-    for r in data.load_dolly(data.make_fedit_mini(tmp_path, seed=3, n_per_category=40)):
+    for r in data.load_dolly(synth.make_fedit_mini(tmp_path, seed=3, n_per_category=40)):
         seen |= set(re.findall(r"[A-Za-z]+", " ".join([r["instruction"], r["context"], r["response"]])))
-    seen |= {w for _, c in data.caption_corpus(300, seed=4) for w in re.findall(r"[A-Za-z]+", c)}
+    seen |= {w for _, c in synth.caption_corpus(300, seed=4) for w in re.findall(r"[A-Za-z]+", c)}
     assert seen <= words, sorted(seen - words)                  # every word any generator can emit
     for ds in data.FCIT_DATASETS:
         for i in range(5):
-            _, ins, ans, _ = data.mini_sample(ds, 0, "train", i)
+            _, ins, ans, _ = synth.mini_sample(ds, 0, "train", i)
             assert all(w in joined for w in re.split(r"[\[\], ]+", ans) if w), (ds, ans)
 
 
@@ -597,10 +598,11 @@ def test_bad_input_errors(tmp_path, mini, caplog):
 # ---------------------------------------------------------------- FedIT
 
 def test_fedit_mini_and_dolly(tmp_path):
-    path = data.make_fedit_mini(tmp_path, seed=0, n_per_category=20)
+    path = synth.make_fedit_mini(tmp_path, seed=0, n_per_category=20)
     recs = data.load_dolly(path)
     assert len(recs) == 160 and sorted({r["category"] for r in recs}) == data.DOLLY_CATEGORIES
-    assert open(path, "rb").read() == open(data.make_fedit_mini(tmp_path / "b", seed=0, n_per_category=20), "rb").read()
+    again = synth.make_fedit_mini(tmp_path / "b", seed=0, n_per_category=20)
+    assert open(path, "rb").read() == open(again, "rb").read()
     train, test = data.dolly_split(recs, 10, seed=42)
     assert len(test) == 80 and len(train) == 80
     assert all(sum(r["category"] == c for r in test) == 10 for c in data.DOLLY_CATEGORIES)
@@ -635,7 +637,7 @@ def tiny_tok():
     tok.decoder = decoders.ByteLevel()
     tr = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(data.vocab_corpus(n_per_task=10), tr)
+    tok.train_from_iterator(synth.vocab_corpus(n_per_task=10), tr)
     return model.Tokenizer(tok, bos_id=1, eos_id=2, pad_id=3, add_bos=True)
 
 
@@ -724,8 +726,8 @@ def test_length_bucketed_batches():
 def test_regenerated_fcit_mini_drops_stale_partitions(tmp_path):
     """Partitions copy the records, so regenerating FCIT-mini (other parameters) must not keep old client files."""
     root = str(tmp_path / "mini")
-    data.make_fcit_mini(root, seed=0, n_train=4, n_test=1, datasets=data.TASK_ORDER)
+    synth.make_fcit_mini(root, seed=0, n_train=4, n_test=1, datasets=data.TASK_ORDER)
     data.make_partitions(root, "task-hom", 1.0, n_clients=2, seed=0)
     assert os.path.isdir(os.path.join(root, "partitioned_data"))
-    data.make_fcit_mini(root, seed=1, n_train=4, n_test=1, datasets=data.TASK_ORDER)
+    synth.make_fcit_mini(root, seed=1, n_train=4, n_test=1, datasets=data.TASK_ORDER)
     assert not os.path.exists(os.path.join(root, "partitioned_data"))

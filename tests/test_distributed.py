@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import checkpoint              # noqa: E402
 import federate as fd          # noqa: E402
-import model as vlm            # noqa: E402
 import test_federate as tf     # noqa: E402
 
 WORLD = 2
@@ -22,7 +22,7 @@ WORLD = 2
 
 def _cfg(method):
     # 3 clients per round: rank 0 trains positions 0 and 2, rank 1 position 1 (an uneven split)
-    return tf.tiny_cfg(method=method, n_clients=6, clients_per_round=3, rounds=2, local_epochs=2, dropout=0.05)
+    return tf.tiny_cfg(method=method, clients=6, clients_per_round=3, rounds=2, local_epochs=2, dropout=0.05)
 
 
 def _run(fed, method):
@@ -44,7 +44,7 @@ def _worker(rank, port, base_dir, out_dir, methods):
                       LOCAL_RANK=str(rank))
     assert fd.init_distributed() == (rank, WORLD)
     try:
-        base, tok = vlm.load_vlm(base_dir), vlm.Tokenizer.from_dir(base_dir)
+        base, tok = checkpoint.load_vlm(base_dir), checkpoint.load_tokenizer(base_dir)
         for method in methods:
             fed = fd.Federation(tf.copy.deepcopy(base), tok, None, _cfg(method))
             tensors, meta = _run(fed, method)
@@ -72,7 +72,7 @@ def test_two_gloo_processes_match_single_process():
         base, tok = tf.tiny_model()
         with tempfile.TemporaryDirectory() as d:
             base_dir = os.path.join(d, "base")
-            vlm.save_vlm(base, base_dir, tokenizer=tok)
+            checkpoint.save_vlm(base, base_dir, tokenizer=tok)
             try:
                 mp.spawn(_worker, args=(_free_port(), base_dir, d, methods), nprocs=WORLD, join=True)
             except mp.ProcessExitedException as e:
@@ -95,9 +95,10 @@ def test_two_gloo_processes_match_single_process():
                 assert set(single) == set(multi)
                 for k in single:
                     assert torch.allclose(single[k].double(), multi[k].double(), atol=1e-6, rtol=1e-5), (method, k)
-                assert meta1["slot_data"] == meta2["slot_data"]
+                assert meta1["method_state"] == meta2["method_state"]
                 if method == "disco":
-                    assert meta1["open_order"] == meta2["open_order"] == [0, 1]
+                    assert meta1["method_state"]["open_order"] == [0, 1]
+                    assert meta1["method_state"]["slot_data"] == meta2["method_state"]["slot_data"]
                     b1 = [v for k, v in single.items() if k.startswith("global/") and k.endswith(".B.1")]
                     assert b1 and all(float(v.abs().sum()) > 0 for v in b1)      # subspace 1 was trained
     finally:

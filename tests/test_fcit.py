@@ -223,9 +223,8 @@ def test_protocol_defaults(tmp_path):
     assert (task.lr_schedule, task.warmup_ratio, task.max_length, task.lora_init) == ("cosine", 0.03, 2048, "fcit")
     assert (task.lr, task.projector_lr, task.client_sampling, task.server_state) == (2e-4, None, "official", "reset")
     assert task.mtl_epochs == 1.0 and task.caption_metric == "average"
-    fc = fcit.fed_config(task, "finetune", "cpu", "float32")
-    assert fc.projector_lr is None and fc.lr == 2e-4    # the projector trains at the LoRA lr, as the paper's runs did
-    mtl = fcit.fed_config(task, "mtl", "cpu", "float32")
-    assert (mtl.rounds, mtl.local_epochs) == (1, 1.0)
+    assert task.projector_lr is None and task.lr == 2e-4   # the projector trains at the LoRA lr, as the paper's did
+    mtl = federate.METHODS["mtl"](type("Fed", (), {"cfg": task})())
+    assert (mtl.stages(8), mtl.rounds(), mtl.local_epochs()) == (1, 1, 1.0)
     emb = resolve("--setting", "task-hom")
     assert (emb.client_sampling, emb.lm_identity, emb.image_aspect) == ("seeded", True, "pad")

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import federate as fd
+import server
+from config import Config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,17 +32,17 @@ def test_sample_clients_deterministic_local_rng():
     random.seed(5)
     torch.manual_seed(7)
     np_state, py_state, t_state = np.random.get_state()[1].copy(), random.getstate(), torch.get_rng_state()
-    a = fd.sample_clients(50, 5, seed=0, stage=1, rnd=3)
-    b = fd.sample_clients(50, 5, seed=0, stage=1, rnd=3)
+    a = server.sample_clients(50, 5, seed=0, stage=1, rnd=3)
+    b = server.sample_clients(50, 5, seed=0, stage=1, rnd=3)
     assert a == b and len(set(a)) == 5 and all(0 <= c < 50 for c in a)
     assert (np.random.get_state()[1] == np_state).all() and random.getstate() == py_state
     assert torch.equal(torch.get_rng_state(), t_state)
-    draws = {tuple(fd.sample_clients(50, 5, 0, s, r)) for s in range(3) for r in range(10)}
+    draws = {tuple(server.sample_clients(50, 5, 0, s, r)) for s in range(3) for r in range(10)}
     assert len(draws) > 25                       # different per (stage, round)
-    assert fd.sample_clients(50, 5, 1, 1, 3) != a   # and per seed
-    assert sorted(fd.sample_clients(4, 4, 0, 0, 0)) == [0, 1, 2, 3]
+    assert server.sample_clients(50, 5, 1, 1, 3) != a   # and per seed
+    assert sorted(server.sample_clients(4, 4, 0, 0, 0)) == [0, 1, 2, 3]
     with pytest.raises(ValueError):
-        fd.sample_clients(3, 4, 0, 0, 0)
+        server.sample_clients(3, 4, 0, 0, 0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -54,20 +56,20 @@ N = [1, 3]                                  # p = [0.25, 0.75] -> weighted mean 
 
 @pytest.mark.parametrize("kind", ["fedavg", "fedprox"])
 def test_fedavg_weighted_by_samples(kind):
-    out = fd.aggregate(G, C, N, fd.ServerOptimizer(kind))
+    out = server.aggregate(G, C, N, server.ServerOptimizer(kind))
     assert torch.allclose(out["w"], torch.tensor([2.5, 5.0]))
-    out = fd.aggregate(G, C, [1, 1], fd.ServerOptimizer(kind))
+    out = server.aggregate(G, C, [1, 1], server.ServerOptimizer(kind))
     assert torch.allclose(out["w"], torch.tensor([2.0, 4.0]))
 
 
 def test_fedavgm_two_rounds():
-    opt = fd.ServerOptimizer("fedavgm", lr=1.0, momentum=0.5)
-    x1 = fd.aggregate(G, C, N, opt)["w"]                # m = Δ = [2.5, 5]; x = [2.5, 5]
+    opt = server.ServerOptimizer("fedavgm", lr=1.0, momentum=0.5)
+    x1 = server.aggregate(G, C, N, opt)["w"]                # m = Δ = [2.5, 5]; x = [2.5, 5]
     assert torch.allclose(x1, torch.tensor([2.5, 5.0]))
-    x2 = fd.aggregate({"w": x1}, C, N, opt)["w"]        # Δ = 0; m = 0.5 m; x = [3.75, 7.5]
+    x2 = server.aggregate({"w": x1}, C, N, opt)["w"]        # Δ = 0; m = 0.5 m; x = [3.75, 7.5]
     assert torch.allclose(x2, torch.tensor([3.75, 7.5]))
-    opt = fd.ServerOptimizer("fedavgm", lr=0.5, momentum=0.0)   # η scales the step
-    assert torch.allclose(fd.aggregate(G, C, N, opt)["w"], torch.tensor([1.25, 2.5]))
+    opt = server.ServerOptimizer("fedavgm", lr=0.5, momentum=0.0)   # η scales the step
+    assert torch.allclose(server.aggregate(G, C, N, opt)["w"], torch.tensor([1.25, 2.5]))
 
 
 def _adaptive_ref(kind, deltas, lr, b1, b2, tau):
@@ -88,28 +90,28 @@ def _adaptive_ref(kind, deltas, lr, b1, b2, tau):
 @pytest.mark.parametrize("kind", ["fedadagrad", "fedadam", "fedyogi"])
 def test_adaptive_server_optimizers(kind):
     lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
-    opt = fd.ServerOptimizer(kind, lr=lr, beta1=b1, beta2=b2, tau=tau)
+    opt = server.ServerOptimizer(kind, lr=lr, beta1=b1, beta2=b2, tau=tau)
     x = G
     deltas = {0: [], 1: []}
     for rnd in range(3):
         clients = [{"w": x["w"] + torch.tensor([1.0, -2.0]) * (rnd + 1)}, {"w": x["w"] + torch.tensor([3.0, 0.5])}]
         for i in range(2):   # Δ = 0.25 c1 + 0.75 c2 (relative)
             deltas[i].append(0.25 * [1.0, -2.0][i] * (rnd + 1) + 0.75 * [3.0, 0.5][i])
-        x = fd.aggregate(x, clients, N, opt)
+        x = server.aggregate(x, clients, N, opt)
     for i in range(2):
         ref = _adaptive_ref(kind, deltas[i], lr, b1, b2, tau)
         assert abs(float(x["w"][i]) - ref) < 1e-5, (kind, i, float(x["w"][i]), ref)
     # first step of FedAdam by hand: Δ=2.5, m=0.25, v=0.99e-6+0.0625 -> x = 0.1*0.25/(sqrt(v)+1e-3)
     if kind == "fedadam":
-        opt = fd.ServerOptimizer("fedadam", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
-        x1 = fd.aggregate(G, C, N, opt)["w"]
+        opt = server.ServerOptimizer("fedadam", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+        x1 = server.aggregate(G, C, N, opt)["w"]
         v = 0.99e-6 + 0.01 * 2.5 ** 2
         assert abs(float(x1[0]) - 0.1 * 0.25 / (math.sqrt(v) + 1e-3)) < 1e-6
 
 
 def test_yogi_sign_branch():
     # v > Δ² -> yogi *increases* v (v - (1-β2)Δ² * sign(+)) ... i.e. decreases by (1-β2)Δ²; Adam would shrink v
-    opt = fd.ServerOptimizer("fedyogi", lr=1.0, beta1=0.0, beta2=0.5, tau=1.0)   # v0 = τ² = 1
+    opt = server.ServerOptimizer("fedyogi", lr=1.0, beta1=0.0, beta2=0.5, tau=1.0)   # v0 = τ² = 1
     x = opt.step("w", torch.tensor([0.0]), torch.tensor([0.5]))   # Δ²=.25 < v: v = 1 - .5*.25 = .875
     assert torch.allclose(opt.v["w"], torch.tensor([0.875]))
     assert torch.allclose(x, torch.tensor([0.5 / (math.sqrt(0.875) + 1.0)]))
@@ -118,12 +120,12 @@ def test_yogi_sign_branch():
 
 
 def test_aggregate_prefix_keeps_separate_state():
-    opt = fd.ServerOptimizer("fedavgm", lr=1.0, momentum=0.9)
-    fd.aggregate(G, C, N, opt, prefix="s0/")
-    fd.aggregate(G, C, N, opt, prefix="s1/")
+    opt = server.ServerOptimizer("fedavgm", lr=1.0, momentum=0.9)
+    server.aggregate(G, C, N, opt, prefix="s0/")
+    server.aggregate(G, C, N, opt, prefix="s1/")
     assert set(opt.m) == {"s0/w", "s1/w"}
     sd = opt.state_dict()
-    opt2 = fd.ServerOptimizer("fedavgm", lr=1.0, momentum=0.9)
+    opt2 = server.ServerOptimizer("fedavgm", lr=1.0, momentum=0.9)
     opt2.load_state_dict(sd)
     assert torch.equal(opt2.m["s0/w"], opt.m["s0/w"])
 
@@ -133,8 +135,8 @@ def test_product_average_vs_factor_average():
     A2, B2 = torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0], [0.0]])
     g = {"m.A.0": torch.zeros(1, 2), "m.B.0": torch.zeros(2, 1), "proj": torch.zeros(1)}
     cs = [{"m.A.0": A1, "m.B.0": B1, "proj": torch.ones(1)}, {"m.A.0": A2, "m.B.0": B2, "proj": torch.ones(1) * 3}]
-    fac = fd.aggregate(g, cs, [1, 1], fd.ServerOptimizer("fedavg"))
-    prod = fd.aggregate(g, cs, [1, 1], fd.ServerOptimizer("fedavg"), lora_avg="product")
+    fac = server.aggregate(g, cs, [1, 1], server.ServerOptimizer("fedavg"))
+    prod = server.aggregate(g, cs, [1, 1], server.ServerOptimizer("fedavg"), lora_avg="product")
     want = torch.tensor([[2.0, 0.0], [0.0, 0.0]])          # both clients' BA are exactly this
     assert torch.allclose(prod["m.B.0"] @ prod["m.A.0"], want, atol=1e-6)
     assert torch.allclose(fac["m.B.0"] @ fac["m.A.0"], torch.tensor([[2.25, 0.0], [0.0, 0.0]]))   # cross terms
@@ -142,10 +144,10 @@ def test_product_average_vs_factor_average():
     # rank truncation: Σ of two orthogonal rank-1 products keeps the top singular direction
     cs = [{"m.A.0": torch.tensor([[1.0, 0.0]]), "m.B.0": torch.tensor([[3.0], [0.0]]), "proj": torch.zeros(1)},
           {"m.A.0": torch.tensor([[0.0, 1.0]]), "m.B.0": torch.tensor([[0.0], [1.0]]), "proj": torch.zeros(1)}]
-    prod = fd.aggregate(g, cs, [1, 1], fd.ServerOptimizer("fedavg"), lora_avg="product")
+    prod = server.aggregate(g, cs, [1, 1], server.ServerOptimizer("fedavg"), lora_avg="product")
     assert torch.allclose(prod["m.B.0"] @ prod["m.A.0"], torch.tensor([[1.5, 0.0], [0.0, 0.0]]), atol=1e-6)
     with pytest.raises(ValueError):
-        fd.FedConfig(aggregator="fedadam", lora_avg="product")
+        Config(aggregator="fedadam", lora_avg="product")
 
 
 def test_screen_clients_drops_nan_and_empty():
@@ -153,7 +155,7 @@ def test_screen_clients_drops_nan_and_empty():
     bad = {"client": 2, "n": 4, "loss": 0.5, "state": {"w": torch.tensor([1.0, float("nan")])}}
     inf = {"client": 3, "n": 4, "loss": float("inf"), "state": {"w": torch.ones(2)}}
     empty = {"client": 4, "n": 0, "loss": None, "state": {}}
-    kept, dropped = fd.screen_clients([ok, bad, inf, empty])
+    kept, dropped = server.screen_clients([ok, bad, inf, empty])
     assert [u["client"] for u in kept] == [1]
     assert {d["client"]: d["reason"] for d in dropped} == {
         2: "non-finite parameters after local training", 3: "non-finite training loss (inf)", 4: "empty client data"}
@@ -171,7 +173,7 @@ def test_update_keys_running_mean_not_precedence_bug():
     keys, sizes = torch.zeros(3, 2), torch.zeros(3, dtype=torch.float64)
     keys[0], sizes[0] = _unit(1.0, 0.0), 2
     mu = torch.stack([_unit(0.0, 1.0), _unit(0.0, 3.0), _unit(5.0, 5.0)])
-    fd.update_keys(keys, sizes, [0, 0, 1], mu, [2, 1, 4])
+    server.update_keys(keys, sizes, [0, 0, 1], mu, [2, 1, 4])
     # slot 0: (2*[1,0] + 2*[0,1] + 1*[0,3]) / (2+3) = [0.4, 1.0]; the official bug gives [2, 1]
     assert torch.allclose(keys[0], _unit(0.4, 1.0)) and float(sizes[0]) == 5
     assert torch.allclose(keys[1], _unit(5.0, 5.0)) and float(sizes[1]) == 4       # new slot: weighted mean
@@ -181,7 +183,7 @@ def test_update_keys_running_mean_not_precedence_bug():
 def test_organize_first_round_clusters_among_clients():
     keys, sizes = torch.zeros(4, 3), torch.zeros(4, dtype=torch.float64)
     mu = torch.stack([_unit(1, 0, 0), _unit(2, 0.1, 0), _unit(0, 1, 0), _unit(0, 0, 1), _unit(0, 1.1, 0.05)])
-    slot, opened = fd.organize(mu, [10, 10, 10, 10, 10], keys, sizes, tau=0.9)
+    slot, opened = server.organize(mu, [10, 10, 10, 10, 10], keys, sizes, tau=0.9)
     assert slot == [0, 0, 1, 2, 1] and opened == [0, 1, 2]
 
 
@@ -189,7 +191,7 @@ def test_organize_matches_global_keys_and_opens_on_miss():
     keys, sizes = torch.zeros(4, 2), torch.zeros(4, dtype=torch.float64)
     keys[1], sizes[1] = _unit(1.0, 0.0), 100         # slot 0 empty, slot 1 used
     mu = torch.stack([_unit(1.0, 0.05), _unit(0.0, 1.0), _unit(0.02, 1.0)])
-    slot, opened = fd.organize(mu, [5, 5, 5], keys, sizes, tau=0.9)
+    slot, opened = server.organize(mu, [5, 5, 5], keys, sizes, tau=0.9)
     assert slot == [1, 0, 0] and opened == [0]       # first empty slot is reused
 
 
@@ -198,19 +200,19 @@ def test_organize_exact_threshold():
     keys[0], sizes[0] = _unit(1.0, 0.0), 10
     at = _unit(0.9, math.sqrt(1 - 0.81))                 # cos = 0.9 exactly (up to rounding) -> match
     below = _unit(0.8999, math.sqrt(1 - 0.8999 ** 2))    # cos = 0.8999 -> miss
-    assert fd.organize(at[None], [5], keys, sizes, tau=0.9) == ([0], [])
-    assert fd.organize(below[None], [5], keys, sizes, tau=0.9) == ([1], [1])
+    assert server.organize(at[None], [5], keys, sizes, tau=0.9) == ([0], [])
+    assert server.organize(below[None], [5], keys, sizes, tau=0.9) == ([1], [1])
     # same edge between clients of one round
     keys2, sizes2 = torch.zeros(3, 2), torch.zeros(3, dtype=torch.float64)
-    assert fd.organize(torch.stack([_unit(1, 0), at]), [5, 5], keys2, sizes2, 0.9)[0] == [0, 0]
-    assert fd.organize(torch.stack([_unit(1, 0), below]), [5, 5], keys2, sizes2, 0.9)[0] == [0, 1]
+    assert server.organize(torch.stack([_unit(1, 0), at]), [5, 5], keys2, sizes2, 0.9)[0] == [0, 0]
+    assert server.organize(torch.stack([_unit(1, 0), below]), [5, 5], keys2, sizes2, 0.9)[0] == [0, 1]
 
 
 def test_organize_no_overlapping_clusters():
     # cos(0,1) >= τ, cos(1,2) >= τ, cos(0,2) < τ: the official code yields overlapping [0,1] and [2,1]
     a = math.radians(20)
     mu = torch.stack([_unit(1, 0), _unit(math.cos(a), math.sin(a)), _unit(math.cos(2 * a), math.sin(2 * a))])
-    slot, opened = fd.organize(mu, [1, 1, 1], torch.zeros(3, 2), torch.zeros(3, dtype=torch.float64), 0.9)
+    slot, opened = server.organize(mu, [1, 1, 1], torch.zeros(3, 2), torch.zeros(3, dtype=torch.float64), 0.9)
     assert slot == [0, 0, 1] and opened == [0, 1]
 
 
@@ -218,31 +220,31 @@ def test_small_client_joins_nearest_even_when_first():
     keys, sizes = torch.zeros(4, 3), torch.zeros(4, dtype=torch.float64)
     mu = torch.stack([_unit(0.3, 0.1, 1.0), _unit(1, 0, 0), _unit(0, 1, 0)])
     n = [1, 1000, 1000]                                  # 1/2001 < 1e-3, and it comes first
-    slot, opened = fd.organize(mu, n, keys, sizes, tau=0.9, small_client=1e-3)
+    slot, opened = server.organize(mu, n, keys, sizes, tau=0.9, small_client=1e-3)
     assert opened == [0, 1] and slot == [0, 0, 1]       # joined client 1's cluster (nearest), no own slot
     # not small (2/2002 > 1e-3): opens its own subspace
-    slot, opened = fd.organize(mu, [3, 1000, 1000], keys, sizes, tau=0.9, small_client=1e-3)
+    slot, opened = server.organize(mu, [3, 1000, 1000], keys, sizes, tau=0.9, small_client=1e-3)
     assert opened == [0, 1, 2] and slot == [0, 1, 2]
     # small client nearest to an existing key joins that key
     keys[3], sizes[3] = _unit(0.0, 0.2, 1.0), 50
-    slot, opened = fd.organize(mu, n, keys, sizes, tau=0.99, small_client=1e-3)
+    slot, opened = server.organize(mu, n, keys, sizes, tau=0.99, small_client=1e-3)
     assert slot == [3, 0, 1] and opened == [0, 1]
     # every client small (share 1/3 < 0.5) and no key in use: nothing to join, so they cluster normally (the two
     # alike ones together) instead of being dropped
     mu3 = torch.stack([_unit(1, 0, 0), _unit(0, 0, 1), _unit(1, 0.05, 0)])
-    slot, opened = fd.organize(mu3, [1, 1, 1], torch.zeros(3, 3), torch.zeros(3, dtype=torch.float64), 0.9, 0.5)
+    slot, opened = server.organize(mu3, [1, 1, 1], torch.zeros(3, 3), torch.zeros(3, dtype=torch.float64), 0.9, 0.5)
     assert slot == [0, 1, 0] and opened == [0, 1]
 
 
 def test_organize_capacity_error():
     keys, sizes = torch.zeros(2, 2), torch.zeros(2, dtype=torch.float64)
     mu = torch.stack([_unit(1, 0), _unit(0, 1), _unit(-1, 0)])
-    with pytest.raises(fd.CapacityError, match="raise --subspaces"):
-        fd.organize(mu, [5, 5, 5], keys, sizes, tau=0.9)
+    with pytest.raises(server.CapacityError, match="raise --subspaces"):
+        server.organize(mu, [5, 5, 5], keys, sizes, tau=0.9)
     keys[0], keys[1], sizes[:] = _unit(1, 0), _unit(0, 1), 5
-    assert fd.organize(mu[:2], [5, 5], keys, sizes, 0.9) == ([0, 1], [])     # full but matched: fine
-    with pytest.raises(fd.CapacityError):
-        fd.organize(mu[2:], [5], keys, sizes, 0.9)
+    assert server.organize(mu[:2], [5, 5], keys, sizes, 0.9) == ([0, 1], [])     # full but matched: fine
+    with pytest.raises(server.CapacityError):
+        server.organize(mu[2:], [5], keys, sizes, 0.9)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -310,7 +312,7 @@ def tiny_model(steps=100):
                 m.lm.embed_tokens.weight.normal_(0, 1.0)
             words = FRUITS + sorted(set(COLORS)) + sorted({f[0] for f in FRUITS})
             r = random.Random(0)
-            fed = fd.Federation(m, tok, None, fd.FedConfig(method="zeroshot", template="tiny"))
+            fed = fd.Federation(m, tok, None, Config(method="zeroshot", template="tiny"))
             opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
             for p in m.parameters():
                 p.requires_grad_(True)
@@ -330,11 +332,11 @@ def tiny_model(steps=100):
 
 
 def tiny_cfg(**kw):
-    base = dict(method="disco", n_clients=4, clients_per_round=2, rounds=2, local_epochs=5, lr=1e-2, batch_size=8,
-                rank=16, alpha=32, num_subspaces=2, dropout=0.0, template="tiny", max_new_tokens=3,
+    base = dict(method="disco", clients=4, clients_per_round=2, rounds=2, local_epochs=5, lr=1e-2, batch_size=8,
+                rank=16, alpha=32, subspaces=2, dropout=0.0, template="tiny", max_new_tokens=3,
                 lora_targets=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"), seed=0)
     base.update(kw)
-    return fd.FedConfig(**base)
+    return Config(**base)
 
 
 def client_data_for(task, stage, rnd, n=32):
@@ -371,7 +373,7 @@ def test_mechanism_disco_vs_finetune():
     m2, _ = tiny_model()
     ft = fd.Federation(m2, tok, None, tiny_cfg(method="finetune"))
     accs_ft, _, _ = run_two_tasks(ft)
-    print("disco", accs, "routing", route, disco.last_routing, "finetune", accs_ft, f"{time.time() - t0:.1f}s")
+    print("disco", accs, "routing", route, disco.method.per_task, "finetune", accs_ft, f"{time.time() - t0:.1f}s")
     assert logs[0]["opened"] == [0] and logs[len(logs) // 2]["opened"] == [1]        # one subspace per task
     assert route >= 0.9
     assert accs[0]["A"] >= 0.8 and accs_ft[0]["A"] >= 0.8                           # both learn task A
@@ -386,22 +388,22 @@ def test_mechanism_disco_vs_finetune():
 
 def test_ssa_weights_hand_computed():
     m, tok = tiny_model()
-    fed = fd.Federation(m, tok, None, tiny_cfg(method="disco", num_subspaces=4, rank=16))
-    fed.keys = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0], [5.0, 5.0]])
-    fed.sizes = torch.tensor([3.0, 1.0, 0.0, 0.0], dtype=torch.float64)       # slots 2, 3 empty
+    fed = fd.Federation(m, tok, None, tiny_cfg(method="disco", subspaces=4, rank=16))
+    fed.method.keys = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0], [5.0, 5.0]])
+    fed.method.sizes = torch.tensor([3.0, 1.0, 0.0, 0.0], dtype=torch.float64)       # slots 2, 3 empty
     f = torch.tensor([[1.0, 0.5], [0.0, -1.0]])
-    a = fed.routing_weights(f)
+    a = fed.method.routing_weights(f)
     c = torch.tensor([1 / math.sqrt(1.25), 0.5 / math.sqrt(1.25)])
     e = torch.exp(c / 0.05)
     assert a.dtype == torch.float32 and a.shape == (2, 4)
     assert torch.allclose(a[0], torch.tensor([e[0] / e.sum(), e[1] / e.sum(), 0.0, 0.0]), atol=1e-6)
     e2 = torch.exp(torch.tensor([0.0, -1.0]) / 0.05)
     assert torch.allclose(a[1], torch.tensor([e2[0] / e2.sum(), e2[1] / e2.sum(), 0, 0]), atol=1e-6)
-    assert torch.equal(fed.routing_weights(f, "argmax"), torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0]]))
-    assert torch.equal(fed.routing_weights(f, "concat"), torch.tensor([[1.0, 1, 0, 0], [1.0, 1, 0, 0]]))
-    assert torch.allclose(fed.routing_weights(f, "cosine"), torch.tensor([[c[0], c[1], 0, 0], [0, -1.0, 0, 0]]))
-    fed.keys = None
-    assert torch.equal(fed.routing_weights(f), torch.zeros(2, 4))            # before training: base model
+    assert torch.equal(fed.method.routing_weights(f, "argmax"), torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0]]))
+    assert torch.equal(fed.method.routing_weights(f, "concat"), torch.tensor([[1.0, 1, 0, 0], [1.0, 1, 0, 0]]))
+    assert torch.allclose(fed.method.routing_weights(f, "cosine"), torch.tensor([[c[0], c[1], 0, 0], [0, -1.0, 0, 0]]))
+    fed.method.keys = None
+    assert torch.equal(fed.method.routing_weights(f), torch.zeros(2, 4))            # before training: base model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -420,20 +422,20 @@ def test_round_accounting_and_log():
     fed = fd.Federation(m, tok, None, tiny_cfg(method="disco", local_epochs=1))
     rec = fed.run_round(0, 0, client_data_for("A", 0, 0, n=10))
     sub = lora.subspace_bytes(fed.model, 0)
-    assert rec["clients"] == fd.sample_clients(4, 2, 0, 0, 0) and rec["opened"] == [0]
+    assert rec["clients"] == server.sample_clients(4, 2, 0, 0, 0) and rec["opened"] == [0]
     for c in rec["per_client"]:
         assert c["n"] == 10 and c["slot"] == 0 and c["steps"] == 2 and c["time_s"] > 0
         assert c["bytes_up"] == sub + 64 * 4                  # subspace 0 + the identity token (float32, D=64)
         assert c["bytes_down"] == sub
         assert c["trainable_params"] == sub // 4
     assert rec["bytes_up"] == 2 * (sub + 256) and rec["samples"] == 20 and math.isfinite(rec["loss"])
-    assert fed.state_dict()[1]["slot_data"] == {"0": {"A": 20}}
+    assert fed.state_dict()[1]["method_state"]["slot_data"] == {"0": {"A": 20}}
 
 
 def test_bad_clients_excluded_and_renormalised(monkeypatch):
     m, tok = tiny_model()
     fed = fd.Federation(m, tok, None, tiny_cfg(method="finetune", local_epochs=1))
-    sel = fd.sample_clients(4, 2, 0, 0, 0)
+    sel = server.sample_clients(4, 2, 0, 0, 0)
     good = task_examples("A", 12, 3)
     # position 0 has no data: the round equals training position 1 alone (weight renormalised to 1)
     rec = fed.run_round(0, 0, lambda p, c: [] if p == 0 else good)
@@ -455,7 +457,7 @@ def test_bad_clients_excluded_and_renormalised(monkeypatch):
     rec = fed.run_round(0, 1, client_data_for("A", 0, 1))
     assert {d["reason"] for d in rec["dropped"]} == {"non-finite training loss (nan)"} and len(rec["dropped"]) == 2
     assert all(torch.equal(before[k], v) for k, v in fed.global_state.items())
-    assert rec["loss"] is None and fd.finite_state(fed.global_state)
+    assert rec["loss"] is None and server.finite_state(fed.global_state)
 
 
 def test_resume_is_exact():
@@ -484,7 +486,7 @@ def test_every_aggregator_runs_with_disco(agg, extra):
     fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="disco", aggregator=agg, local_epochs=1, **extra))
     g0 = {k: v.clone() for k, v in fed.global_state.items()}
     rec = fed.run_round(0, 0, client_data_for("A", 0, 0, n=12))
-    assert not rec["dropped"] and fd.finite_state(fed.global_state)
+    assert not rec["dropped"] and server.finite_state(fed.global_state)
     changed = [k for k in g0 if not torch.equal(g0[k], fed.global_state[k])]
     assert changed and all(k.endswith(".0") for k in changed)          # only subspace 0 was trained
     if agg not in ("fedavg", "fedprox"):
@@ -506,9 +508,9 @@ def test_olora_one_subspace_per_stage_and_penalty():
     fed = fd.Federation(*tiny_model(), None, cfg)
     accs, logs, _ = run_two_tasks(fed)
     assert [c["slot"] for c in logs[0]["per_client"]] == [0, 0] and [c["slot"] for c in logs[1]["per_client"]] == [1, 1]
-    assert fed.stage_slot == {0: 0, 1: 1}
+    assert fed.method.stage_slot == {0: 0, 1: 1}
     assert logs[1]["per_client"][0]["bytes_down"] == 2 * lora.subspace_bytes(fed.model, 0)   # old one is needed
-    with pytest.raises(fd.CapacityError):
+    with pytest.raises(server.CapacityError):
         fed.run_round(2, 0, client_data_for("A", 2, 0))
     # the penalty is what lowers the overlap: the same run (same seed, data, init) without it overlaps more
     free = fd.Federation(*tiny_model(), None, tiny_cfg(method="olora", rounds=1, local_epochs=2, olora_lambda=0.0))
@@ -561,13 +563,13 @@ def test_ewc_fisher_per_sample_and_online_consolidation():
                 want[n] += f * n_at[p] / 16
         assert max(float(f.max()) for f in want.values()) > 1e-8
         for n in want:
-            assert torch.allclose(fed.stage_fisher[n], want[n], rtol=1e-3, atol=1e-4 * float(want[n].max())), n
+            assert torch.allclose(fed.method.stage_fisher[n], want[n], rtol=1e-3, atol=1e-4 * float(want[n].max())), n
         info = fed.end_stage(stage)
         for n in want:                                         # online EWC: F <- F + F_stage, w* <- global weights
             expected_F[n] = expected_F.get(n, 0) + want[n]
-            assert torch.allclose(fed.ewc_F[n], expected_F[n], rtol=1e-3, atol=1e-4 * float(expected_F[n].max()))
-            assert torch.equal(fed.ewc_star[n], fed.global_state[n])
-        assert set(fed.ewc_F) == set(fed.slot_names(0)) and fed.stage_fisher == {}
+            assert torch.allclose(fed.method.F[n], expected_F[n], rtol=1e-3, atol=1e-4 * float(expected_F[n].max()))
+            assert torch.equal(fed.method.star[n], fed.global_state[n])
+        assert set(fed.method.F) == set(fed.slot_names(0)) and fed.method.stage_fisher == {}
         assert info["fisher_mean"] == pytest.approx(float(torch.cat([f.flatten() for f in expected_F.values()]).mean()),
                                                     rel=1e-3)
         anchors.append({n: fed.global_state[n].clone() for n in want})
@@ -577,7 +579,7 @@ def test_ewc_fisher_per_sample_and_online_consolidation():
     g = torch.Generator().manual_seed(0)
     w = {n: anchors[1][n] + 0.01 * torch.randn(anchors[1][n].shape, generator=g) for n in names}
     fed._load(w)
-    got = float(fed._penalty(names, None, 0, 2))
+    got = float(fed._penalty(names, None, 0))
     want_pen = lam / 2 * sum(float((expected_F[n] * (w[n] - anchors[1][n]) ** 2).sum()) for n in names)
     assert got == pytest.approx(want_pen, rel=1e-3) and want_pen > 0
 
@@ -585,7 +587,7 @@ def test_ewc_fisher_per_sample_and_online_consolidation():
 def test_mechanism_ewc_retains_first_task_at_default_lambda():
     """At the default λ, EWC keeps clearly more of task A than Finetune on the mechanism task while learning B."""
     ewc = fd.Federation(*tiny_model(), None, tiny_cfg(method="ewc"))
-    assert ewc.cfg.ewc_lambda == fd.FedConfig.ewc_lambda
+    assert ewc.cfg.ewc_lambda == Config.ewc_lambda == 1e6
     accs, _, _ = run_two_tasks(ewc)
     ft = fd.Federation(*tiny_model(), None, tiny_cfg(method="finetune"))
     accs_ft, _, _ = run_two_tasks(ft)
@@ -616,10 +618,10 @@ def test_zeroshot_mtl_local():
     loc = fd.Federation(*tiny_model(), None, tiny_cfg(method="local", local_epochs=2))
     g0 = {k: v.clone() for k, v in loc.global_state.items()}
     rec = loc.run_round(0, 0, client_data_for("A", 0, 0, n=8))
-    assert loc.local_clients() == sorted(rec["clients"])
+    assert loc.method.eval_clients() == sorted(rec["clients"])
     assert all(torch.equal(g0[k], loc.global_state[k]) for k in g0)      # nothing is aggregated
-    c0, c1 = loc.local_clients()
-    assert not torch.equal(loc.local_states[c0][loc.slot_names(0)[1]], loc.local_states[c1][loc.slot_names(0)[1]])
+    c0, c1 = loc.method.eval_clients()
+    assert not torch.equal(loc.method.states[c0][loc.slot_names(0)[1]], loc.method.states[c1][loc.slot_names(0)[1]])
     assert len(loc.predict(task_examples("A", 2, 0), client=c0)) == 2
     with pytest.raises(ValueError):
         loc.predict(task_examples("A", 2, 0))
@@ -628,7 +630,7 @@ def test_zeroshot_mtl_local():
 def test_disco_orthogonal_subspaces():
     fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="disco", orthogonal_subspaces=True, rounds=1, local_epochs=2))
     run_two_tasks(fed)
-    assert fed.open_order == [0, 1]
+    assert fed.method.open_order == [0, 1]
     assert float(lora.subspace_overlap(fed.model, reduce="max")[0, 1]) < 1e-4
 
 
@@ -645,10 +647,10 @@ def test_disco_with_clip_text_encoder():
         torch.manual_seed(0)
         tower = vlm.CLIPTextTower(ccfg).eval()
     fed = fd.Federation(m, tok, None, tiny_cfg(method="disco", rounds=1, local_epochs=1), text_encoder=(tower, ctok))
-    f = fed.identity_features(task_examples("A", 3, 0) + task_examples("B", 3, 0))
+    f = fd.identity_features(fed, task_examples("A", 3, 0) + task_examples("B", 3, 0))
     assert f.shape == (6, 48)                                  # pooled, unprojected (as FCIT uses CLIP)
     _, logs, tests = run_two_tasks(fed)
-    assert fed.keys.shape == (2, 48) and fed.open_order == [0, 1]
+    assert fed.method.keys.shape == (2, 48) and fed.method.open_order == [0, 1]
     assert fed.routing_accuracy(tests) == 1.0
 
 
@@ -674,7 +676,7 @@ def test_image_identity_and_projector_averaged(tmp_path):
                                                                        tau=0.99), text_encoder=None)
     p0 = {n: fed.global_state[n].clone() for n in fed.proj_names}
     rec = fed.run_round(0, 0, lambda p, c: exs(p))
-    assert fed.keys.shape == (2, 16) and rec["opened"] == [0, 1]           # red and blue images: two identities
+    assert fed.method.keys.shape == (2, 16) and rec["opened"] == [0, 1]           # red and blue images: two identities
     assert fed.proj_names and all(not torch.equal(p0[n], fed.global_state[n]) for n in fed.proj_names)
     sub = lora.subspace_bytes(fed.model, 0)
     proj = sum(fed.global_state[n].numel() * 4 for n in fed.proj_names)
@@ -702,13 +704,13 @@ def test_organize_on_full_nearest():
     keys[0], sizes[0] = _unit(1, 0), 10
     mu = torch.stack([_unit(0, 1), _unit(-1, 0.2), _unit(0.7, -1)])   # three new clusters, one free slot
     info = {}
-    slot, opened = fd.organize(mu, [5, 50, 5], keys, sizes, 0.9, on_full="nearest", info=info)
+    slot, opened = server.organize(mu, [5, 50, 5], keys, sizes, 0.9, on_full="nearest", info=info)
     # the biggest cluster (client 1) opens slot 1; client 0 is nearer to client 1 (cos .19) than to key 0 (0);
     # client 2 is nearer to key 0 (cos .57)
     assert opened == [1] and slot == [1, 1, 0]
     assert [d["clients"] for d in info["merged_on_full"]] == [[0], [2]]
-    with pytest.raises(fd.CapacityError, match="--on-full nearest"):
-        fd.organize(mu, [5, 50, 5], keys, sizes, 0.9)
+    with pytest.raises(server.CapacityError, match="--on-full nearest"):
+        server.organize(mu, [5, 50, 5], keys, sizes, 0.9)
 
 
 def test_disco_het_round_opens_one_subspace_per_task_and_aggregates_separately():
@@ -717,7 +719,7 @@ def test_disco_het_round_opens_one_subspace_per_task_and_aggregates_separately()
     g0 = {k: v.clone() for k, v in fed.global_state.items()}
     rec = fed.run_round(0, 0, lambda p, c: task_examples(task_of[p], 16, 10 * p + c))
     assert rec["assignments"] == {"0": 0, "1": 1, "2": 0, "3": 1} and rec["opened"] == [0, 1]
-    assert fed.slot_data == {0: {"A": 32}, 1: {"B": 32}}
+    assert fed.method.slot_data == {0: {"A": 32}, 1: {"B": 32}}
     # slot 0 = FedAvg of the two A clients' slot-0 uploads only: retrain them alone and compare
     sel = rec["clients"]
     ups = [fed._local_train(task_examples("A", 16, 10 * p + sel[p]), 0, 0, 0, p, sel[p], start=g0) for p in (0, 2)]
@@ -753,7 +755,7 @@ def test_identity_center_option():
         with torch.no_grad():                 # non-zero adapters: the identity must still come from the base LM
             for n in fed.lora_names:
                 fed._params[n].normal_(0, 0.5)
-        feats[center] = fed.identity_features(exs, batch_size=3)      # padded batches of mixed lengths
+        feats[center] = fd.identity_features(fed, exs, batch_size=3)      # padded batches of mixed lengths
     assert feats[True].shape == (8, 64)
     assert torch.allclose(feats[False], want_plain, atol=1e-4)
     assert torch.allclose(feats[True], want_cen, atol=1e-4)
@@ -762,23 +764,23 @@ def test_identity_center_option():
 
 @pytest.mark.parametrize("assign", ["every_round", "round0"])
 def test_disco_assign_every_round_vs_round0(assign):
-    fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="disco", local_epochs=1, assign=assign, num_subspaces=4))
+    fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="disco", local_epochs=1, assign=assign, subspaces=4))
     r0 = fed.run_round(0, 0, lambda p, c: task_examples("AB"[p], 12, c))
     assert r0["assignments"] == {"0": 0, "1": 1}
     r1 = fed.run_round(0, 1, lambda p, c: task_examples("BA"[p], 12, c))        # the positions swap tasks
     assert r1["assignments"] == ({"0": 1, "1": 0} if assign == "every_round" else {"0": 0, "1": 1})
     t, meta = fed.state_dict()
-    assert meta["pos_slot"] == {"stage": 0, "0": 0, "1": 1}
+    assert meta["method_state"]["pos_slot"] == {"stage": 0, "0": 0, "1": 1}
     if assign == "every_round":    # (round0 has just mixed B into key 0 and A into key 1, as the official code would)
         r2 = fed.run_round(1, 0, lambda p, c: task_examples("BA"[p], 12, c))
         assert r2["assignments"] == {"0": 1, "1": 0}
     else:   # a new stage matches again from its round 0: on clean keys (A -> 0, B -> 1) the swapped positions
         fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="disco", local_epochs=1, assign=assign,
-                                                          num_subspaces=4))
+                                                          subspaces=4))
         fed.run_round(0, 0, lambda p, c: task_examples("AB"[p], 12, c))
-        assert fed.pos_slot == {"stage": 0, "0": 0, "1": 1}
+        assert fed.method.pos_slot == {"stage": 0, "0": 0, "1": 1}
         r2 = fed.run_round(1, 0, lambda p, c: task_examples("BA"[p], 12, c))
         assert r2["assignments"] == {"0": 1, "1": 0} and r2["opened"] == []
-        assert fed.pos_slot == {"stage": 1, "0": 1, "1": 0}
+        assert fed.method.pos_slot == {"stage": 1, "0": 1, "1": 0}
         r3 = fed.run_round(1, 1, lambda p, c: task_examples("AB"[p], 12, c))   # reused within the stage
-        assert r3["assignments"] == {"0": 1, "1": 0} and fed.pos_slot == {"stage": 1, "0": 1, "1": 0}
+        assert r3["assignments"] == {"0": 1, "1": 0} and fed.method.pos_slot == {"stage": 1, "0": 1, "1": 0}

@@ -1,4 +1,4 @@
-"""Tests for lora.py: hand-computed forward/merge/orthogonalization/routing checks, state and adapter
+"""Tests for lora.py and adapters.py: hand-computed forward/merge/orthogonalization/routing checks, state and adapter
 round trips, and PEFT interoperability (transformers + peft as oracles, skipped when absent)."""
 import copy
 import json
@@ -10,7 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import adapters
+import checkpoint
 import lora
+import model as vlm
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,11 +203,10 @@ def test_routed_fast_path_skips_exactly_and_matches_grad_path():
 def test_dropout_with_gradient_checkpointing_matches():
     """Shared dropout + model.py's non-reentrant per-layer checkpointing: same masks in the recomputation,
     so gradients equal those without checkpointing."""
-    mp = _model_py()
-    cfg = mp.VLMConfig(text=mp.DecoderConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                             num_attention_heads=4), vision=None)
+    cfg = vlm.VLMConfig(text=vlm.DecoderConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4), vision=None)
     torch.manual_seed(0)
-    net = mp.VLM(cfg)
+    net = vlm.VLM(cfg)
     lora.apply_lora(net, 8, 16, num_subspaces=2, dropout=0.3)
     randomize_lora(net, scale=0.1)
     lora.set_active(net, 1)
@@ -431,11 +433,11 @@ def test_own_adapter_format_roundtrip(tmp_path):
     lora.set_moe(model, generator=torch.Generator().manual_seed(5))
     keys = torch.randn(8, 768)
     path = str(tmp_path / "a" / "adapter.safetensors")
-    lora.save_adapter(model, path, extra={"keys": keys, "sizes": torch.arange(8)}, metadata={"stage": 3, "clusters": [[0, 1]]})
+    adapters.save_adapter(model, path, extra={"keys": keys, "sizes": torch.arange(8)}, metadata={"stage": 3, "clusters": [[0, 1]]})
     assert not [p for p in os.listdir(tmp_path / "a") if p.startswith(".tmp")]
     # into a model without LoRA: wrapped from the stored configuration
     fresh = Tiny()
-    extra, meta = lora.load_adapter(fresh, path)
+    extra, meta = adapters.load_adapter(fresh, path)
     assert meta == {"stage": 3, "clusters": [[0, 1]]}
     assert torch.equal(extra["keys"], keys) and torch.equal(extra["sizes"], torch.arange(8))
     a, b = lora.lora_state(model), lora.lora_state(fresh)
@@ -445,7 +447,7 @@ def test_own_adapter_format_roundtrip(tmp_path):
     # into a model with a different LoRA: clear error
     other, _ = make(K=2, rank=8)
     with pytest.raises(ValueError, match=r"lm\.layers\.0\.mlp\.gate_proj"):
-        lora.load_adapter(other, path)
+        adapters.load_adapter(other, path)
     before = lora.lora_state(other)
     # a tensor whose shape does not fit: error names it, nothing is changed
     from safetensors.torch import save_file
@@ -456,13 +458,13 @@ def test_own_adapter_format_roundtrip(tmp_path):
     save_file(ts, str(tmp_path / "bad_shape.safetensors"), metadata=hdr)
     target = Tiny()
     with pytest.raises(ValueError, match=r"lm\.layers\.1\.mlp\.up_proj\.B\.2"):
-        lora.load_adapter(target, str(tmp_path / "bad_shape.safetensors"))
+        adapters.load_adapter(target, str(tmp_path / "bad_shape.safetensors"))
     assert not lora.lora_modules(target)
     assert all(torch.equal(before[k], v) for k, v in lora.lora_state(other).items())
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="safetensors"):
-        lora.load_adapter(Tiny(), str(bad))
+        adapters.load_adapter(Tiny(), str(bad))
 
 
 def test_peft_format_without_hf_names(tmp_path):
@@ -475,21 +477,21 @@ def test_peft_format_without_hf_names(tmp_path):
     x = torch.randn(2, 3, 8)
     with torch.no_grad():
         want = model(x)
-    lora.save_peft_adapter(model, str(tmp_path))
+    adapters.save_peft_adapter(model, str(tmp_path))
     cfg = json.load(open(tmp_path / "adapter_config.json"))
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["peft_type"] == "LORA"
     import re
     assert re.fullmatch(cfg["target_modules"], "lm.layers.1.mlp.down_proj")
     assert not re.fullmatch(cfg["target_modules"], "vision.layers.0.mlp.down_proj")
     fresh = Tiny()
-    loaded = lora.load_peft_adapter(fresh, str(tmp_path))
+    loaded = adapters.load_peft_adapter(fresh, str(tmp_path))
     assert sorted(loaded) == sorted(wrapped)
     fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), want, atol=1e-5, rtol=1e-5)
     # same rank split over K subspaces of an existing LoRA: alpha = 1 everywhere reproduces it
     again, _ = make(K=4, rank=8, alpha=16)
-    lora.load_peft_adapter(again, str(tmp_path))
+    adapters.load_peft_adapter(again, str(tmp_path))
     lora.set_routing(again, torch.ones(4))
     again.eval()
     with torch.no_grad():
@@ -497,16 +499,16 @@ def test_peft_format_without_hf_names(tmp_path):
     # errors name the key
     wrong, _ = make(K=1, rank=4, alpha=16)
     with pytest.raises(ValueError, match=r"lora_A"):
-        lora.load_peft_adapter(wrong, str(tmp_path))
+        adapters.load_peft_adapter(wrong, str(tmp_path))
     narrow, _ = make(K=1, rank=8, targets=("gate_proj",))
     with pytest.raises(ValueError, match=r"up_proj.*not targeted|not targeted"):
-        lora.load_peft_adapter(narrow, str(tmp_path))
+        adapters.load_peft_adapter(narrow, str(tmp_path))
     os.replace(tmp_path / "adapter_model.safetensors", tmp_path / "adapter_model.bin")
     with pytest.raises(ValueError, match="safetensors"):
-        lora.load_peft_adapter(Tiny(), str(tmp_path))
+        adapters.load_peft_adapter(Tiny(), str(tmp_path))
     (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="safetensors"):
-        lora.load_peft_adapter(Tiny(), str(tmp_path))
+        adapters.load_peft_adapter(Tiny(), str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -535,7 +537,7 @@ def test_peft_oracle_on_transformers_module(tmp_path):
     ours.eval()
     with torch.no_grad():
         want = ours(ids).logits
-    lora.save_peft_adapter(ours, str(tmp_path / "ad"))
+    adapters.save_peft_adapter(ours, str(tmp_path / "ad"))
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "ad")).eval()
     with torch.no_grad():
         got = pm(ids).logits
@@ -561,7 +563,7 @@ def test_peft_saved_adapter_into_transformers_module(tmp_path):
         want = pm(ids).logits
     pm.save_pretrained(str(tmp_path / "pe"))
     ours = copy.deepcopy(hf)
-    loaded = lora.load_peft_adapter(ours, str(tmp_path / "pe"))
+    loaded = adapters.load_peft_adapter(ours, str(tmp_path / "pe"))
     assert len(loaded) == 2 * 4
     ours.eval()
     with torch.no_grad():
@@ -569,21 +571,13 @@ def test_peft_saved_adapter_into_transformers_module(tmp_path):
     assert float((got - want).abs().max()) <= 1e-4
 
 
-def _model_py():
-    model = pytest.importorskip("model")
-    if not hasattr(model, "load_vlm") or not hasattr(model.VLM, "hf_module_name"):
-        pytest.skip("model.py lacks load_vlm / VLM.hf_module_name")
-    return model
-
-
 def test_peft_roundtrip_with_our_model(tmp_path):
-    """tiny LlamaForCausalLM saved by transformers -> model.load_vlm -> our LoRA -> save_peft_adapter ->
+    """tiny LlamaForCausalLM saved by transformers -> checkpoint.load_vlm -> our LoRA -> save_peft_adapter ->
     PeftModel.from_pretrained(transformers model) gives our logits; and the reverse direction."""
-    mp = _model_py()
     peft = pytest.importorskip("peft")
     hf = tiny_llama(tmp_path)
     hf.save_pretrained(str(tmp_path / "base"))
-    ours = mp.load_vlm(str(tmp_path / "base"), dtype=torch.float32)
+    ours = checkpoint.load_vlm(str(tmp_path / "base"), dtype=torch.float32)
     ours.eval()
     wrapped = lora.apply_lora(ours, 16, 32, num_subspaces=2)
     assert all(n.startswith("lm.") for n in wrapped)
@@ -592,7 +586,7 @@ def test_peft_roundtrip_with_our_model(tmp_path):
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = ours(ids)
-    lora.save_peft_adapter(ours, str(tmp_path / "ad"))
+    adapters.save_peft_adapter(ours, str(tmp_path / "ad"))
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "ad")).eval()
     with torch.no_grad():
         got = pm(ids).logits
@@ -606,7 +600,6 @@ def test_peft_roundtrip_with_our_model(tmp_path):
 def test_peft_roundtrip_llava(tmp_path):
     """LlavaForConditionalGeneration (CLIP tower): adapter with current and legacy names -> PEFT reproduces
     our logits with an image; peft's adapter -> our loader; LoRA on the CLIP tower is refused by name."""
-    mp = _model_py()
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     vc = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
@@ -619,7 +612,7 @@ def test_peft_roundtrip_llava(tmp_path):
     torch.manual_seed(0)
     hf = transformers.LlavaForConditionalGeneration(cfg).eval()
     hf.save_pretrained(str(tmp_path / "base"))
-    ours = mp.load_vlm(str(tmp_path / "base"), dtype=torch.float32).eval()
+    ours = checkpoint.load_vlm(str(tmp_path / "base"), dtype=torch.float32).eval()
     n = ours.image_seq_len
     ids = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(0))
     ids[:, 1:1 + n] = 63
@@ -632,7 +625,7 @@ def test_peft_roundtrip_llava(tmp_path):
         want = ours(ids, pixel_values=pix)
     for legacy in (False, True):
         out = tmp_path / f"ad{int(legacy)}"
-        lora.save_peft_adapter(ours, str(out), legacy_names=legacy)
+        adapters.save_peft_adapter(ours, str(out), legacy_names=legacy)
         from safetensors import safe_open
         with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
             prefix = "base_model.model.language_model.model.layers." if legacy else \
@@ -642,8 +635,8 @@ def test_peft_roundtrip_llava(tmp_path):
         with torch.no_grad():
             assert float((pm(input_ids=ids, pixel_values=pix).logits - want).abs().max()) <= 1e-4
         # our loader accepts both namings
-        fresh = mp.load_vlm(str(tmp_path / "base"), dtype=torch.float32).eval()
-        lora.load_peft_adapter(fresh, str(out))
+        fresh = checkpoint.load_vlm(str(tmp_path / "base"), dtype=torch.float32).eval()
+        adapters.load_peft_adapter(fresh, str(out))
         with torch.no_grad():
             assert float((fresh(ids, pixel_values=pix) - want).abs().max()) <= 1e-5
     # reverse: peft on the language model only
@@ -653,9 +646,9 @@ def test_peft_roundtrip_llava(tmp_path):
     # peft's list form also hits CLIP's q_proj: our loader refuses it, naming the key
     pm3 = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     pm3.save_pretrained(str(tmp_path / "pe3"))
-    m3 = mp.load_vlm(str(tmp_path / "base"), dtype=torch.float32)
+    m3 = checkpoint.load_vlm(str(tmp_path / "base"), dtype=torch.float32)
     with pytest.raises(ValueError, match=r"vision_tower.*lora_A.*outside the language model"):
-        lora.load_peft_adapter(m3, str(tmp_path / "pe3"))
+        adapters.load_peft_adapter(m3, str(tmp_path / "pe3"))
     assert not lora.lora_modules(m3)                # validated before anything was wrapped
 
 
@@ -700,6 +693,6 @@ def _peft_adapter_into_ours(hf, target_modules, tmp_path):
                 p.copy_(torch.randn_like(p) * 0.1)
     pm.eval()
     pm.save_pretrained(str(tmp_path / "pe"))
-    fresh = _model_py().load_vlm(str(tmp_path / "base"), dtype=torch.float32).eval()
-    lora.load_peft_adapter(fresh, str(tmp_path / "pe"))
+    fresh = checkpoint.load_vlm(str(tmp_path / "base"), dtype=torch.float32).eval()
+    adapters.load_peft_adapter(fresh, str(tmp_path / "pe"))
     return fresh, pm

@@ -1,4 +1,4 @@
-"""model.py against transformers (test-only oracle) on tiny random checkpoints written on the fly.
+"""model.py and checkpoint.py against transformers (test-only oracle) on tiny random checkpoints written on the fly.
 
 Every checkpoint is built here (nothing downloaded). Oracle tests skip when transformers is not importable.
 Image processors: transformers 5.x without torchvision falls back to the PIL backends (CLIPImageProcessorPil /
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint as C
 import model as M
 
 TOL = 1e-4
@@ -199,7 +200,7 @@ def llava_qwen(tf, tmp_path_factory):
 
 def test_llava_llama_clip_logits(llava_llama):
     hf, d = llava_llama
-    m = M.load_vlm(d)
+    m = C.load_vlm(d)
     assert m.config.text.model_type == "llama" and m.config.vision.is_clip and m.image_seq_len == 16
     ids = prompt_ids(2, 6, 16, 190, 190)
     px = torch.randn(2, 3, 32, 32)
@@ -212,7 +213,7 @@ def test_llava_llama_clip_logits(llava_llama):
 
 def test_llava_qwen_siglip_logits_tied(llava_qwen):
     hf, d = llava_qwen
-    m = M.load_vlm(d)
+    m = C.load_vlm(d)
     assert m.config.text.tie_word_embeddings and m.lm_head.weight is m.lm.embed_tokens.weight
     assert m.config.text.attention_bias and m.config.text.rope_theta == 1e6
     assert m.image_seq_len == 9 and not m.config.vision.is_clip   # 30 px / 8 -> 3x3, "full"
@@ -229,7 +230,7 @@ def test_llava_qwen_siglip_logits_tied(llava_qwen):
 
 def test_vlm_generate_left_padding(llava_llama):
     hf, d = llava_llama
-    m = M.load_vlm(d)
+    m = C.load_vlm(d)
     ids0 = prompt_ids(3, 4, 16, 190, 190, seed=3)
     rows = [ids0[0].tolist(), ids0[1, 2:].tolist(), ids0[2, 1:].tolist()]
     ids, am = left_pad(rows, 0)
@@ -244,7 +245,7 @@ def test_vlm_generate_left_padding(llava_llama):
 
 def test_loss_matches_transformers_and_checkpointing(llava_llama):
     hf, d = llava_llama
-    m = M.load_vlm(d).train()
+    m = C.load_vlm(d).train()
     ids = prompt_ids(2, 6, 16, 190, 190, seed=4)
     labels = ids.clone()
     labels[:, :19] = -100
@@ -272,20 +273,20 @@ def test_loss_matches_transformers_and_checkpointing(llava_llama):
 def test_save_vlm_roundtrip_transformers(llava_qwen, tmp_path, tf):
     from transformers import LlavaForConditionalGeneration
     hf, d = llava_qwen
-    m = M.load_vlm(d)
-    M.save_vlm(m, tmp_path / "ours")
+    m = C.load_vlm(d)
+    C.save_vlm(m, tmp_path / "ours")
     hf2 = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
     ids = prompt_ids(1, 4, 9, 419, 419)
     px = torch.randn(1, 3, 30, 30)
     with torch.no_grad():
         assert_close_logits(m(ids, px), hf_logits(hf2, ids, px))
-    m2 = M.load_vlm(tmp_path / "ours")
+    m2 = C.load_vlm(tmp_path / "ours")
     assert torch.equal(m2(ids, px), m(ids, px))
 
 
 def test_hf_module_names(llava_llama):
     hf, d = llava_llama
-    m = M.load_vlm(d)
+    m = C.load_vlm(d)
     hf_names = {n for n, _ in hf.named_modules()}
     for name, _ in m.named_modules():
         if name.endswith(("_proj", "fc1", "fc2", "linear_1", "linear_2")) or name == "lm_head":
@@ -302,7 +303,7 @@ def test_text_only_causal_lm(kind, tf, tmp_path):
     torch.manual_seed(2)
     hf = (LlamaForCausalLM(tiny_llama_cfg()) if kind == "llama" else Qwen2ForCausalLM(tiny_qwen_cfg())).eval()
     d = save(hf, tmp_path / kind)
-    m = M.load_vlm(d)
+    m = C.load_vlm(d)
     assert m.vision is None and m.image_seq_len == 0 and m.config.text.model_type == kind
     V = hf.config.vocab_size
     ids = torch.randint(3, V, (2, 12))
@@ -312,7 +313,7 @@ def test_text_only_causal_lm(kind, tf, tmp_path):
     ids2, am = left_pad(rows, 0)
     assert m.generate(ids2, am, max_new_tokens=8, eos_token_id=7) == hf_generate(hf, ids2, am, None, 8, 7)
     assert m.hf_module_name("lm.layers.1.self_attn.q_proj") == "model.layers.1.self_attn.q_proj"
-    M.save_vlm(m, tmp_path / "ours")
+    C.save_vlm(m, tmp_path / "ours")
     hf2 = type(hf).from_pretrained(tmp_path / "ours").eval()
     with torch.no_grad():
         assert_close_logits(m(ids), hf_logits(hf2, ids))
@@ -322,7 +323,7 @@ def test_text_only_causal_lm(kind, tf, tmp_path):
 
 def test_tokenizer_and_vicuna_labels(tmp_path):
     make_llama_tokenizer(tmp_path)
-    tok = M.Tokenizer.from_dir(tmp_path)
+    tok = C.load_tokenizer(tmp_path)
     assert (tok.bos_id, tok.eos_id) == (1, 2) and tok.add_bos and tok.image_token_id is not None
     assert tok.pad_id == tok.token_to_id("<pad>")
     ids, labels = M.encode_example(tok, "What is in the image?", "A cat.", "vicuna_v1", image_seq_len=5)
@@ -345,7 +346,7 @@ def test_tokenizer_and_vicuna_labels(tmp_path):
 
 def test_chatml_qwen_tokenizer(tmp_path):
     make_qwen_tokenizer(tmp_path)
-    tok = M.Tokenizer.from_dir(tmp_path)
+    tok = C.load_tokenizer(tmp_path)
     assert tok.bos_id is None and not tok.add_bos and tok.eos_id == tok.token_to_id("<|im_end|>")
     ids, labels = M.encode_example(tok, "How many dogs are there?", "Two dogs.", "chatml", image_seq_len=3)
     assert ids[0] == tok.token_to_id("<|im_start|>") and ids.count(tok.image_token_id) == 3
@@ -357,7 +358,7 @@ def test_chatml_qwen_tokenizer(tmp_path):
 def test_original_layout_image_sentinel(tmp_path):
     """A tokenizer without <image>: chunks around it are tokenized separately and the sentinel is inserted."""
     make_llama_tokenizer(tmp_path)
-    tok = M.Tokenizer.from_dir(tmp_path)
+    tok = C.load_tokenizer(tmp_path)
     tok.image_token_id = None
     ids, labels = M.encode_example(tok, "What?", "Two dogs.", image_seq_len=4, image_token_id=-200)
     assert ids.count(-200) == 4 and all(l == -100 for i, l in zip(ids, labels) if i == -200)
@@ -368,7 +369,7 @@ def test_transformers_tokenizer_agrees(tmp_path, tf):
     from transformers import PreTrainedTokenizerFast
     make_llama_tokenizer(tmp_path)
     ref = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
-    tok = M.Tokenizer.from_dir(tmp_path)
+    tok = C.load_tokenizer(tmp_path)
     s = "USER: <image>\nWhat is in the image?</s>USER: yes"
     assert tok.encode(s, add_bos=True) == ref(s)["input_ids"]
 
@@ -463,7 +464,7 @@ def test_original_llava_layout_bin_shards_and_clip_dir(llava_llama, tmp_path):
     json.dump({"model_type": "clip", "vision_config": hf.config.vision_config.to_dict()}, open(cd / "config.json", "w"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                           # nothing unexpected
-        m = M.load_vlm(d, vision_tower=cd)
+        m = C.load_vlm(d, vision_tower=cd)
     assert m.config.layout == "original" and m.config.image_token_index == -200
     assert m.config.image_aspect_ratio == "pad"
     ids = prompt_ids(2, 5, 16, 190, 190)
@@ -471,7 +472,7 @@ def test_original_llava_layout_bin_shards_and_clip_dir(llava_llama, tmp_path):
     with torch.no_grad():
         assert_close_logits(m(ids.masked_fill(ids == 190, -200), px), hf_logits(hf, ids, px))
     with pytest.raises(ValueError, match="vision_tower="):
-        M.load_vlm(d)
+        C.load_vlm(d)
 
 
 def test_sharded_safetensors_new_names(llava_llama, tmp_path):
@@ -489,12 +490,12 @@ def test_sharded_safetensors_new_names(llava_llama, tmp_path):
               open(tmp_path / "model.safetensors.index.json", "w"))
     cfg = hf.config.to_dict()
     json.dump(cfg, open(tmp_path / "config.json", "w"))
-    m = M.load_vlm(tmp_path)
+    m = C.load_vlm(tmp_path)
     ids = prompt_ids(1, 5, 16, 190, 190)
     px = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert_close_logits(m(ids, px), hf_logits(hf, ids, px))
-    mb = M.load_vlm(tmp_path, dtype=torch.bfloat16)
+    mb = C.load_vlm(tmp_path, dtype=torch.bfloat16)
     assert mb.lm.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     with torch.no_grad():
         assert (mb(ids, px).float() - hf_logits(hf, ids, px)).abs().max() < 0.1
@@ -504,16 +505,16 @@ def test_legacy_vision_model_prefix_on_disk(llava_qwen, tmp_path):
     """Hub llava-hf files keep vision_tower.vision_model.* and language_model.model.*: both accepted."""
     from safetensors.torch import save_file
     hf, d = llava_qwen
-    m = M.load_vlm(d)
-    sd = M._hf_state_dict(m)   # legacy names, as save_vlm writes them
+    m = C.load_vlm(d)
+    sd = C._hf_state_dict(m)   # legacy names, as save_vlm writes them
     assert any(k.startswith("vision_tower.vision_model.") for k in sd)
     assert any(k.startswith("language_model.model.") for k in sd) and "language_model.lm_head.weight" not in sd
     sd["language_model.lm_head.weight"] = sd["language_model.model.embed_tokens.weight"].clone()  # tied: ignored
     save_file(sd, str(tmp_path / "model.safetensors"))
-    json.dump(m.config.to_hf(), open(tmp_path / "config.json", "w"))
+    json.dump(C.hf_config(m.config), open(tmp_path / "config.json", "w"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        m2 = M.load_vlm(tmp_path)
+        m2 = C.load_vlm(tmp_path)
     ids = prompt_ids(1, 4, 9, 419, 419)
     px = torch.randn(1, 3, 30, 30)
     with torch.no_grad():
@@ -542,7 +543,7 @@ def test_sparse_configs_match_transformers_defaults(tf, tmp_path):
     for name, c in cfgs.items():
         (tmp_path / name).mkdir()
         json.dump(c, open(tmp_path / name / "config.json", "w"))
-        ours = M.load_config(str(tmp_path / name))
+        ours = C.load_config(str(tmp_path / name))
         ref = AutoConfig.from_pretrained(tmp_path / name)
         rt = ref.text_config if ours.vision is not None else ref
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -555,7 +556,7 @@ def test_sparse_configs_match_transformers_defaults(tf, tmp_path):
                       "patch_size", "hidden_act", "layer_norm_eps"):
                 assert getattr(ours.vision, f) == getattr(ref.vision_config, f), (name, f)
             assert ours.image_token_index == ref.image_token_id
-    assert M.load_config(str(tmp_path / "llava")).text.hidden_size == 4096
+    assert C.load_config(str(tmp_path / "llava")).text.hidden_size == 4096
 
 
 # ---------------------------------------------------------------------------------------------- CLIP text tower
@@ -574,7 +575,7 @@ def test_clip_text_tower_pooling(eos, tf, tmp_path):
                                   projection_dim=16)).eval()   # the top-level projection_dim is the one used
     d = save(hf, tmp_path / "clip")
     make_llama_tokenizer(d)
-    tower, tok = M.load_clip_text(d)
+    tower, tok = C.load_clip_text(d)
     assert tower.text_projection is not None
     ids = torch.tensor([[1, 50, 60, 70, eos, 0, 0], [1, 80, eos, 0, 0, 0, 0], [1, 9, 10, 11, 12, 13, eos]])
     if eos == 2:
@@ -592,7 +593,7 @@ def test_clip_text_tower_pooling(eos, tf, tmp_path):
         hf_t = CLIPTextModel(hf.config.text_config).eval()
     d2 = save(hf_t, tmp_path / "clip_text")
     make_llama_tokenizer(d2)
-    tower2, _ = M.load_clip_text(d2)
+    tower2, _ = C.load_clip_text(d2)
     assert tower2.text_projection is None
     with torch.no_grad():
         assert (tower2(ids, am) - hf_t(input_ids=ids, attention_mask=am).pooler_output).abs().max() <= 1e-5
@@ -618,7 +619,7 @@ def test_broken_checkpoints_give_clear_errors(llava_llama, tmp_path):
     f = bad / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"model\.safetensors.*truncated or corrupt"):
-        M.load_vlm(bad)
+        C.load_vlm(bad)
 
     bad = copy("shape")                                                     # config disagrees with weights
     c = json.load(open(bad / "config.json"))
@@ -626,30 +627,30 @@ def test_broken_checkpoints_give_clear_errors(llava_llama, tmp_path):
     json.dump(c, open(bad / "config.json", "w"))
     with pytest.raises(ValueError, match=r"shape mismatch for '.*mlp\.(gate|up|down)_proj\.weight'.*\(64, 32\)|"
                                          r"shape mismatch .*\(32, 64\).*\(32, 48\)"):
-        M.load_vlm(bad)
+        C.load_vlm(bad)
 
     bad = copy("shard")                                                     # index names a missing shard
     json.dump({"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}},
               open(bad / "model.safetensors.index.json", "w"))
     with pytest.raises(FileNotFoundError, match="model-00001-of-00002.safetensors"):
-        M.load_vlm(bad)
+        C.load_vlm(bad)
 
     bad = copy("mtype")                                                     # unknown model_type
     c = json.load(open(bad / "config.json"))
     c["model_type"] = "mamba"
     json.dump(c, open(bad / "config.json", "w"))
     with pytest.raises(ValueError, match="unknown model_type 'mamba'"):
-        M.load_vlm(bad)
+        C.load_vlm(bad)
     c["model_type"], c["text_config"]["model_type"] = "llava", "gpt2"
     json.dump(c, open(bad / "config.json", "w"))
     with pytest.raises(ValueError, match="unknown text model_type 'gpt2'"):
-        M.load_vlm(bad)
+        C.load_vlm(bad)
 
     bad = copy("pickle")                                                    # .bin with a pickled object
     (bad / "model.safetensors").unlink()
     torch.save({"lm_head.weight": torch.zeros(2), "x": _Evil()}, bad / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"pytorch_model\.bin: refusing to load"):
-        M.load_vlm(bad)
+        C.load_vlm(bad)
 
     from safetensors.torch import load_file, save_file                      # missing / unexpected keys by name
     bad = copy("keys")
@@ -658,23 +659,23 @@ def test_broken_checkpoints_give_clear_errors(llava_llama, tmp_path):
     sd["language_model.model.layers.7.mlp.up_proj.weight"] = torch.zeros(1)
     save_file(sd, str(bad / "model.safetensors"))
     with pytest.raises(KeyError, match=r"lm\.layers\.1\.mlp\.up_proj\.weight"):
-        M.load_vlm(bad)
+        C.load_vlm(bad)
     sd["language_model.model.layers.1.mlp.up_proj.weight"] = torch.zeros(64, 32)
     save_file(sd, str(bad / "model.safetensors"))
     with pytest.warns(UserWarning, match=r"language_model\.model\.layers\.7\.mlp\.up_proj\.weight"):
-        m = M.load_vlm(bad)
+        m = C.load_vlm(bad)
     assert m.load_info["unexpected"] == ["language_model.model.layers.7.mlp.up_proj.weight"]
 
     with pytest.raises(FileNotFoundError, match="no weights"):
         (tmp_path / "empty").mkdir()
         json.dump(json.load(open(os.path.join(d, "config.json"))), open(tmp_path / "empty" / "config.json", "w"))
-        M.load_vlm(tmp_path / "empty")
+        C.load_vlm(tmp_path / "empty")
 
 
 def test_meta_device_build_holds_one_copy(llava_llama):
     """load_vlm builds on the meta device: the loaded parameters are the only storage (nothing left on meta)."""
     _, d = llava_llama
-    m = M.load_vlm(d)
+    m = C.load_vlm(d)
     assert not any(p.is_meta for p in m.parameters())
     ptrs = {p.data_ptr() for p in m.parameters()}
     assert len(ptrs) == len(list(m.parameters()))
@@ -683,7 +684,7 @@ def test_meta_device_build_holds_one_copy(llava_llama):
 def test_bf16_autocast_and_from_scratch(llava_llama):
     """bf16 autocast training step runs and stays close to fp32; a VLM built from a config saves and reloads."""
     hf, d = llava_llama
-    m = M.load_vlm(d).train()
+    m = C.load_vlm(d).train()
     ids = prompt_ids(2, 6, 16, 190, 190, seed=5)
     labels = ids.masked_fill(ids == 190, -100)
     px = torch.randn(2, 3, 32, 32)
@@ -701,8 +702,8 @@ def test_bf16_autocast_and_from_scratch(llava_llama):
     m = M.VLM(cfg).eval()
     import tempfile
     with tempfile.TemporaryDirectory() as t:
-        M.save_vlm(m, t)
-        m2 = M.load_vlm(t)
+        C.save_vlm(m, t)
+        m2 = C.load_vlm(t)
     ids = torch.tensor([[1, 5] + [63] * m.image_seq_len + [7, 8]])
     px = torch.randn(1, 3, 16, 16)
     assert torch.equal(m(ids, px), m2(ids, px))
@@ -738,20 +739,20 @@ def test_load_memory_is_one_copy(tmp_path):
     with torch.device("meta"):
         m = M.VLM(cfg)
     for n, p in list(m.named_parameters()):
-        M._assign(m, n, torch.full(p.shape, 0.01))
+        C._assign(m, n, torch.full(p.shape, 0.01))
     m.tie_weights()
-    M.save_vlm(m, tmp_path)
+    C.save_vlm(m, tmp_path)
     size = os.path.getsize(tmp_path / "model.safetensors")
     assert size > 90e6
-    code = ("import sys, torch, model as M\n"
+    code = ("import sys, torch, checkpoint as C\n"
             "kb = lambda k: int([l for l in open('/proc/self/status') if l.startswith(k)][0].split()[1]) * 1024\n"
-            "M.load_vlm(sys.argv[2])\n"                                 # warm-up (one-time torch overheads)
+            "C.load_vlm(sys.argv[2])\n"                                 # warm-up (one-time torch overheads)
             "open('/proc/self/clear_refs', 'w').write('5')\n"          # reset the peak-RSS counter
-            "b = kb('VmRSS')\nm = M.load_vlm(sys.argv[1])\n"
+            "b = kb('VmRSS')\nm = C.load_vlm(sys.argv[1])\n"
             "s = sum(float(p.sum()) for p in m.parameters())\n"        # touch every page
             "print(kb('VmHWM') - b)\n")
     small = tmp_path / "small"
-    M.save_vlm(M.VLM(M.VLMConfig(text=M.DecoderConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+    C.save_vlm(M.VLM(M.VLMConfig(text=M.DecoderConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                       num_hidden_layers=1, num_attention_heads=2), vision=None)), small)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(small)], capture_output=True, text=True, cwd=root,
@@ -786,7 +787,7 @@ def test_sentencepiece_model_only_tokenizer(tmp_path):
     shutil.copy(os.path.join(os.path.dirname(__file__), "fixtures", "spm_bpe_tiny.model"), tmp_path / "tokenizer.model")
     json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None},
               open(tmp_path / "tokenizer_config.json", "w"))
-    tok = M.Tokenizer.from_dir(tmp_path)
+    tok = C.load_tokenizer(tmp_path)
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (1, 2, 0, True)   # LLaVA pads with unk
     for s, ids in SPM_EXPECTED.items():
         assert tok.encode(s) == ids, s
@@ -800,7 +801,7 @@ def test_sentencepiece_model_only_tokenizer(tmp_path):
 def test_byte_level_separator_is_supervised():
     """With a byte-level BPE that keeps the separator space as its own token (the embedded tiny model's), the
     supervised tokens are exactly what generation must produce after the prompt: prompt + supervised == full."""
-    tok = M.Tokenizer.from_dir(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    tok = C.load_tokenizer(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                             "assets", "tiny-llava"))
     ids, labels = M.encode_example(tok, "Is Blue the minimum?", "No", image_seq_len=4)
     prompt, _ = M.encode_example(tok, "Is Blue the minimum?", None, image_seq_len=4)

@@ -9,6 +9,7 @@ import torch
 
 import federate as fd
 import model as vlm
+import server
 from test_federate import task_examples, tiny_cfg, tiny_model
 
 
@@ -21,15 +22,15 @@ def test_official_client_draw_matches_the_reseeding_code_and_leaves_numpy_alone(
             np.random.seed(123)
             before = np.random.random()
             np.random.seed(123)
-            got = fd.sample_clients(50, 5, seed=7, stage=stage, rnd=rnd, scheme="official")
+            got = server.sample_clients(50, 5, seed=7, stage=stage, rnd=rnd, scheme="official")
             assert got == expected
             assert np.random.random() == before                   # the global RNG was not touched
     finally:
         np.random.set_state(saved)
-    seeded = [fd.sample_clients(50, 5, seed=s, stage=0, rnd=0) for s in (0, 1)]
-    assert seeded[0] != seeded[1] and seeded[0] == fd.sample_clients(50, 5, seed=0, stage=0, rnd=0)
+    seeded = [server.sample_clients(50, 5, seed=s, stage=0, rnd=0) for s in (0, 1)]
+    assert seeded[0] != seeded[1] and seeded[0] == server.sample_clients(50, 5, seed=0, stage=0, rnd=0)
     with pytest.raises(ValueError, match="scheme"):
-        fd.sample_clients(50, 5, 0, 0, 0, scheme="round-robin")
+        server.sample_clients(50, 5, 0, 0, 0, scheme="round-robin")
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear"])
@@ -64,7 +65,7 @@ def test_fractional_local_epochs_train_a_seeded_prefix():
     exs = task_examples("A", 10, 0)
     u = fed._local_train(exs, 0, 0, 0, 0, 0)
     assert u["steps"] == math.ceil(10 / 4) + math.ceil(5 / 4)     # one full epoch, then 5 of the 10 samples
-    with pytest.raises(ValueError, match="local_epochs"):
+    with pytest.raises(ValueError, match="local-epochs"):
         tiny_cfg(local_epochs=0)
 
 

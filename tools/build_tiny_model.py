@@ -3,7 +3,7 @@
     python tools/build_tiny_model.py [--out assets/tiny-llava] [--steps 1500] [--seed 0]
 
 A LLaVA-1.5-shaped model (CLIP-style vision tower, two-layer GELU projector, LLaMA decoder) at toy size,
-with its own byte-level BPE tokenizer, pretrained from scratch on data.caption_corpus: generic synthetic
+with its own byte-level BPE tokenizer, pretrained from scratch on mini.caption_corpus: generic synthetic
 image captions (shapes, colours, positions, counts, drawn characters) that never use the FCIT-mini task
 formats. The pretraining gives the model the basic vision-language alignment that LLaVA's stage-1/2
 training gives the real one, so that federated continual instruction tuning starts from a model that can
@@ -21,7 +21,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+import checkpoint  # noqa: E402
+import mini  # noqa: E402
 import model as vlm  # noqa: E402
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -63,7 +64,7 @@ def pretrain(model, tokenizer, processor, steps, batch_size, lr, seed, log_every
     """Full-parameter pretraining on synthetic captions with the LLaVA-1.5 prompt (answer tokens supervised)."""
     n = steps * batch_size
     t0 = time.time()
-    pairs = data.caption_corpus(min(n, 20000), seed=seed, image_size=IMAGE_SIZE)
+    pairs = mini.caption_corpus(min(n, 20000), seed=seed, image_size=IMAGE_SIZE)
     print(f"caption corpus: {len(pairs)} pairs in {time.time() - t0:.1f}s", flush=True)
     rng = random.Random(seed)
     encoded = []
@@ -123,15 +124,15 @@ def main(argv=None):
     torch.manual_seed(args.seed)   # a script, not library code: seeding the global RNG here is fine
     os.makedirs(args.out, exist_ok=True)
     # The prompt templates are in every sample, so they are weighted like it: their words merge into few tokens.
-    texts = data.vocab_corpus(seed=args.seed) + ([t[0] for t in vlm.TEMPLATES.values()] + CAPTION_PROMPTS) * 500
+    texts = mini.vocab_corpus(seed=args.seed) + ([t[0] for t in vlm.TEMPLATES.values()] + CAPTION_PROMPTS) * 500
     train_tokenizer(texts, args.vocab_size, os.path.join(args.out, "tokenizer.json"))
     with open(os.path.join(args.out, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
                    "add_bos_token": True}, f, indent=2)
-    tokenizer = vlm.Tokenizer.from_dir(args.out)
+    tokenizer = checkpoint.load_tokenizer(args.out)
     cfg = tiny_config(len(tokenizer), tokenizer.image_token_id)
     assert tokenizer.bos_id == 1 and tokenizer.eos_id == 2 and tokenizer.pad_id == 3, "special token ids moved"
-    model = vlm.VLM(vlm.VLMConfig.from_hf(cfg))
+    model = vlm.VLM(checkpoint.llava_config(cfg))
     processor = vlm.ImageProcessor.clip(IMAGE_SIZE)
     with open(os.path.join(args.out, "preprocessor_config.json"), "w") as f:
         json.dump({"image_processor_type": "CLIPImageProcessor", "do_resize": True,
@@ -142,11 +143,11 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tiny VLM: {n_params / 1e6:.2f}M parameters, {model.image_seq_len} image tokens, vocab {len(tokenizer)}")
     final = pretrain(model, tokenizer, processor, args.steps, args.batch_size, args.lr, args.seed,
-                     save=lambda step: vlm.save_vlm(model, args.out))   # intermediate saves: usable while it runs
-    vlm.save_vlm(model, args.out)
+                     save=lambda step: checkpoint.save_vlm(model, args.out))  # intermediate saves: usable while it runs
+    checkpoint.save_vlm(model, args.out)
     with open(os.path.join(args.out, "pretraining.json"), "w") as f:
         json.dump({"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                   "final_loss": final, "corpus": "data.caption_corpus"}, f, indent=2)
+                   "final_loss": final, "corpus": "mini.caption_corpus"}, f, indent=2)
     print(f"wrote {args.out}")
 
 
