@@ -239,10 +239,9 @@ def _pattern_value(patterns, hf, default):
     return default
 
 
-def load_peft_adapter(model, adapter_dir, subspace=None):
-    """Load a PEFT LoRA adapter folder; returns our names of the modules loaded. A module without LoRA is wrapped as
-    a K=1 layer; one with LoRA receives it in `subspace`, or in subspace 0 (K=1), or split over its K subspaces when the
-    rank is K r (B rescaled). Everything is checked before the model is touched; errors name the key."""
+def _read_peft_dir(adapter_dir):
+    """(adapter_config.json as a dict, adapter_model.safetensors tensors) of a PEFT LoRA folder; refuses what we
+    cannot load (another peft_type, DoRA, fan_in_fan_out, weights not in safetensors)."""
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: missing (not a PEFT adapter directory)")
@@ -260,9 +259,12 @@ def load_peft_adapter(model, adapter_dir, subspace=None):
         raise ValueError(f"{adapter_dir}: no adapter_model.safetensors (found {others}); only safetensors "
                          f"adapters are supported")
     tensors, _ = _read_safetensors(wpath)
+    return cfg, tensors
 
-    # 'base_model.model.' is stripped; the rest is matched to our modules through model.hf_module_name (current and
-    # legacy names) or checkpoint's key rules
+
+def _peft_module_lookup(model):
+    """{name: our module name} for every linear (or LoRA) module, under our names and, through
+    model.hf_module_name, under its current and legacy transformers names."""
     lookup = {}
     has_hf = callable(getattr(model, "hf_module_name", None))
     for n, mod in model.named_modules():
@@ -275,15 +277,23 @@ def load_peft_adapter(model, adapter_dir, subspace=None):
                     lookup.setdefault(model.hf_module_name(n, legacy), n)
                 except Exception:
                     pass
+    return lookup
 
-    def ours(path, key):
-        if path in lookup:
-            return lookup[path]
-        cand = canonical_key(path)   # transformers' names, for a model without hf_module_name
-        if cand in lookup:
-            return lookup[cand]
-        raise ValueError(f"{key}: module {path!r} is not in the model")
 
+def _our_module(lookup, path, key):
+    """Our module name for the adapter's module `path`, or through checkpoint's key rules (transformers' names, for
+    a model without hf_module_name); the error names the adapter `key`."""
+    if path in lookup:
+        return lookup[path]
+    cand = canonical_key(path)
+    if cand in lookup:
+        return lookup[cand]
+    raise ValueError(f"{key}: module {path!r} is not in the model")
+
+
+def _peft_pairs(tensors):
+    """{module path: {"A": (key, tensor), "B": (key, tensor)}}, 'base_model.model.' stripped; only Linear
+    lora_A / lora_B weights are accepted."""
     pairs = {}
     for key, t in tensors.items():
         k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
@@ -292,16 +302,21 @@ def load_peft_adapter(model, adapter_dir, subspace=None):
             raise ValueError(f"{key}: unsupported adapter tensor (only Linear lora_A/lora_B weights; no "
                              f"embedding LoRA, DoRA, lora bias or modules_to_save)")
         pairs.setdefault(mt.group(1), {})[mt.group(2)] = (key, t)
+    return pairs
 
+
+def _plan_peft_load(model, cfg, pairs, lookup, subspace):
+    """Check every pair against the config and its module before anything is changed: a list of
+    (name, module, A, B, rank, lora_alpha, scaling in the file)."""
     had_lora = bool(lora_modules(model))
     never = re.compile(NEVER)
-    plan = []                                   # validate everything before touching the model
+    plan = []
     for path, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             key = next(iter(ab.values()))[0]
             raise ValueError(f"{key}: lora_{'B' if 'A' in ab else 'A'} missing for {path}")
         (ka, A), (_, B) = ab["A"], ab["B"]
-        name = ours(path, ka)
+        name = _our_module(lookup, path, ka)
         mod = model.get_submodule(name)
         R = A.shape[0]
         r_cfg = _pattern_value(cfg.get("rank_pattern"), path, cfg.get("r", 8))
@@ -325,6 +340,12 @@ def load_peft_adapter(model, adapter_dir, subspace=None):
             raise ValueError(f"{ka}: rank {R} fits neither one subspace nor all {mod.num_subspaces} "
                              f"(r={mod.r}) of {name}; pass subspace=")
         plan.append((name, mod, A, B, R, a_cfg, s_file))
+    return plan
+
+
+def _apply_peft_plan(model, cfg, plan, subspace):
+    """Write a checked plan: wrap plain linears as K=1 layers, copy A and B (rescaled to our scaling) into
+    `subspace` or split over the K subspaces."""
     new = []
     for name, mod, A, B, R, a_cfg, s_file in plan:
         if isinstance(mod, nn.Linear):
@@ -347,4 +368,14 @@ def load_peft_adapter(model, adapter_dir, subspace=None):
         _share_dropout(model, new, float(cfg.get("lora_dropout", 0.0)))
         _freeze_all(model)
         set_active(model, 0)
+
+
+def load_peft_adapter(model, adapter_dir, subspace=None):
+    """Load a PEFT LoRA adapter folder; returns our names of the modules loaded. A module without LoRA is wrapped as
+    a K=1 layer; one with LoRA receives it in `subspace`, or in subspace 0 (K=1), or split over its K subspaces when the
+    rank is K r (B rescaled). Everything is checked before the model is touched; errors name the key."""
+    cfg, tensors = _read_peft_dir(adapter_dir)
+    lookup = _peft_module_lookup(model)
+    plan = _plan_peft_load(model, cfg, _peft_pairs(tensors), lookup, subspace)
+    _apply_peft_plan(model, cfg, plan, subspace)
     return [p[0] for p in plan]

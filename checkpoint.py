@@ -25,6 +25,7 @@ from model import (
     Tokenizer,
     VisionConfig,
     VLMConfig,
+    atomic_write,
     image_seq_len,
     read_json,
 )
@@ -230,8 +231,9 @@ def load_config(path: str, vision_tower: str | None = None) -> VLMConfig:
         c = VLMConfig(text=decoder_config(cfg, "qwen2" if "qwen" in mt else "llama"), vision=vcfg,
                       image_token_index=ORIGINAL_IMAGE_TOKEN,
                       vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
-                      vision_feature_select_strategy="default" if cfg.get("mm_vision_select_feature", "patch") == "patch"
-                      else "full", layout="original", image_aspect_ratio=cfg.get("image_aspect_ratio"),
+                      vision_feature_select_strategy=("default" if cfg.get("mm_vision_select_feature", "patch")
+                                                      == "patch" else "full"),
+                      layout="original", image_aspect_ratio=cfg.get("image_aspect_ratio"),
                       vision_tower=vt)
         mm = cfg.get("mm_hidden_size")
         n = len(c.vision_feature_layer) if isinstance(c.vision_feature_layer, list) else 1
@@ -265,7 +267,8 @@ def checkpoint_files(d: str) -> list:
             return files
         if os.path.exists(os.path.join(d, single)):
             return [os.path.join(d, single)]
-    raise FileNotFoundError(f"no weights in {d}: expected model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
+    raise FileNotFoundError(f"no weights in {d}: expected model.safetensors(.index.json) or "
+                            f"pytorch_model.bin(.index.json)")
 
 
 def iter_tensors(path: str):
@@ -392,9 +395,9 @@ def save_vlm(model: VLM, out_dir: str, tokenizer: "Tokenizer | None" = None):
     os.makedirs(out_dir, exist_ok=True)
     cfg = hf_config(model.config)
     cfg["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    save_file(_hf_state_dict(model), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    _write_json(os.path.join(out_dir, "config.json"), cfg)
+    atomic_write(os.path.join(out_dir, "model.safetensors"),
+                 lambda tmp: save_file(_hf_state_dict(model), tmp, metadata={"format": "pt"}))
     if tokenizer is not None:
         save_tokenizer(tokenizer, out_dir)
 
@@ -465,7 +468,8 @@ def sentencepiece_tokenizer(path: str):
     pieces, trainer, norm = [], {}, {}
     with open(path, "rb") as f:
         for fid, v in _proto_fields(f.read()):
-            if fid == 1:     # SentencePiece {piece = 1, score = 2, type = 3 (1 normal, 2 unk, 3 control, 4 user, 6 byte)}
+            # SentencePiece {piece = 1, score = 2, type = 3 (1 normal, 2 unk, 3 control, 4 user, 6 byte)}
+            if fid == 1:
                 p = dict(_proto_fields(v))
                 pieces.append((p.get(1, b"").decode("utf-8"), p.get(2, 0.0), p.get(3, 1)))
             elif fid == 2:   # TrainerSpec {model_type = 3, unk_id = 40, bos_id = 41}
@@ -478,13 +482,16 @@ def sentencepiece_tokenizer(path: str):
     scores = [(p, 0.0 if i < 3 else s) for i, (p, s, _) in enumerate(pieces)]   # LlamaConverter zeroes 0..2
     merges = []   # transformers' generate_merges(vocab, vocab_scores)
     for piece, score in scores:
-        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece))
+                 if piece[:k] in vocab and piece[k:] in vocab]
         merges += sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]]))
-    merges = [(l, r) for l, r, _ in sorted(merges, key=lambda x: (x[2], len(x[0]), len(x[1])), reverse=True)]
+    merges = sorted(merges, key=lambda x: (x[2], len(x[0]), len(x[1])), reverse=True)
+    merges = [(left, right) for left, right, _ in merges]
     tok = _Tok(BPE(vocab, merges, unk_token=pieces[trainer.get(40, 0)][0], fuse_unk=True, byte_fallback=True))
     tok.add_tokens([AddedToken(p, normalized=False, special=t != 4) for p, _, t in pieces if t in (2, 3, 4)])
     prefix = bool(norm.get(3, 1))
-    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if prefix else []) + [normalizers.Replace(" ", "▁")])
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if prefix else [])
+                                          + [normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
                                     + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     bos = trainer.get(41, 1)
@@ -543,8 +550,15 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 def save_tokenizer(tokenizer: Tokenizer, out_dir: str):
     """Write tokenizer.json and a tokenizer_config.json naming the special tokens."""
-    tokenizer.tok.save(os.path.join(out_dir, "tokenizer.json"))
+    atomic_write(os.path.join(out_dir, "tokenizer.json"), tokenizer.tok.save)
     name = lambda i: None if i is None else tokenizer.tok.id_to_token(i)
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": name(tokenizer.bos_id), "eos_token": name(tokenizer.eos_id),
-                   "pad_token": name(tokenizer.pad_id), "add_bos_token": tokenizer.add_bos}, f, indent=2)
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"),
+                {"bos_token": name(tokenizer.bos_id), "eos_token": name(tokenizer.eos_id),
+                 "pad_token": name(tokenizer.pad_id), "add_bos_token": tokenizer.add_bos})
+
+
+def _write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)

@@ -4,7 +4,6 @@ continual metrics and the Collator. mini.py writes small synthetic benchmarks in
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model import IGNORE_INDEX, encode_example, read_json
+from model import IGNORE_INDEX, atomic_write, encode_example, read_json
 
 log = logging.getLogger("fcit.data")
 
@@ -152,21 +151,12 @@ def _err(path, i, msg, rec=None):
 
 
 def atomic_write_json(path, obj, indent=None) -> None:
-    """json.dump to `path` through a temporary file in the same folder and os.replace, so that a reader
-    (or a crash) never sees a half-written file."""
-    path = str(path)
-    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"   # not `random`: leaves the global RNG alone
-    f = open(tmp, "x", encoding="utf-8")
-    try:
-        with f:
+    """json.dump to `path` atomically (model.atomic_write)."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=indent)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+            f.write("\n" if indent is not None else "")
+    atomic_write(path, write)
 
 
 def load_image(path):
@@ -347,7 +337,7 @@ def dirichlet_label_partition(labels, n_clients: int, beta: float, seed: int, mi
         raise ValueError(f"cannot give {n_clients} clients >= {min_size} items each from {n} items")
     rng = np.random.default_rng(seed)
     uniq = sorted(set(labels), key=str)
-    by_label = {u: np.array([i for i, l in enumerate(labels) if l == u]) for u in uniq}
+    by_label = {u: np.array([i for i, label in enumerate(labels) if label == u]) for u in uniq}
     for _ in range(1000):
         parts = [[] for _ in range(n_clients)]
         for u in uniq:
@@ -372,7 +362,7 @@ def iid_partition(n_items: int, n_clients: int, seed: int) -> list[list[int]]:
 
 
 def shepherd_partition(categories, n_clients: int, seed: int = 42, shards_per_client: int = 2) -> list[list[int]]:
-    """Shepherd's FedIT split (client_data_allocation.py, diff_quantity=0): sort items by category,
+    """Shepherd's FedIT split (its client data allocation, diff_quantity=0): sort items by category,
     cut into shards_per_client * n_clients contiguous shards, shuffle the shards, give each client
     `shards_per_client` of them. (Shepherd sorts with pandas' unstable quicksort and shuffles with
     the global `random`; here the sort is stable and the RNG is random.Random(seed).)"""
@@ -577,7 +567,8 @@ def load_dolly(path) -> list[dict]:
                     raise FCITDataError(f"{path}: line {ln}: malformed JSON ({e.msg})") from None
     out = []
     for ln, r in rows:
-        if not isinstance(r, dict) or any(not isinstance(r.get(k), str) for k in ("instruction", "response", "category")):
+        if not isinstance(r, dict) or any(not isinstance(r.get(k), str)
+                                          for k in ("instruction", "response", "category")):
             raise FCITDataError(f"{path}: record at line/index {ln}: expected an object with string fields "
                                 f"instruction, context, response, category")
         out.append({"instruction": r["instruction"], "context": r.get("context") or "",
@@ -857,7 +848,8 @@ def evaluate_fedit(predictions: list[str], examples: list[Example]) -> dict:
         for key in ("all", e.meta.get("category", e.dataset)):
             rows[key][0].append(rouge_l(p, e.answer))
             rows[key][1].append(exact_match(p, e.answer))
-    out = {k: {"rouge_l": 100 * float(np.mean(r)), "exact_match": 100 * float(np.mean(x))} for k, (r, x) in rows.items()}
+    out = {k: {"rouge_l": 100 * float(np.mean(r)), "exact_match": 100 * float(np.mean(x))}
+           for k, (r, x) in rows.items()}
     return {"rouge_l": out["all"]["rouge_l"], "exact_match": out["all"]["exact_match"],
             "per_category": {k: v for k, v in sorted(out.items()) if k != "all"}}
 
@@ -909,7 +901,8 @@ class Collator:
                  train_on_inputs: bool = False):
         self.tokenizer, self.image_processor, self.template = tokenizer, image_processor, template
         self.image_seq_len, self.max_length, self.train = image_seq_len, max_length, train
-        self.image_token_id = image_token_id if image_token_id is not None else getattr(tokenizer, "image_token_id", None)
+        self.image_token_id = (image_token_id if image_token_id is not None
+                               else getattr(tokenizer, "image_token_id", None))
         self.train_on_inputs = train_on_inputs
         pad = getattr(tokenizer, "pad_id", None)
         self.pad_id = pad if pad is not None else (getattr(tokenizer, "eos_id", None) or 0)
@@ -940,9 +933,9 @@ class Collator:
         ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((B, T), dtype=torch.long)
-        for b, (i, l) in enumerate(enc):
-            sl = slice(0, len(i)) if self.train else slice(T - len(i), T)
-            ids[b, sl], labels[b, sl], mask[b, sl] = torch.tensor(i), torch.tensor(l), 1
+        for b, (row_ids, row_labels) in enumerate(enc):
+            sl = slice(0, len(row_ids)) if self.train else slice(T - len(row_ids), T)
+            ids[b, sl], labels[b, sl], mask[b, sl] = torch.tensor(row_ids), torch.tensor(row_labels), 1
         pix = None
         imgs = [e for e in examples if self._uses_image(e)]
         if imgs:

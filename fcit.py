@@ -105,19 +105,8 @@ def resolve_config(args) -> Config:
 # results: results.json, results.md, matrix_<method>.png
 
 
-def atomic_write(path, write):
-    """Write through a temp file in the same directory, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-    atomic_write(path, write)
+    data.atomic_write_json(path, obj, indent=1)
 
 
 def results_markdown(results):
@@ -157,7 +146,7 @@ def draw_matrix(matrix, tasks, title, path):
             d.rectangle([x, y, x + cell_w - 2, y + cell_h - 2], fill=colour)
             if v is not None:
                 d.text((x + 10, y + 6), f"{v:.1f}", fill="black" if v < 60 else "white", font=font)
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    vlm.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,7 +243,7 @@ def save_state(path, fed, progress):
     """Federation state + experiment progress, atomically (safetensors + JSON; the JSON names the tensors file)."""
     from safetensors.torch import save_file
     tensors, meta = fed.state_dict()
-    atomic_write(path + ".safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    vlm.atomic_write(path + ".safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_json(path + ".json", {"federation": meta, "progress": progress})
 
 
@@ -448,7 +437,10 @@ def setup(args, cfg: Config, log):
 
 def write_results(results, bench, cfg: Config, out):
     md = results_markdown(results)
-    atomic_write(os.path.join(out, "results.md"), lambda tmp: open(tmp, "w").write(md))
+    def write_md(tmp):
+        with open(tmp, "w") as f:
+            f.write(md)
+    vlm.atomic_write(os.path.join(out, "results.md"), write_md)
     for name, r in results["methods"].items():
         draw_matrix(r["matrix"], bench.tasks, f"{name} - {cfg.setting}", os.path.join(out, f"matrix_{name}.png"))
     print("\n" + md)

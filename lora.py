@@ -14,7 +14,8 @@ import torch.nn.functional as F
 DEFAULT_TARGETS = ("gate_proj", "up_proj", "down_proj")  # FCIT adapts the MLP only, no attention
 DEFAULT_INCLUDE = r"^lm\."
 # never wrapped, whatever `include` says: vision tower, text tower, projector, output head
-NEVER = r"(^|\.)(vision|vision_tower|vision_model|text_tower|text_model|clip_text|projector|multi_modal_projector|mm_projector|lm_head)(\.|$)"
+NEVER = (r"(^|\.)(vision|vision_tower|vision_model|text_tower|text_model|clip_text|projector|multi_modal_projector"
+         r"|mm_projector|lm_head)(\.|$)")
 MODES = ("single", "routed", "moe", "merged", "off")
 
 
@@ -74,19 +75,10 @@ def _per_sample(a, x):
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus K LoRA subspaces (DISCO, Guo et al. 2025).
-
-    base: nn.Linear whose `weight` (out, in) and `bias` are taken over under the same names (frozen).
-    rank: TOTAL rank, split into K = num_subspaces blocks of r = rank // K.
-    scaling: "fcit" -> alpha / rank, "peft" -> alpha / r.
-    init: "fcit" -> A ~ N(0, 0.01^2); "peft" -> kaiming_uniform_(a=sqrt(5)) (PEFT default). B = 0.
-    Modes (attribute `mode`):
-      "single": y = W x + s B_j A_j drop(x), j = self.active (training one subspace)
-      "routed": y = W x + s B_cat diag(alpha) A_cat drop(x); alpha (K,) or per sample (B, K)
-      "moe":    y = W x + s sum_j g_j(x) B_j A_j drop(x); g = softmax(router(x)) per token (CoIN MoELoRA)
-      "merged": y = W' x with W' = W + s B_cat diag(alpha) A_cat (see merge/unmerge)
-      "off":    y = W x
-    The LoRA branch runs in the LoRA parameter dtype (fp32 by default, like PEFT's autocast_adapter_dtype).
+    """A frozen nn.Linear (weight and bias kept under their names) plus K LoRA subspaces of rank r = rank // K
+    (DISCO, Guo et al. 2025); scaling "fcit" alpha / rank or "peft" alpha / r, B = 0 at init, branch in the LoRA dtype.
+    `mode`: "single" y = W x + s B_j A_j drop(x) (j = active), "routed" y = W x + s B_cat diag(alpha) A_cat drop(x),
+    "moe" CoIN's per-token softmax gate over the subspaces, "merged" (folded into W) or "off" (y = W x).
     """
 
     def __init__(self, base, rank, alpha, num_subspaces=1, scaling="fcit", init="fcit", dropout=0.0,
@@ -374,14 +366,9 @@ def set_active(model, j):
 
 
 def set_routing(model, alpha, min_weight=0.0):
-    """Inference with a weight per subspace (DISCO's subspace selective activation): alpha (K,) for every sample
-    or (B, K) per sample (broadcast over tokens; the batch stays B during KV-cache generation). Stored in
-    fp32; requires_grad flags are not changed.
-
-    Without gradient, subspaces that cannot contribute are skipped exactly (B_j == 0, e.g. DISCO's empty
-    slots, or alpha_j == 0 for every sample). min_weight > 0 (opt-in, approximate) also skips subspace j
-    when alpha_j <= min_weight for every sample of the batch (softmax with temperature 0.05 is nearly
-    one-hot, so most subspaces carry weights ~1e-9)."""
+    """Inference with a weight per subspace (DISCO's subspace selective activation): alpha (K,) or per sample (B, K),
+    in fp32. Without gradient, subspaces that cannot contribute (B_j == 0, or alpha_j == 0 for every sample) are
+    skipped exactly; min_weight > 0 (opt-in, approximate) also skips those with alpha_j <= min_weight throughout."""
     alpha = torch.as_tensor(alpha).detach().float()
     for m in _require(model).values():
         _check_not_merged(m)
@@ -592,15 +579,9 @@ def subspace_overlap(model, reduce="mean"):
 
 
 def route(features, keys, mode="softmax", temperature=0.05, valid=None):
-    """Routing weights (B, K) in fp32 from identity features (B, D) (or (D,)) and keys (K, D).
-
-    s = cos(features, keys) (a zero key gives 0, as in the DISCO code's empty slots)
-      "softmax": softmax(s / temperature)  (DISCO SSA, temperature 0.05)
-      "argmax":  one-hot of argmax s
-      "concat":  all ones (uniform concatenation of the subspaces)
-      "cosine":  s itself
-    valid (K,) bool: slots outside it get weight 0 (excluded from softmax/argmax). No valid slot -> zeros.
-    Per sample; DISCO's code averages the features over the (size 1) eval batch first."""
+    """Routing weights (B, K) in fp32 from identity features (B, D) or (D,) and keys (K, D), s = cos(features, keys):
+    "softmax" softmax(s / temperature) (DISCO's subspace selective activation), "argmax" one-hot, "concat" all ones,
+    "cosine" s. Slots outside `valid` (K,) get 0 (all zeros if none is valid); a zero key gives s = 0."""
     f = torch.as_tensor(features).float()
     if f.dim() == 1:
         f = f[None]

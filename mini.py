@@ -20,8 +20,9 @@ from data import (
     FCIT_DATASETS,
     FLICKR_GT_FILE,
     FCITDataError,
+    atomic_write_json,
 )
-from model import TEMPLATES, read_json
+from model import TEMPLATES, atomic_write, read_json
 
 log = logging.getLogger("fcit.data")
 
@@ -132,7 +133,8 @@ def _object(d, obj, box, fill, style):
         d.line((cx, cy, cx, y1), fill=(34, 120, 40) if style != "silhouette" else fill, width=2)
         r = .16 * min(w, h)
         for k in range(5):
-            px, py = cx + .22 * w * math.cos(k * 2 * math.pi / 5), y0 + .35 * h + .22 * h * math.sin(k * 2 * math.pi / 5)
+            px = cx + .22 * w * math.cos(k * 2 * math.pi / 5)
+            py = y0 + .35 * h + .22 * h * math.sin(k * 2 * math.pi / 5)
             d.ellipse((px - r, py - r, px + r, py + r), **kw)
         mid = (250, 220, 0) if style != "silhouette" else fill
         d.ellipse((cx - r * .8, y0 + .35 * h - r * .8, cx + r * .8, y0 + .35 * h + r * .8), fill=mid)
@@ -194,7 +196,8 @@ def _mini_iconqa(rng, S):
     for r, c in _cells(rng, n, 3):
         _shape(d, shape, (c * g + m, r * g + m, (c + 1) * g - m, (r + 1) * g - m), COLORS[color])
     choices = sorted([n] + rng.sample([k for k in range(1, 8) if k != n], 2))
-    q = rng.choice([f"How many {PLURAL[shape]} are there?", f"Count the {PLURAL[shape]} in the picture. How many are there?"])
+    q = rng.choice([f"How many {PLURAL[shape]} are there?",
+                    f"Count the {PLURAL[shape]} in the picture. How many are there?"])
     return (im, f"{q}\nChoices: {', '.join(map(str, choices))}\nAnswer with the correct number from the choices.",
             str(n), {"count": n, "shape": shape, "color": color})
 
@@ -222,7 +225,8 @@ def _mini_clevr_math(rng, S):
         sh = rng.choice([o["shape"] for o in objs] + ["circle", "square", "triangle"])
         q, ans = f"Subtract all {PLURAL[sh]}. How many objects are left?", n - sum(o["shape"] == sh for o in objs)
     else:
-        k, col, sh = rng.randint(1, 3), rng.choice(["red", "green", "blue", "yellow"]), rng.choice(["circle", "square", "triangle"])
+        k, col, sh = (rng.randint(1, 3), rng.choice(["red", "green", "blue", "yellow"]),
+                      rng.choice(["circle", "square", "triangle"]))
         q, ans = f"Add {k} {col} {PLURAL[sh] if k > 1 else sh}. How many objects exist?", n + k
     return im, f"{q}\n{TASK_SUFFIX['CLEVR-Math']}", str(ans), {"objects": objs}
 
@@ -253,7 +257,8 @@ def _person(d, x, y, s, color=(30, 30, 30)):
 
 
 def _mini_flickr30k(rng, S):
-    n, obj, col = rng.choice([1, 2]), rng.choice(["ball", "tree", "house", "car"]), rng.choice(["red", "green", "blue", "yellow"])
+    n, obj, col = (rng.choice([1, 2]), rng.choice(["ball", "tree", "house", "car"]),
+                   rng.choice(["red", "green", "blue", "yellow"]))
     rel = rng.choice(["next to", "under"]) if obj == "ball" else "next to"
     im, d = _canvas(S, (170, 210, 245))
     d.rectangle((0, .8 * S, S, S), fill=(110, 170, 90))
@@ -335,14 +340,16 @@ def _mini_super_clevr(rng, S):
         q, ans = f"What size is the {o['color']} {o['shape']}?", o["size"]
     else:
         a, b = rng.sample(objs, 2)
-        q, ans = f"Is the {a['color']} object to the left of the {b['color']} object?", "yes" if a["x"] < b["x"] else "no"
+        q = f"Is the {a['color']} object to the left of the {b['color']} object?"
+        ans = "yes" if a["x"] < b["x"] else "no"
     return im, f"{q}\n{TASK_SUFFIX['super-CLEVR']}", ans, {"objects": objs}
 
 
 WEATHER = ["sunny", "rainy", "snowy", "night"]
 WEATHER_OPTS = {"cond": {"sunny": "sunny and warm", "rainy": "rainy and wet", "snowy": "snowy and cold",
                          "night": "dark night"},
-                "need": {"sunny": "sunglasses", "rainy": "an umbrella", "snowy": "a warm coat", "night": "a flashlight"}}
+                "need": {"sunny": "sunglasses", "rainy": "an umbrella", "snowy": "a warm coat",
+                         "night": "a flashlight"}}
 
 
 def _mini_aokvqa(rng, S):
@@ -352,7 +359,8 @@ def _mini_aokvqa(rng, S):
     im, d = _canvas(S, sky)
     d.rectangle((0, .78 * S, S, S), fill=ground)
     hx = rng.uniform(.05, .6) * S
-    _object(d, rng.choice(["house", "tree"]), (hx, .5 * S, hx + .3 * S, .82 * S), COLORS[rng.choice(list(COLORS))], "photo")
+    _object(d, rng.choice(["house", "tree"]), (hx, .5 * S, hx + .3 * S, .82 * S), COLORS[rng.choice(list(COLORS))],
+            "photo")
     cx = rng.uniform(.15, .85) * S
     if w == "sunny":
         d.ellipse((cx - .1 * S, .06 * S, cx + .1 * S, .26 * S), fill=(250, 210, 30))
@@ -381,7 +389,8 @@ def _mini_aokvqa(rng, S):
 
 def _mini_grounding(rng, S):
     im, d = _canvas(S, tuple(rng.randint(225, 250) for _ in range(3)))
-    combos = rng.sample([(c, s) for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle", "star")], 3)
+    combos = rng.sample([(c, s) for c in ("red", "green", "blue", "yellow")
+                         for s in ("circle", "square", "triangle", "star")], 3)
     occupied, objs = set(), []
     for col, shp in combos[:rng.choice([2, 3])]:
         for _ in range(50):
@@ -497,7 +506,7 @@ def make_fcit_mini(root, seed: int = 0, n_train: int = 300, n_test: int = 50, im
             for i in range(n):
                 im, instr, ans, meta = mini_sample(ds, seed, split, i, image_size)
                 rel = f"{folder}/{split}_{i:05d}.png"
-                im.save(os.path.join(root, "images", rel), format="PNG")
+                atomic_write(os.path.join(root, "images", rel), lambda tmp: im.save(tmp, format="PNG"))
                 if split == "train":
                     train.append({"id": f"{ds}-{i}", "image": rel, "conversations": [
                         {"from": "human", "value": f"<image>\n{instr}"}, {"from": "gpt", "value": ans}]})
@@ -511,10 +520,8 @@ def make_fcit_mini(root, seed: int = 0, n_train: int = 300, n_test: int = 50, im
                         coco["annotations"] += [{"image_id": i + 1, "id": len(coco["annotations"]) + k, "caption": c}
                                                 for k, c in enumerate(meta["captions"])]
         for name, obj in ((train_f, train), (test_f, test)) + (((FLICKR_GT_FILE, coco),) if ds == "Flickr30k" else ()):
-            with open(os.path.join(root, "instructions", folder, name), "w") as f:
-                json.dump(obj, f, indent=0)
-    with open(stamp, "w") as f:
-        json.dump(params, f)
+            atomic_write_json(os.path.join(root, "instructions", folder, name), obj, indent=0)
+    atomic_write_json(stamp, params)
     return root
 
 
@@ -526,7 +533,8 @@ def _caption_sample(rng, S):
     im, d = _canvas(S)
     col, shp = rng.choice(list(COLORS)), rng.choice(SHAPES)
     if kind == "one":
-        pos = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1), "center": (.5, .5)}
+        pos = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1),
+               "center": (.5, .5)}
         where = rng.choice(list(pos))
         big = rng.random() < .5
         s = (.45 if big else .25) * S
@@ -556,13 +564,15 @@ def _caption_sample(rng, S):
         what = rng.choice(["digit", "letter", "word"])
         txt = {"digit": str(rng.randint(0, 9)), "letter": chr(65 + rng.randrange(26)),
                "word": rng.choice(TITLES + DVQA_LABELS + TAB_NAMES).upper()}[what]
-        d.text((S / 2, S / 2), txt, fill=COLORS[col], font=_font(max(8, int((.5 if what != "word" else .2) * S))), anchor="mm")
+        d.text((S / 2, S / 2), txt, fill=COLORS[col], font=_font(max(8, int((.5 if what != "word" else .2) * S))),
+               anchor="mm")
         cap = f"The {what} {txt} written in {col}."
     elif kind == "object":
         obj, style = rng.choice(OBJECTS), rng.choice(["photo", "sketch", "cartoon", "silhouette"])
         _object(d, obj, (.15 * S, .15 * S, .85 * S, .85 * S), COLORS[col], style)
         cap = {"photo": f"A {col} {obj}.", "sketch": f"A black line sketch of a {obj}.",
-               "cartoon": f"A cartoon {obj} with a black outline.", "silhouette": f"The dark silhouette of a {obj}."}[style]
+               "cartoon": f"A cartoon {obj} with a black outline.",
+               "silhouette": f"The dark silhouette of a {obj}."}[style]
     else:
         n = rng.randint(2, 5)
         _bars(d, S, [rng.randint(1, 10) for _ in range(n)], [COLORS[col]] * n)
@@ -586,10 +596,14 @@ _FRUITS = [("banana", "yellow"), ("tomato", "red"), ("lime", "green"), ("plum", 
 _ANIMALS = [("dog", "mammal"), ("cat", "mammal"), ("horse", "mammal"), ("eagle", "bird"), ("robin", "bird"),
             ("owl", "bird"), ("salmon", "fish"), ("trout", "fish"), ("shark", "fish")]
 _SIZES = ["ant", "bee", "mouse", "rabbit", "cat", "dog", "horse", "elephant", "whale"]          # increasing size
-_LISTS = {"fruits": ["apple", "banana", "cherry", "grape", "mango"], "colors": ["red", "blue", "green", "yellow", "pink"],
-          "sports": ["soccer", "tennis", "golf", "rugby", "hockey"], "tools": ["hammer", "saw", "drill", "wrench", "pliers"],
-          "vegetables": ["carrot", "onion", "pepper", "potato", "leek"], "birds": ["eagle", "robin", "owl", "crow", "swan"],
-          "instruments": ["piano", "violin", "drum", "flute", "guitar"], "drinks": ["tea", "coffee", "milk", "juice", "water"]}
+_LISTS = {"fruits": ["apple", "banana", "cherry", "grape", "mango"],
+          "colors": ["red", "blue", "green", "yellow", "pink"],
+          "sports": ["soccer", "tennis", "golf", "rugby", "hockey"],
+          "tools": ["hammer", "saw", "drill", "wrench", "pliers"],
+          "vegetables": ["carrot", "onion", "pepper", "potato", "leek"],
+          "birds": ["eagle", "robin", "owl", "crow", "swan"],
+          "instruments": ["piano", "violin", "drum", "flute", "guitar"],
+          "drinks": ["tea", "coffee", "milk", "juice", "water"]}
 _PEOPLE = ["Alice", "Ben", "Clara", "David", "Emma", "Frank"]
 _CITIES = ["Paris", "Berlin", "Lisbon", "Dublin", "Vienna", "Prague"]
 _DAYS = ["Monday", "Tuesday", "Friday", "Sunday"]
@@ -622,14 +636,16 @@ def _fedit_record(rng, cat):
     elif cat == "closed_qa":
         p, age, city = rng.choice(_PEOPLE), rng.randint(20, 60), rng.choice(_CITIES)
         ctx = f"{p} is {age} years old and lives in {city}."
-        ins, res = rng.choice([(f"How old is {p}?", f"{p} is {age} years old."), (f"Where does {p} live?", f"{p} lives in {city}.")])
+        ins, res = rng.choice([(f"How old is {p}?", f"{p} is {age} years old."),
+                               (f"Where does {p} live?", f"{p} lives in {city}.")])
     elif cat == "brainstorming":
         k = rng.choice(list(_LISTS))
         x, y = sorted(rng.sample(_LISTS[k], 2))
         ins = f"Give me three examples of {k}, but not {x} or {y}."
         res = f"Here are three {k}: {', '.join(v for v in _LISTS[k] if v not in (x, y))}."
     elif cat == "information_extraction":
-        q, item, city, day = rng.randint(2, 9), rng.choice(["chairs", "lamps", "boxes"]), rng.choice(_CITIES), rng.choice(_DAYS)
+        q, item, city, day = (rng.randint(2, 9), rng.choice(["chairs", "lamps", "boxes"]), rng.choice(_CITIES),
+                              rng.choice(_DAYS))
         ctx = f"Order {rng.randint(100, 999)}: {q} {item} shipped to {city} on {day}."
         ins, res = rng.choice([("Extract the city from the text.", city), ("Extract the day from the text.", day),
                                ("Extract the number of items from the text.", str(q))])
@@ -641,7 +657,8 @@ def _fedit_record(rng, cat):
     elif cat == "creative_writing":
         if rng.random() < .3:
             t, adj = rng.choice(_TOPICS)
-            ins, res = f"Write a short poem about the {t}.", f"The {t} is {adj} and bright,\nit stays with me by day and night."
+            ins = f"Write a short poem about the {t}."
+            res = f"The {t} is {adj} and bright,\nit stays with me by day and night."
         else:
             a, pl = rng.choice(_ANIMALS)[0], rng.choice(_PLACES)
             ins = f"Write one sentence of a story about a {a} in the {pl}."
@@ -670,9 +687,10 @@ def make_fedit_mini(root, seed: int = 0, n_per_category: int = 60) -> str:
             log.warning("FedIT-mini: only %d distinct %s records", len(seen), c)
         recs += list(seen.values())
     rng.shuffle(recs)
-    with open(path, "w") as f:
-        for r in recs:
-            f.write(json.dumps(r) + "\n")
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+    atomic_write(path, write)
     return path
 
 

@@ -22,6 +22,22 @@ _TORCH_GQA = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) >=
 _REQUIRED = object()
 
 
+def atomic_write(path, write):
+    """Write through a temporary file in the same folder (write(tmp)), then os.replace: a reader or a crash never
+    sees a half-written file. The one writer every file of the project goes through."""
+    path = str(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def read_json(path, default=_REQUIRED, error=ValueError):
     """json.load with `error`s naming the file (line and column for malformed JSON); a missing file gives `default`
     when one is given."""
@@ -285,7 +301,8 @@ class VisionAttention(nn.Module):
 
     def forward(self, x, mask=None):
         B, T, D = x.shape
-        q, k, v = (p(x).view(B, T, self.nh, D // self.nh).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(B, T, self.nh, D // self.nh).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
@@ -473,7 +490,8 @@ class VLM(nn.Module):
             if not bool(attention_mask.all()):
                 mask = _padding_mask(attention_mask, input_ids.shape[1], 0)
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+            position_ids = position_ids[None].expand(input_ids.shape[0], -1)
         return self.lm(x, position_ids, mask)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None):

@@ -46,6 +46,11 @@ def sample_clients(n_clients: int, per_round: int, seed: int, stage: int, rnd: i
 # server aggregation (FedAvg / FedProx / Reddi et al. 2021)
 
 
+def nbytes(state: dict) -> int:
+    """Bytes of a state dict: what a client sends or receives."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
 def finite_state(state: dict) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in state.values())
 

@@ -13,7 +13,6 @@ import pytest
 import data
 import mini as synth
 
-
 # ---------------------------------------------------------------- settings tables
 
 def test_task_order_and_groups():
@@ -71,7 +70,8 @@ def _check_partition(parts, n, n_clients, min_size=1):
 
 
 def test_dirichlet_partition_basic_and_reproducible():
-    for n, k, beta, m in [(1000, 50, 0.5, 1), (1000, 50, 5.0, 1), (300, 10, 0.1, 5), (600, 50, 0.5, 10), (50, 50, 1.0, 1)]:
+    for n, k, beta, m in [(1000, 50, 0.5, 1), (1000, 50, 5.0, 1), (300, 10, 0.1, 5), (600, 50, 0.5, 10),
+                          (50, 50, 1.0, 1)]:
         parts = data.dirichlet_partition(n, k, beta, seed=3, min_size=m)
         _check_partition(parts, n, k, m)
         assert parts == data.dirichlet_partition(n, k, beta, seed=3, min_size=m)
@@ -429,7 +429,8 @@ def test_mini_task_design():
     assert answers["ArxivQA"] <= set("ABCD") and answers["AOKVQA"] <= set("ABCD")
     assert answers["FigureQA"] == {"Yes", "No"} and answers["super-CLEVR"] >= {"yes", "no"}
     # instructions tell the tasks apart: every full instruction belongs to one task only
-    full = {ds: {synth.mini_sample(ds, 0, "train", i)[1].split("\n")[0] for i in range(150)} for ds in data.FCIT_DATASETS}
+    full = {ds: {synth.mini_sample(ds, 0, "train", i)[1].split("\n")[0] for i in range(150)}
+            for ds in data.FCIT_DATASETS}
     for a in full:
         for b in full:
             if a < b:
@@ -473,12 +474,14 @@ def test_partitions_generated_and_loaded(mini):
     assert all(e.dataset == "ArxivQA" for e in het)
     again = data.load_partitions(mini, "task-hom", 1.0, n_clients=3, seed=2)           # other params: regenerated
     assert [len(p) for p in again] == [3] * 8 and sum(len(c) for c in again[0]) == 30
-    assert sorted(os.listdir(os.path.join(data.partition_dir(mini, "seq", 1.0), "Task1"))) == [f"client_{i}.json" for i in range(3)]
+    assert (sorted(os.listdir(os.path.join(data.partition_dir(mini, "seq", 1.0), "Task1")))
+            == [f"client_{i}.json" for i in range(3)])
     assert json.load(open(os.path.join(data.partition_dir(mini, "seq", 1.0), "manifest.json")))["n_clients"] == 3
     cap = data.load_partitions(mini, "cap-het", 0.5, n_clients=4, seed=1)
     assert len(cap) == 4 and sum(len(c) for c in cap[0]) == 120
     assert {e.dataset for c in cap[0] for e in c} == {"AOKVQA", "IconQA", "Grounding", "ImageNet-R"}
-    assert os.path.exists(os.path.join(mini, "partitioned_data", "Capability-related", "cap", "0.5", "Task4", "client_3.json"))
+    assert os.path.exists(os.path.join(mini, "partitioned_data", "Capability-related", "cap", "0.5", "Task4",
+                                       "client_3.json"))
     for k, task in enumerate(cap):                     # the order check passed and each folder holds its group
         assert {e.dataset for c in task for e in c} == set(data.task_datasets("cap-het", k))
 
@@ -517,7 +520,8 @@ def test_partition_order_checked(tmp_path, caplog):
     # one foreign dataset in an otherwise right folder: named, no stage claimed
     _release(tmp_path / "mixed", "cap", [general + ["DVQA"], other, math_, chart])
     with pytest.raises(data.FCITDataError, match=r"Task1: holds datasets \{.*DVQA.*\}.*expected General "
-                                                 r"\{AOKVQA, Grounding, IconQA, ImageNet-R\}: \{DVQA\} not part of General"):
+                                                 r"\{AOKVQA, Grounding, IconQA, ImageNet-R\}: "
+                                                 r"\{DVQA\} not part of General"):
         data.load_partitions(tmp_path / "mixed", "cap-hom", 1.0, n_clients=2, check_images=False)
     # Task-related: a single dataset per folder; the "dataset" field wins over the image folder
     _release(tmp_path / "seq", "seq", [["ImageNet-R"], ["IconQA"]] + [["x"]] * 6)
@@ -587,7 +591,8 @@ def test_bad_input_errors(tmp_path, mini, caplog):
         data.load_client(root, "seq", 1.0, 0, 1)
     with pytest.raises(data.FCITDataError, match="Task2: missing task folder"):
         data.load_partitions(root, "seq", 1.0, n_clients=1)
-    with pytest.raises(data.FCITDataError, match=r"instructions/DVQA/test\.json: not found \(expected the FCIT release"):
+    with pytest.raises(data.FCITDataError,
+                       match=r"instructions/DVQA/test\.json: not found \(expected the FCIT release"):
         data.load_fcit(tmp_path, ["DVQA"])
     # test record without question_id
     _write(p, [{"image": img, "text": "q", "answer": "a"}])
@@ -631,7 +636,7 @@ def test_fedit_mini_and_dolly(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_tok():
     model = pytest.importorskip("model")
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -685,7 +690,8 @@ def test_fedit_alpaca_prompt_with_and_without_input(tiny_tok):
               "category": "open_qa"}
     header_input = ("Below is an instruction that describes a task, paired with an input that provides further "
                     "context. Write a response that appropriately completes the request.\n\n")
-    header_plain = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    header_plain = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                    "the request.\n\n")
     assert data.alpaca_prompt(with_ctx["instruction"], with_ctx["context"]) == (
         header_input + "### Instruction:\nWhere does Emma live?\n\n### Input:\nEmma is 31 years old and lives in "
         "Paris.\n\n### Response:\n")

@@ -13,9 +13,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import checkpoint              # noqa: E402
-import federate as fd          # noqa: E402
-import test_federate as tf     # noqa: E402
+import test_federate as tf  # noqa: E402
+
+import checkpoint  # noqa: E402
+import federate as fd  # noqa: E402
 
 WORLD = 2
 

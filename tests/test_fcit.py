@@ -9,6 +9,7 @@ from PIL import Image
 
 import fcit
 import federate
+import methods
 
 SMALL = ["--clients", "5", "--clients-per-round", "5", "--rounds", "1", "--batch-size", "8", "--eval-samples", "2",
          "--max-new-tokens", "3", "--quiet"]
@@ -218,13 +219,14 @@ def test_protocol_defaults(tmp_path):
     fedit = resolve("--setting", "fedit", "--data-root", str(dolly))
     assert (fedit.lr_schedule, fedit.warmup_ratio, fedit.max_length, fedit.lora_init, fedit.shard_seed) == \
         ("linear", 0.0, 512, "peft", 42)
-    assert (fedit.batch_size, fedit.grad_accum, fedit.client_sampling, fedit.clients_per_round) == (32, 2, "official", 1)
+    assert (fedit.batch_size, fedit.grad_accum, fedit.client_sampling, fedit.clients_per_round) == \
+        (32, 2, "official", 1)
     task = resolve("--setting", "task-hom", "--data-root", str(release), "--methods", "finetune,mtl")
     assert (task.lr_schedule, task.warmup_ratio, task.max_length, task.lora_init) == ("cosine", 0.03, 2048, "fcit")
     assert (task.lr, task.projector_lr, task.client_sampling, task.server_state) == (2e-4, None, "official", "reset")
     assert task.mtl_epochs == 1.0 and task.caption_metric == "average"
     assert task.projector_lr is None and task.lr == 2e-4   # the projector trains at the LoRA lr, as the paper's did
-    mtl = federate.METHODS["mtl"](type("Fed", (), {"cfg": task})())
+    mtl = methods.METHODS["mtl"](type("Fed", (), {"cfg": task})())
     assert (mtl.stages(8), mtl.rounds(), mtl.local_epochs()) == (1, 1, 1.0)
     emb = resolve("--setting", "task-hom")
     assert (emb.client_sampling, emb.lm_identity, emb.image_aspect) == ("seeded", True, "pad")

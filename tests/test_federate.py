@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import federate as fd
+import identity
 import server
 from config import Config
 
@@ -269,7 +270,7 @@ def make_tokenizer():
     pre = pre_tokenizers.Whitespace()
     words = set()
     for t in ("USER: ASSISTANT: repeat the word say echo this : copy", TEMPLATE_A, TEMPLATE_B,
-              " ".join(FRUITS + COLORS + [f[0] for f in FRUITS])) + fd.REFERENCE_TEXTS:   # no <unk> in the centre
+              " ".join(FRUITS + COLORS + [f[0] for f in FRUITS])) + identity.REFERENCE_TEXTS:   # no <unk> in the centre
         words |= {w for w, _ in pre.pre_tokenize_str(t)}
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + sorted(words))}, unk_token="<unk>"))
@@ -299,7 +300,6 @@ def tiny_model(steps=100):
     ~1-2 s) on a generic copy task ("repeat the word X" -> X) so that attention fetches the word: the two tasks
     then need only a LoRA-sized lookup, learnable in a few steps. Cached; returns a fresh deep copy."""
     if "m" not in _BASE:
-        g = torch.Generator().manual_seed(0)
         tok = make_tokenizer()
         text = vlm.DecoderConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
@@ -497,7 +497,8 @@ def test_fedprox_pulls_towards_global():
     ex = task_examples("A", 16, 1)
     far = []
     for mu in (0.0, 100.0):
-        fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="fedit", aggregator="fedprox", prox_mu=mu, local_epochs=2))
+        fed = fd.Federation(*tiny_model(), None,
+                            tiny_cfg(method="fedit", aggregator="fedprox", prox_mu=mu, local_epochs=2))
         u = fed._local_train(ex, 0, 0, 0, 0, 0)
         far.append(sum(float((u["state"][n] - fed.global_state[n]).norm() ** 2) for n in u["state"]))
     assert far[1] < far[0]
@@ -579,7 +580,7 @@ def test_ewc_fisher_per_sample_and_online_consolidation():
     g = torch.Generator().manual_seed(0)
     w = {n: anchors[1][n] + 0.01 * torch.randn(anchors[1][n].shape, generator=g) for n in names}
     fed._load(w)
-    got = float(fed._penalty(names, None, 0))
+    got = float(fd.client_penalty(fed, names, None, 0))
     want_pen = lam / 2 * sum(float((expected_F[n] * (w[n] - anchors[1][n]) ** 2).sum()) for n in names)
     assert got == pytest.approx(want_pen, rel=1e-3) and want_pen > 0
 
@@ -628,7 +629,8 @@ def test_zeroshot_mtl_local():
 
 
 def test_disco_orthogonal_subspaces():
-    fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="disco", orthogonal_subspaces=True, rounds=1, local_epochs=2))
+    fed = fd.Federation(*tiny_model(), None,
+                        tiny_cfg(method="disco", orthogonal_subspaces=True, rounds=1, local_epochs=2))
     run_two_tasks(fed)
     assert fed.method.open_order == [0, 1]
     assert float(lora.subspace_overlap(fed.model, reduce="max")[0, 1]) < 1e-4
@@ -638,7 +640,8 @@ def test_disco_with_clip_text_encoder():
     from tokenizers import AddedToken
     m, tok = tiny_model()
     ctok = copy.deepcopy(tok)
-    ctok.tok.add_special_tokens([AddedToken("<|startoftext|>", special=True), AddedToken("<|endoftext|>", special=True)])
+    ctok.tok.add_special_tokens([AddedToken("<|startoftext|>", special=True),
+                                 AddedToken("<|endoftext|>", special=True)])
     ctok.bos_id, ctok.eos_id = ctok.tok.token_to_id("<|startoftext|>"), ctok.tok.token_to_id("<|endoftext|>")
     ccfg = vlm.CLIPTextConfig(vocab_size=len(ctok), hidden_size=48, intermediate_size=96, num_hidden_layers=1,
                               num_attention_heads=4, max_position_embeddings=77, projection_dim=16, pad_token_id=0,
@@ -647,7 +650,7 @@ def test_disco_with_clip_text_encoder():
         torch.manual_seed(0)
         tower = vlm.CLIPTextTower(ccfg).eval()
     fed = fd.Federation(m, tok, None, tiny_cfg(method="disco", rounds=1, local_epochs=1), text_encoder=(tower, ctok))
-    f = fd.identity_features(fed, task_examples("A", 3, 0) + task_examples("B", 3, 0))
+    f = identity.identity_features(fed, task_examples("A", 3, 0) + task_examples("B", 3, 0))
     assert f.shape == (6, 48)                                  # pooled, unprojected (as FCIT uses CLIP)
     _, logs, tests = run_two_tasks(fed)
     assert fed.method.keys.shape == (2, 48) and fed.method.open_order == [0, 1]
@@ -746,7 +749,7 @@ def test_identity_center_option():
     @torch.no_grad()
     def states(text):                         # (T, C) final hidden states of one unpadded text
         return base.hidden_states(torch.tensor([tok.encode(text)]))[0].float()
-    ref = torch.cat([states(t) for t in fd.REFERENCE_TEXTS]).mean(0)           # mean over all reference tokens
+    ref = torch.cat([states(t) for t in identity.REFERENCE_TEXTS]).mean(0)           # mean over all reference tokens
     want_plain = torch.stack([states(e.instruction).mean(0) for e in exs])
     want_cen = torch.stack([F.normalize(states(e.instruction) - ref, dim=-1).mean(0) for e in exs])
     feats = {}
@@ -755,7 +758,7 @@ def test_identity_center_option():
         with torch.no_grad():                 # non-zero adapters: the identity must still come from the base LM
             for n in fed.lora_names:
                 fed._params[n].normal_(0, 0.5)
-        feats[center] = fd.identity_features(fed, exs, batch_size=3)      # padded batches of mixed lengths
+        feats[center] = identity.identity_features(fed, exs, batch_size=3)      # padded batches of mixed lengths
     assert feats[True].shape == (8, 64)
     assert torch.allclose(feats[False], want_plain, atol=1e-4)
     assert torch.allclose(feats[True], want_cen, atol=1e-4)

@@ -15,7 +15,6 @@ import checkpoint
 import lora
 import model as vlm
 
-
 # ----------------------------------------------------------------------------------------------------
 # tiny modules with the project's names
 
@@ -433,7 +432,8 @@ def test_own_adapter_format_roundtrip(tmp_path):
     lora.set_moe(model, generator=torch.Generator().manual_seed(5))
     keys = torch.randn(8, 768)
     path = str(tmp_path / "a" / "adapter.safetensors")
-    adapters.save_adapter(model, path, extra={"keys": keys, "sizes": torch.arange(8)}, metadata={"stage": 3, "clusters": [[0, 1]]})
+    adapters.save_adapter(model, path, extra={"keys": keys, "sizes": torch.arange(8)},
+                          metadata={"stage": 3, "clusters": [[0, 1]]})
     assert not [p for p in os.listdir(tmp_path / "a") if p.startswith(".tmp")]
     # into a model without LoRA: wrapped from the stored configuration
     fresh = Tiny()
@@ -450,8 +450,8 @@ def test_own_adapter_format_roundtrip(tmp_path):
         adapters.load_adapter(other, path)
     before = lora.lora_state(other)
     # a tensor whose shape does not fit: error names it, nothing is changed
-    from safetensors.torch import save_file
     from safetensors import safe_open
+    from safetensors.torch import save_file
     with safe_open(path, "pt") as f:
         hdr, ts = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     ts["lm.layers.1.mlp.up_proj.B.2"] = torch.zeros(12, 3)

@@ -329,7 +329,7 @@ def test_tokenizer_and_vicuna_labels(tmp_path):
     ids, labels = M.encode_example(tok, "What is in the image?", "A cat.", "vicuna_v1", image_seq_len=5)
     assert ids[0] == 1 and labels[0] == -100 and ids.count(tok.image_token_id) == 5
     assert ids[-1] == 2 and labels[-1] == 2
-    sup = [i for i, l in zip(ids, labels) if l != -100]
+    sup = [i for i, label in zip(ids, labels) if label != -100]
     assert tok.decode(sup) == "A cat."
     # the rendered prompt, tokenized as a whole, equals the supervised-prefix tokens
     full = tok.encode(M.VICUNA_SYSTEM + " USER: <image>\nWhat is in the image? ASSISTANT: A cat.", add_bos=True)
@@ -338,7 +338,7 @@ def test_tokenizer_and_vicuna_labels(tmp_path):
     assert all(x == -100 for x in pl) and tok.decode(p).endswith("ASSISTANT:")
     assert ids[: len(p) - 1] == p[:-1]   # BPE may merge the prompt's last piece with the answer
     a, al = M.encode_example(tok, "Describe the scene.", "Two dogs.", "alpaca")
-    assert tok.decode([i for i, l in zip(a, al) if l != -100]) == "Two dogs."
+    assert tok.decode([i for i, label in zip(a, al) if label != -100]) == "Two dogs."
     assert "Response:\nTwo dogs." in tok.decode(a)   # ("#" is not in the toy vocabulary)
     t, tl = M.encode_example(tok, "x " * 100, "yes", max_length=20)
     assert len(t) == len(tl) == 20
@@ -350,7 +350,7 @@ def test_chatml_qwen_tokenizer(tmp_path):
     assert tok.bos_id is None and not tok.add_bos and tok.eos_id == tok.token_to_id("<|im_end|>")
     ids, labels = M.encode_example(tok, "How many dogs are there?", "Two dogs.", "chatml", image_seq_len=3)
     assert ids[0] == tok.token_to_id("<|im_start|>") and ids.count(tok.image_token_id) == 3
-    sup = [i for i, l in zip(ids, labels) if l != -100]
+    sup = [i for i, label in zip(ids, labels) if label != -100]
     assert sup[-1] == tok.token_to_id("<|im_end|>") and tok.decode(sup[:-1]) == "Two dogs."
     assert tok.decode(ids, skip_special_tokens=False).startswith("<|im_start|>user\n<image>")
 
@@ -361,8 +361,8 @@ def test_original_layout_image_sentinel(tmp_path):
     tok = C.load_tokenizer(tmp_path)
     tok.image_token_id = None
     ids, labels = M.encode_example(tok, "What?", "Two dogs.", image_seq_len=4, image_token_id=-200)
-    assert ids.count(-200) == 4 and all(l == -100 for i, l in zip(ids, labels) if i == -200)
-    assert tok.decode([i for i, l in zip(ids, labels) if l != -100]) == "Two dogs."
+    assert ids.count(-200) == 4 and all(label == -100 for i, label in zip(ids, labels) if i == -200)
+    assert tok.decode([i for i, label in zip(ids, labels) if label != -100]) == "Two dogs."
 
 
 def test_transformers_tokenizer_agrees(tmp_path, tf):
@@ -586,7 +586,7 @@ def test_clip_text_tower_pooling(eos, tf, tmp_path):
         assert (tower(ids, am, project=False) - ref.pooler_output).abs().max() <= 1e-5
         assert (tower(ids, am) - hf.text_projection(ref.pooler_output)).abs().max() <= 1e-5
     assert tower.encode_texts(tok, ["a cat", "two dogs on a mat"]).shape == (2, 16)
-    from transformers import CLIPTextModel                     # bare CLIPTextModel: no projection
+    from transformers import CLIPTextModel  # bare CLIPTextModel: no projection
     torch.manual_seed(4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -652,7 +652,7 @@ def test_broken_checkpoints_give_clear_errors(llava_llama, tmp_path):
     with pytest.raises(ValueError, match=r"pytorch_model\.bin: refusing to load"):
         C.load_vlm(bad)
 
-    from safetensors.torch import load_file, save_file                      # missing / unexpected keys by name
+    from safetensors.torch import load_file, save_file  # missing / unexpected keys by name
     bad = copy("keys")
     sd = load_file(bad / "model.safetensors")
     del sd["language_model.model.layers.1.mlp.up_proj.weight"]
@@ -711,8 +711,8 @@ def test_bf16_autocast_and_from_scratch(llava_llama):
 
 @pytest.mark.parametrize("cfg", [
     {"image_processor_type": "CLIPImageProcessor", "size": 28, "crop_size": 28},    # old openai CLIP format
-    {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 26}, "crop_size": {"height": 24, "width": 20},
-     "do_pad": True},
+    {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 26},
+     "crop_size": {"height": 24, "width": 20}, "do_pad": True},
     {"image_processor_type": "SiglipImageProcessor", "size": {"height": 30, "width": 30}},   # defaults elsewhere
 ])
 def test_sparse_preprocessor_configs(cfg, tf, tmp_path):
@@ -755,8 +755,8 @@ def test_load_memory_is_one_copy(tmp_path):
     C.save_vlm(M.VLM(M.VLMConfig(text=M.DecoderConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                       num_hidden_layers=1, num_attention_heads=2), vision=None)), small)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(small)], capture_output=True, text=True, cwd=root,
-                         env={**os.environ, "PYTHONPATH": root})
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(small)], capture_output=True, text=True,
+                         cwd=root, env={**os.environ, "PYTHONPATH": root})
     assert out.returncode == 0, out.stderr
     grew = int(out.stdout.split()[-1])
     assert grew < 1.3 * size, f"peak RSS grew {grew / 1e6:.0f} MB for a {size / 1e6:.0f} MB checkpoint"
@@ -768,10 +768,13 @@ def test_load_memory_is_one_copy(tmp_path):
 # the LLaMA-1/2 tokenizer.model settings. sentencepiece itself is not a dependency.
 SPM_EXPECTED = {
     "What is in the image?": [307, 278, 280, 316, 271, 262, 303, 340, 376],
-    "A cat sitting on a red mat.": [287, 277, 265, 350, 274, 353, 269, 343, 350, 284, 259, 317, 364, 350, 369, 265, 363],
+    "A cat sitting on a red mat.": [287, 277, 265, 350, 274, 353, 269, 343, 350, 284, 259, 317, 364, 350, 369, 265,
+                                    363],
     "  two  spaces": [350, 350, 263, 366, 358, 350, 308, 365, 354, 361, 260],
-    "Ünïcode ✓ 猫 and emoji 🐈": [350, 198, 159, 356, 198, 178, 361, 358, 364, 351, 350, 229, 159, 150, 350, 234, 143, 174, 321, 350, 351, 369, 358, 109, 355, 350, 243, 162, 147, 139],
-    "numbers 12345 and 3.14": [350, 356, 362, 369, 374, 266, 352, 350, 383, 384, 385, 386, 387, 321, 350, 385, 363, 383, 386],
+    "Ünïcode ✓ 猫 and emoji 🐈": [350, 198, 159, 356, 198, 178, 361, 358, 364, 351, 350, 229, 159, 150, 350, 234, 143,
+                                174, 321, 350, 351, 369, 358, 109, 355, 350, 243, 162, 147, 139],
+    "numbers 12345 and 3.14": [350, 356, 362, 369, 374, 266, 352, 350, 383, 384, 385, 386, 387, 321, 350, 385, 363,
+                               383, 386],
     "line\nbreak\n\nend": [350, 302, 356, 351, 13, 374, 273, 354, 398, 13, 13, 282, 364],
     "USER: hello ASSISTANT:": [350, 334, 331, 370, 350, 261, 360, 360, 358, 287, 333, 332, 367, 330, 367, 370],
     "trailing space ": [263, 357, 354, 355, 302, 343, 308, 365, 354, 336, 350],
@@ -795,7 +798,7 @@ def test_sentencepiece_model_only_tokenizer(tmp_path):
             assert tok.decode(ids) == s, s
     ids, labels = M.encode_example(tok, "What is in the image?", "A cat.", image_seq_len=3, image_token_id=-200)
     assert ids[0] == 1 and ids[-1] == 2 and ids.count(-200) == 3
-    assert tok.decode([i for i, l in zip(ids, labels) if l != -100]) == "A cat."
+    assert tok.decode([i for i, label in zip(ids, labels) if label != -100]) == "A cat."
 
 
 def test_byte_level_separator_is_supervised():
@@ -805,6 +808,6 @@ def test_byte_level_separator_is_supervised():
                                             "assets", "tiny-llava"))
     ids, labels = M.encode_example(tok, "Is Blue the minimum?", "No", image_seq_len=4)
     prompt, _ = M.encode_example(tok, "Is Blue the minimum?", None, image_seq_len=4)
-    sup = [i for i, l in zip(ids, labels) if l != -100]
+    sup = [i for i, label in zip(ids, labels) if label != -100]
     assert tok.decode(sup[:-1]) == " No" and sup[-1] == tok.eos_id
     assert ids == prompt + sup

@@ -6,11 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_federate import task_examples, tiny_cfg, tiny_model
 
 import federate as fd
 import model as vlm
 import server
-from test_federate import task_examples, tiny_cfg, tiny_model
 
 
 def test_official_client_draw_matches_the_reseeding_code_and_leaves_numpy_alone():

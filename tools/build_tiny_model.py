@@ -2,13 +2,9 @@
 
     python tools/build_tiny_model.py [--out assets/tiny-llava] [--steps 1500] [--seed 0]
 
-A LLaVA-1.5-shaped model (CLIP-style vision tower, two-layer GELU projector, LLaMA decoder) at toy size,
-with its own byte-level BPE tokenizer, pretrained from scratch on mini.caption_corpus: generic synthetic
-image captions (shapes, colours, positions, counts, drawn characters) that never use the FCIT-mini task
-formats. The pretraining gives the model the basic vision-language alignment that LLaVA's stage-1/2
-training gives the real one, so that federated continual instruction tuning starts from a model that can
-see. The result is written in the llava-hf layout (config.json, model.safetensors, tokenizer.json,
-preprocessor_config.json) so the embedded run exercises the same loader as a real checkpoint.
+A toy LLaVA-1.5-shaped model with its own byte-level BPE tokenizer, pretrained from scratch on mini.caption_corpus
+(generic captions, never the FCIT-mini task formats) so that it can see, and written in the llava-hf layout so that
+the embedded run exercises the same loader as a real checkpoint.
 """
 import argparse
 import json
@@ -89,8 +85,9 @@ def pretrain(model, tokenizer, processor, steps, batch_size, lr, seed, log_every
         ids = torch.full((len(batch), T), tokenizer.pad_id, dtype=torch.long)
         lab = torch.full((len(batch), T), -100, dtype=torch.long)
         mask = torch.zeros((len(batch), T), dtype=torch.long)
-        for r, (a, l, _) in enumerate(batch):
-            ids[r, :len(a)], lab[r, :len(l)], mask[r, :len(a)] = torch.tensor(a), torch.tensor(l), 1
+        for r, (row_ids, row_labels, _) in enumerate(batch):
+            ids[r, :len(row_ids)], lab[r, :len(row_labels)] = torch.tensor(row_ids), torch.tensor(row_labels)
+            mask[r, :len(row_ids)] = 1
         pix = torch.stack([b[2] for b in batch])
         loss = model.loss(ids, lab, pixel_values=pix, attention_mask=mask)
         opt.zero_grad(set_to_none=True)
