@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import tempfile
 
 import torch
 import torch.nn as nn
@@ -29,36 +28,22 @@ from lora import (
     lora_state,
     set_active,
 )
+from model import atomic_write
 
 # ----------------------------------------------------------------------------------------------------
 # files
 
 
-def _atomic(path, write, suffix=""):
-    """Write through a temporary file in the same folder (write(tmp)), then os.replace: never a half-written file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=d)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _atomic_save_safetensors(tensors, path, metadata):
-    _atomic(path, lambda tmp: save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, tmp,
-                                        metadata=metadata), suffix=".safetensors")
+    atomic_write(path, lambda tmp: save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
+                                             tmp, metadata=metadata))
 
 
 def _atomic_write_text(text, path):
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def _read_safetensors(path):
@@ -179,8 +164,8 @@ def _target_regex(model, names, legacy):
         for v in variants:
             try:
                 all_hf.add(_hf_name(model, n, v)) if n else None
-            except Exception:
-                pass
+            except ValueError:          # a module outside the mapped parts has no transformers name
+                continue
     want = {_hf_name(model, n, v) for n in names for v in variants}
     general = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(h)) for h in want})
     rx = "(" + "|".join(general) + ")"
@@ -275,14 +260,14 @@ def _peft_module_lookup(model):
             for legacy in (False, True):
                 try:
                     lookup.setdefault(model.hf_module_name(n, legacy), n)
-                except Exception:
-                    pass
+                except ValueError:      # a module outside the mapped parts has no transformers name
+                    continue
     return lookup
 
 
 def _our_module(lookup, path, key):
-    """Our module name for the adapter's module `path`, or through checkpoint's key rules (transformers' names, for
-    a model without hf_module_name); the error names the adapter `key`."""
+    """Our module name for the adapter's module `path`, found as is or after checkpoint's key rules (transformers'
+    names, for a model without hf_module_name); the error names the adapter tensor `key`."""
     if path in lookup:
         return lookup[path]
     cand = canonical_key(path)

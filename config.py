@@ -7,11 +7,12 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from scoring import CAPTION_METRICS
+
 SETTINGS = ("task-hom", "task-het", "cap-hom", "cap-het", "fedit")
 FCIT_METHODS = ("disco", "finetune", "ewc", "olora", "moelora", "zeroshot", "mtl")
 FEDIT_METHODS = ("fedit", "local", "mtl")
 AGGREGATORS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
-CAPTION_METRICS = ("average", "CIDEr", "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr_x10")
 
 
 class UsageError(ValueError):
@@ -183,7 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser):
             continue
         flag = "--" + f.name.replace("_", "-")
         shown = ",".join(f.default) if isinstance(f.default, tuple) else f.default
-        text = meta["help"] + ("" if f.default in (None, False) else f" (default: {shown})")
+        text = meta["help"] + ("" if f.default is None or f.default is False else f" (default: {shown})")
         kind = {"int": int, "float": float, "str": str, "tuple": _parse_list}[f.type] if f.type != "bool" else None
         if kind is None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)

@@ -28,6 +28,7 @@ import data
 import federate
 import mini
 import model as vlm
+import scoring
 from config import Config, UsageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -216,7 +217,7 @@ class Benchmark:
         scores = []
         for ds in self.test_datasets[self.tasks[k]]:
             exs = self.test[ds]
-            scores.append(data.evaluate_task(ds, predict(exs), exs, caption_metric=self.cfg.caption_metric))
+            scores.append(scoring.evaluate_task(ds, predict(exs), exs, caption_metric=self.cfg.caption_metric))
         return sum(scores) / len(scores)
 
     def examples_by_task(self, tasks):
@@ -346,7 +347,7 @@ def save_adapters(fed, model, out, stage, is_main):
 
 def summarize(progress, bench, continual=True):
     """results.json's entry of one method; a single joint training (mtl) has Last only, no Avg or BWT."""
-    m = data.continual_metrics(progress["matrix"])
+    m = scoring.continual_metrics(progress["matrix"])
     if not continual:
         m["avg"] = m["bwt"] = None
     clean = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4)
@@ -368,7 +369,8 @@ def plan(cfg: Config, bench):
              f"data: {bench.source}", f"model: {cfg.model}",
              f"methods: {', '.join(cfg.methods)}; aggregator {cfg.aggregator}; {cfg.clients} clients, "
              f"{cfg.clients_per_round} per round, {cfg.rounds} rounds per stage, {cfg.local_epochs} local epoch(s), "
-             f"batch {cfg.batch_size}x{cfg.grad_accum}, lr {cfg.lr}, LoRA r={cfg.rank} alpha={cfg.alpha} K={cfg.subspaces}"]
+             f"batch {cfg.batch_size}x{cfg.grad_accum}, lr {cfg.lr}, LoRA r={cfg.rank} alpha={cfg.alpha} "
+             f"K={cfg.subspaces}"]
     total = 0
     for s in range(bench.stages):
         trained = bench.stage_parts[s]

@@ -76,7 +76,21 @@ def train_step_fn(model, ids, labels, lr=1e-4):
     return step
 
 
-def main():
+def forward_fn(model, ids):
+    def f():
+        with torch.no_grad():
+            model(ids)
+    return f
+
+
+def generate_fn(model, prompt):
+    def f():
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=16, eos_token_id=-1)
+    return f
+
+
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=192)   # tools/build_tiny_model.py tiny config
     ap.add_argument("--inter", type=int, default=512)
@@ -97,33 +111,29 @@ def main():
                     help="cpu: thread CPU time with torch single-threaded (for a busy shared machine)")
     ap.add_argument("--skip-peft", action="store_true")
     args = ap.parse_args()
-    global CLOCK
-    if args.clock == "cpu":
-        if args.device != "cpu":
-            ap.error("--clock cpu needs --device cpu")
-        CLOCK, args.threads = time.thread_time, 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dev = args.device
-    base = build(args)
-    torch.manual_seed(1)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
-    labels = ids.clone()
-    print(f"config: hidden={args.hidden} inter={args.inter} layers={args.layers} vocab={args.vocab} "
-          f"batch={args.batch} seq={args.seq} K={args.K} r={args.r} dtype={args.dtype} device={dev} "
-          f"threads={torch.get_num_threads()} clock={args.clock}")
+    if args.clock == "cpu" and args.device != "cpu":
+        ap.error("--clock cpu needs --device cpu")
+    return args
 
-    # (a) one active subspace of K vs a plain single LoRA of the same rank
+
+def bench_one_active(base, ids, labels, args):
+    """(a) Train step with one active subspace of K vs a plain single LoRA of the same rank; returns both models."""
     mk = copy.deepcopy(base)
     lora.apply_lora(mk, args.K * args.r, 2.0 * args.K * args.r, num_subspaces=args.K, dropout=args.dropout)
     lora.set_active(mk, args.K // 2)
     m1 = copy.deepcopy(base)
     lora.apply_lora(m1, args.r, 2.0 * args.r, num_subspaces=1, dropout=args.dropout)
-    ta, t1 = timeit([train_step_fn(mk, ids, labels), train_step_fn(m1, ids, labels)], args.repeats, args.warmup, dev)
+    ta, t1 = timeit([train_step_fn(mk, ids, labels), train_step_fn(m1, ids, labels)], args.repeats, args.warmup,
+                    args.device)
     print(f"(a) train step: K={args.K} one active {ta * 1e3:.2f} ms | single LoRA r={args.r} {t1 * 1e3:.2f} ms | "
           f"ratio {ta / t1:.3f} (target <= 1.05)")
+    return mk, m1
 
-    # (b) inference: K soft-routed subspaces per sample vs one merged LoRA
+
+def bench_routed(mk, m1, ids, args):
+    """(b) Inference forward with K soft-routed subspaces per sample, all or half of them trained, vs one merged
+    LoRA; returns the merged model and the routing weights."""
+    dev = args.device
     with torch.no_grad():
         for m in lora.lora_modules(mk).values():
             for p in m.B:
@@ -133,13 +143,7 @@ def main():
     lora.set_routing(mk, alpha)
     mm = copy.deepcopy(m1).eval()
     lora.merge(mm, torch.ones(1))
-
-    def fwd(model):
-        def f():
-            with torch.no_grad():
-                model(ids)
-        return f
-    tr, tm = timeit([fwd(mk), fwd(mm)], args.repeats, args.warmup, dev)
+    tr, tm = timeit([forward_fn(mk, ids), forward_fn(mm, ids)], args.repeats, args.warmup, dev)
     print(f"(b) inference forward: K={args.K} soft-routed (all {args.K} trained) {tr * 1e3:.2f} ms | merged "
           f"{tm * 1e3:.2f} ms | ratio {tr / tm:.3f} (target <= 1.15)")
     # DISCO mid-way: only half the slots trained (empty slots have B = 0 and are skipped exactly)
@@ -149,11 +153,15 @@ def main():
             for p in m.B[args.K // 2:]:
                 p.zero_()
     lora.set_routing(mh, alpha)
-    th, tm2 = timeit([fwd(mh), fwd(mm)], args.repeats, args.warmup, dev)
+    th, tm2 = timeit([forward_fn(mh, ids), forward_fn(mm, ids)], args.repeats, args.warmup, dev)
     print(f"    same with {args.K // 2} of {args.K} slots trained (exact skip of B = 0): {th * 1e3:.2f} ms | "
           f"merged {tm2 * 1e3:.2f} ms | ratio {th / tm2:.3f}")
-    # DISCO-like routing: a batch of one task, softmax(cos / 0.05) nearly one-hot; opt-in pruning of weights
-    # <= 1e-4 (approximate) keeps only the subspaces that matter for the batch
+    return mm, alpha
+
+
+def bench_disco_routing(mk, mm, ids, args):
+    """DISCO-like routing: a batch of one task, softmax(cos / 0.05) nearly one-hot; the opt-in pruning of weights
+    <= 1e-4 (approximate) keeps only the subspaces that matter for the batch."""
     keys = torch.randn(args.K, 64)
     feats = keys[1] + 0.3 * torch.randn(args.batch, 64)
     a_disco = lora.route(feats, keys, "softmax", 0.05)
@@ -164,26 +172,22 @@ def main():
         full = mk(ids)
     kept = int((a_disco.amax(0) > 1e-4).sum())
     lora.set_routing(mk, a_disco, min_weight=1e-4)
-    tp_, tm3 = timeit([fwd(mk), fwd(mm)], args.repeats, args.warmup, dev)
+    tp_, tm3 = timeit([forward_fn(mk, ids), forward_fn(mm, ids)], args.repeats, args.warmup, args.device)
     print(f"    DISCO-like alpha, min_weight=1e-4 ({kept} of {args.K} kept, max |dlogits| "
           f"{float((pruned - full).abs().max()):.1e}): {tp_ * 1e3:.2f} ms | merged {tm3 * 1e3:.2f} ms | "
           f"ratio {tp_ / tm3:.3f}")
-    lora.set_routing(mk, alpha)
-    if hasattr(mk, "generate"):
-        prompt = ids[:, : min(16, args.seq)]
 
-        def gen(model):
-            def f():
-                with torch.no_grad():
-                    model.generate(prompt, max_new_tokens=16, eos_token_id=-1)
-            return f
-        gr, gm = timeit([gen(mk), gen(mm)], max(3, args.repeats // 3), 1, dev)
-        print(f"    generate 16 tokens (KV cache): routed {gr * 1e3:.2f} ms | merged {gm * 1e3:.2f} ms | "
-              f"ratio {gr / gm:.3f}")
 
-    # (c) ours vs peft on the same model
-    if args.skip_peft:
-        return
+def bench_generate(mk, mm, ids, args):
+    """Generation of 16 tokens with the KV cache: routed vs merged."""
+    prompt = ids[:, : min(16, args.seq)]
+    gr, gm = timeit([generate_fn(mk, prompt), generate_fn(mm, prompt)], max(3, args.repeats // 3), 1, args.device)
+    print(f"    generate 16 tokens (KV cache): routed {gr * 1e3:.2f} ms | merged {gm * 1e3:.2f} ms | "
+          f"ratio {gr / gm:.3f}")
+
+
+def bench_vs_peft(base, m1, ids, labels, args):
+    """(c) Our single-LoRA train step vs peft's (inject_adapter_in_model on the same model, same rank)."""
     try:
         import peft
     except ImportError:
@@ -200,8 +204,33 @@ def main():
     n_ours = sum(p.numel() for p in m1.parameters() if p.requires_grad)
     n_peft = sum(p.numel() for p in mp.parameters() if p.requires_grad)
     assert n_ours == n_peft, (n_ours, n_peft)
-    to, tp = timeit([train_step_fn(m1, ids, labels), train_step_fn(mp, ids, labels)], args.repeats, args.warmup, dev)
+    to, tp = timeit([train_step_fn(m1, ids, labels), train_step_fn(mp, ids, labels)], args.repeats, args.warmup,
+                    args.device)
     print(f"(c) train step: ours {to * 1e3:.2f} ms | peft {tp * 1e3:.2f} ms | ratio {to / tp:.3f} (target <= 1.0)")
+
+
+def main():
+    global CLOCK
+    args = parse_args()
+    if args.clock == "cpu":
+        CLOCK, args.threads = time.thread_time, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = build(args)
+    torch.manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+    labels = ids.clone()
+    print(f"config: hidden={args.hidden} inter={args.inter} layers={args.layers} vocab={args.vocab} "
+          f"batch={args.batch} seq={args.seq} K={args.K} r={args.r} dtype={args.dtype} device={args.device} "
+          f"threads={torch.get_num_threads()} clock={args.clock}")
+    mk, m1 = bench_one_active(base, ids, labels, args)
+    mm, alpha = bench_routed(mk, m1, ids, args)
+    bench_disco_routing(mk, mm, ids, args)
+    lora.set_routing(mk, alpha)
+    if hasattr(mk, "generate"):
+        bench_generate(mk, mm, ids, args)
+    if not args.skip_peft:
+        bench_vs_peft(base, m1, ids, labels, args)
 
 
 if __name__ == "__main__":

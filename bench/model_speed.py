@@ -104,7 +104,7 @@ def measure(fns, params, device, steps):
     return res
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -117,12 +117,12 @@ def main():
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = ap.parse_args()
-    device = torch.device(a.device)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    return ap.parse_args()
+
+
+def build_models(a, device):
+    """A random transformers LlamaForCausalLM and ours loaded from its saved checkpoint, both frozen, with the
+    embedding output requiring grad."""
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
                       num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
@@ -137,29 +137,23 @@ def main():
     for m, emb in ((hf, hf.model.embed_tokens), (ours, ours.lm.embed_tokens)):
         m.requires_grad_(False)
         emb.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+    return hf, ours
 
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(device)
-    labels = ids.clone()
-    labels[:, : a.seq // 2] = -100          # supervise the second half (answer-like)
-    with torch.no_grad():
-        d = (ours(ids) - hf(input_ids=ids).logits).abs().max().item()
-    print(f"config: hidden {a.hidden}, layers {a.layers}, heads {a.heads}/{a.kv_heads}, inter {a.intermediate}, "
-          f"vocab {a.vocab}, batch {a.batch} x seq {a.seq}, fp32, device {device}, threads {torch.get_num_threads()}")
-    print(f"max |dlogits| ours vs transformers: {d:.2e}")
 
-    rate, cpu_rate = gemm_rate(device)
+def step_flops(a, ours):
+    """Forward + backward flops of one step for each implementation (frozen weights: input gradients only)."""
     P = sum(p.numel() for n, p in ours.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
     tok = a.batch * a.seq
     attn = 4 * a.batch * a.seq ** 2 * a.hidden * a.layers            # QK^T + PV, forward, no causal discount
     body = 2 * tok * P + attn                                        # forward flops without the head
     head_full, head_sup = 2 * tok * a.hidden * a.vocab, 2 * (tok // 2) * a.hidden * a.vocab
     # backward with frozen weights: input grads only (~1x forward for matmuls, ~2x for attention)
-    flops = {"ours": 2 * (body + head_sup) + attn, "ours_full": 2 * (body + head_full) + attn,
-             "hf": 2 * (body + head_full) + attn}
-    models = {"hf": hf, "ours": ours, "ours_full": ours}
-    res = measure({k: step_fn(k, m, ids, labels) for k, m in models.items()},
-                  {k: list(m.parameters()) for k, m in models.items()}, device, a.steps)
+    return {"ours": 2 * (body + head_sup) + attn, "ours_full": 2 * (body + head_full) + attn,
+            "hf": 2 * (body + head_full) + attn}
+
+
+def report(res, flops, rate, cpu_rate):
+    """The table of step times, memory and GEMM fractions, then the ratios ours / transformers."""
     paired = sorted(o / h for o, h in zip(res["ours"][3], res["hf"][3]))
     print(f"fp32 GEMM rate (2048^3): {rate / 1e9:.1f} GFLOP/s wall, {cpu_rate / 1e9:.1f} GFLOP/s per CPU-second")
     print(f"{'impl':<34}{'step ms':>9}{'cpu ms':>8}{'saved MB':>10}{'peak MB':>9}{'GFLOP/s':>9}{'of GEMM':>8}"
@@ -175,6 +169,33 @@ def main():
           f"cpu {res['ours'][4] / res['hf'][4]:.2f} (loss), {res['ours_full'][4] / res['hf'][4]:.2f} (full logits)")
     print(f"ratio saved-activation bytes ours/transformers: {res['ours'][1] / res['hf'][1]:.2f} (loss), "
           f"{res['ours_full'][1] / res['hf'][1]:.2f} (full logits)")
+
+
+def main():
+    a = parse_args()
+    device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    hf, ours = build_models(a, device)
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(device)
+    labels = ids.clone()
+    labels[:, : a.seq // 2] = -100          # supervise the second half (answer-like)
+    with torch.no_grad():
+        d = (ours(ids) - hf(input_ids=ids).logits).abs().max().item()
+    print(f"config: hidden {a.hidden}, layers {a.layers}, heads {a.heads}/{a.kv_heads}, inter {a.intermediate}, "
+          f"vocab {a.vocab}, batch {a.batch} x seq {a.seq}, fp32, device {device}, threads {torch.get_num_threads()}")
+    print(f"max |dlogits| ours vs transformers: {d:.2e}")
+
+    rate, cpu_rate = gemm_rate(device)
+    flops = step_flops(a, ours)
+    models = {"hf": hf, "ours": ours, "ours_full": ours}
+    res = measure({k: step_fn(k, m, ids, labels) for k, m in models.items()},
+                  {k: list(m.parameters()) for k, m in models.items()}, device, a.steps)
+    report(res, flops, rate, cpu_rate)
 
 
 if __name__ == "__main__":

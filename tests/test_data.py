@@ -12,6 +12,7 @@ import pytest
 
 import data
 import mini as synth
+import scoring
 
 # ---------------------------------------------------------------- settings tables
 
@@ -145,7 +146,7 @@ def test_manifest_hash():
 # ---------------------------------------------------------------- scorers
 
 def test_exact_and_substring():
-    s = data.score
+    s = scoring.score
     assert s("ImageNet-R", "Goldfish", "goldfish") == 1.0
     assert s("ArxivQA", " B ", "B") == 1.0
     assert s("ArxivQA", "B.", "B") == 0.0              # official rule: no punctuation normalisation
@@ -163,24 +164,24 @@ def test_exact_and_substring():
 
 
 def test_grounding_box_parser_and_iou():
-    assert data.parse_box("[0.12,0.34,0.56,0.78]") == (0.12, 0.34, 0.56, 0.78)   # official parser gives .2,.34,.56,.7
-    assert data.parse_box("The region is [0.1, 0.2, 0.5, 0.6].") == (0.1, 0.2, 0.5, 0.6)
-    assert data.parse_box("[.1,.2,1,1e-0]") == (0.1, 0.2, 1.0, 1.0)
+    assert scoring.parse_box("[0.12,0.34,0.56,0.78]") == (0.12, 0.34, 0.56, 0.78)  # official: .2,.34,.56,.7
+    assert scoring.parse_box("The region is [0.1, 0.2, 0.5, 0.6].") == (0.1, 0.2, 0.5, 0.6)
+    assert scoring.parse_box("[.1,.2,1,1e-0]") == (0.1, 0.2, 1.0, 1.0)
     for bad in ("", "no box here", "[0.1, 0.2, 0.3]", "[0.5,0.5,0.4,0.9]", "[a,b,c,d]"):
-        assert data.parse_box(bad) is None
+        assert scoring.parse_box(bad) is None
     g = "[0.0,0.0,1.0,1.0]"
-    assert data.score("Grounding", "[0.0,0.0,1.0,0.6]", g) == 1.0        # IoU 0.6
-    assert data.score("Grounding", "[0.0,0.0,1.0,0.5]", g) == 0.0        # IoU 0.5 is not > 0.5
-    assert data.score("Grounding", "I cannot tell", g) == 0.0
-    assert data.score("Grounding", "[0.2,0.2,0.6,0.6]", [0.2, 0.2, 0.6, 0.6]) == 1.0
-    assert abs(data.box_iou((0, 0, 2, 2), (1, 1, 3, 3)) - 1 / 7) < 1e-12
+    assert scoring.score("Grounding", "[0.0,0.0,1.0,0.6]", g) == 1.0        # IoU 0.6
+    assert scoring.score("Grounding", "[0.0,0.0,1.0,0.5]", g) == 0.0        # IoU 0.5 is not > 0.5
+    assert scoring.score("Grounding", "I cannot tell", g) == 0.0
+    assert scoring.score("Grounding", "[0.2,0.2,0.6,0.6]", [0.2, 0.2, 0.6, 0.6]) == 1.0
+    assert abs(scoring.box_iou((0, 0, 2, 2), (1, 1, 3, 3)) - 1 / 7) < 1e-12
 
 
 def test_rouge_l_fedit():
-    assert abs(data.rouge_l("the cat sat", "The cat sat on the mat.") - 2 / 3) < 1e-12
-    assert data.rouge_l("", "x") == 0.0
-    assert data.rouge_l("Paris.", "paris") == 1.0
-    assert data.score("dolly/open_qa", "The capital is Paris.", "The capital of France is Paris.") == pytest.approx(
+    assert abs(scoring.rouge_l("the cat sat", "The cat sat on the mat.") - 2 / 3) < 1e-12
+    assert scoring.rouge_l("", "x") == 0.0
+    assert scoring.rouge_l("Paris.", "paris") == 1.0
+    assert scoring.score("dolly/open_qa", "The capital is Paris.", "The capital of France is Paris.") == pytest.approx(
         2 * (4 / 4) * (4 / 6) / (4 / 4 + 4 / 6))
 
 
@@ -191,7 +192,7 @@ RES = ["a man riding a horse", "two dogs in the snow", "a blue car on the street
 
 
 def test_caption_metrics_match_pycocoevalcap():
-    sc = data.caption_scores(RES, GTS)
+    sc = scoring.caption_scores(RES, GTS)
     # pycocoevalcap 1.2: Bleu(4).compute_score, Cider().compute_score, Rouge().compute_score on the same input
     assert sc["Bleu_1"] == pytest.approx(0.8806997462775461, abs=1e-12)
     assert sc["Bleu_2"] == pytest.approx(0.7568186254410687, abs=1e-12)
@@ -203,36 +204,36 @@ def test_caption_metrics_match_pycocoevalcap():
 
 def test_caption_metrics_hand_values():
     # Papineni et al. 2002: candidate "the the the the the the the" -> modified unigram precision 2/7
-    b = data.bleu([["the"] * 7], [["the cat is on the mat".split(), "there is a cat on the mat".split()]])
+    b = scoring.bleu([["the"] * 7], [["the cat is on the mat".split(), "there is a cat on the mat".split()]])
     assert b[0] == pytest.approx(2 / 7, rel=1e-9)
     # brevity penalty: 3-word candidate, closest ref has 6 words -> exp(1 - 6/3)
-    b = data.bleu([["the", "cat", "sat"]], [["the cat sat on a mat".split()]])
+    b = scoring.bleu([["the", "cat", "sat"]], [["the cat sat on a mat".split()]])
     assert b[0] == pytest.approx(math.exp(1 - 2), rel=1e-9)
     # CIDEr-D: perfect captions whose n-grams appear in no other image -> cos = 1 at every n -> 10
-    assert data.cider_d([["a", "b", "c", "d"], ["e", "f", "g", "h"]],
+    assert scoring.cider_d([["a", "b", "c", "d"], ["e", "f", "g", "h"]],
                         [[["a", "b", "c", "d"]], [["e", "f", "g", "h"]]]) == pytest.approx(10.0)
     # ... n-grams present in every image's refs have idf 0 -> 0
-    assert data.cider_d([["x", "y"], ["x", "y"]], [[["x", "y"]], [["x", "y"]]]) == 0.0
+    assert scoring.cider_d([["x", "y"], ["x", "y"]], [[["x", "y"]], [["x", "y"]]]) == 0.0
     # punctuation and case are removed by the tokenizer
-    assert data.caption_tokenize("A Dog, running!") == ["a", "dog", "running"]
+    assert scoring.caption_tokenize("A Dog, running!") == ["a", "dog", "running"]
 
 
 def test_evaluate_task():
     E = data.Example
     exs = [E("ArxivQA", "q", "A"), E("ArxivQA", "q", "B"), E("ArxivQA", "q", "C"), E("ArxivQA", "q", "D")]
-    assert data.evaluate_task("ArxivQA", ["A", "b", "x", ""], exs) == 50.0
+    assert scoring.evaluate_task("ArxivQA", ["A", "b", "x", ""], exs) == 50.0
     g = [E("Grounding", "q", "[0,0,1,1]", meta={"answer_bbox": "[0.0,0.0,1.0,1.0]", "size": [10, 10]})]
-    assert data.evaluate_task("Grounding", ["[0,0,1,0.9]"], g) == 100.0
+    assert scoring.evaluate_task("Grounding", ["[0,0,1,0.9]"], g) == 100.0
     mini = [synth.mini_sample("Flickr30k", 0, "test", i) for i in range(40)]
     mex = [E("Flickr30k", q, a, meta={"captions": m["captions"]}) for _, q, a, m in mini]
-    for metric in data.CAPTION_METRICS:                              # discriminative on FCIT-mini
-        perfect = data.evaluate_task("Flickr30k", [a for _, _, a, _ in mini], mex, caption_metric=metric)
-        const = data.evaluate_task("Flickr30k", [mini[0][2]] * 40, mex, caption_metric=metric)
+    for metric in scoring.CAPTION_METRICS:                              # discriminative on FCIT-mini
+        perfect = scoring.evaluate_task("Flickr30k", [a for _, _, a, _ in mini], mex, caption_metric=metric)
+        const = scoring.evaluate_task("Flickr30k", [mini[0][2]] * 40, mex, caption_metric=metric)
         assert perfect > 1.5 * const, metric
-    perfect = data.evaluate_task("Flickr30k", [a for _, _, a, _ in mini], mex, caption_metric="CIDEr_x10")
+    perfect = scoring.evaluate_task("Flickr30k", [a for _, _, a, _ in mini], mex, caption_metric="CIDEr_x10")
     assert 80 < perfect <= 100                                       # CIDEr-D x 10 stays within 0..100
     with pytest.raises(ValueError):
-        data.evaluate_task("ArxivQA", ["A"], exs)
+        scoring.evaluate_task("ArxivQA", ["A"], exs)
 
 
 def test_caption_average_is_official_scale():
@@ -242,11 +243,11 @@ def test_caption_average_is_official_scale():
     ref = {"Bleu_1": 0.8806997462775461, "Bleu_2": 0.7568186254410687, "Bleu_3": 0.5444865517078873,
            "Bleu_4": 6.822287337960053e-05, "ROUGE_L": 0.8491875908823429, "CIDEr": 2.871254283348988}
     avg = 100 * (ref["Bleu_1"] + ref["Bleu_2"] + ref["Bleu_3"] + ref["Bleu_4"] + ref["ROUGE_L"] + ref["CIDEr"]) / 6
-    assert data.CAPTION_METRICS[0] == "average"
-    assert data.evaluate_task("Flickr30k", RES, caps) == pytest.approx(avg, rel=1e-9)      # default
+    assert scoring.CAPTION_METRICS[0] == "average"
+    assert scoring.evaluate_task("Flickr30k", RES, caps) == pytest.approx(avg, rel=1e-9)      # default
     for m in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"):
-        assert data.evaluate_task("Flickr30k", RES, caps, caption_metric=m) == pytest.approx(100 * ref[m], rel=1e-9)
-    assert data.evaluate_task("Flickr30k", RES, caps, caption_metric="CIDEr_x10") == pytest.approx(28.71254283348988)
+        assert scoring.evaluate_task("Flickr30k", RES, caps, caption_metric=m) == pytest.approx(100 * ref[m], rel=1e-9)
+    assert scoring.evaluate_task("Flickr30k", RES, caps, caption_metric="CIDEr_x10") == pytest.approx(28.71254283348988)
 
     # A corpus computed by hand. Image 1 is perfect; image 2 predicts "e f x" for the reference "e f g h".
     preds, refs = ["a b c d", "e f x"], [["a b c d"], ["e f g h"]]
@@ -261,35 +262,35 @@ def test_caption_average_is_official_scale():
     hand = {"Bleu_1": bleu[0], "Bleu_2": bleu[1], "Bleu_3": bleu[2], "Bleu_4": bleu[3], "ROUGE_L": rouge,
             "CIDEr": cider}
     caps = [E("Flickr30k", "q", r[0], meta={"captions": r}) for r in refs]
-    got = {m: data.evaluate_task("Flickr30k", preds, caps, caption_metric=m) for m in data.CAPTION_METRICS}
+    got = {m: scoring.evaluate_task("Flickr30k", preds, caps, caption_metric=m) for m in scoring.CAPTION_METRICS}
     assert got["average"] == pytest.approx(100 * sum(hand.values()) / 6, rel=1e-9)
     for m, v in hand.items():
         assert got[m] == pytest.approx(100 * v, rel=1e-9), m
     assert got["CIDEr_x10"] == pytest.approx(10 * cider, rel=1e-9)
     assert len(set(round(v, 6) for v in got.values())) == len(got)       # every name selects its own value
     with pytest.raises(ValueError, match=r"unknown caption metric 'CIDEr_x100'.*average, CIDEr"):
-        data.evaluate_task("Flickr30k", preds, caps, caption_metric="CIDEr_x100")
+        scoring.evaluate_task("Flickr30k", preds, caps, caption_metric="CIDEr_x100")
     with pytest.raises(ValueError, match="'bleu'"):
-        data.evaluate_task("ArxivQA", ["A"], [E("ArxivQA", "q", "A")], caption_metric="bleu")
+        scoring.evaluate_task("ArxivQA", ["A"], [E("ArxivQA", "q", "A")], caption_metric="bleu")
 
 
 # ---------------------------------------------------------------- continual metrics
 
 def test_continual_metrics_hom_and_het():
     m = [[80, None, None], [60, 70, None], [50, 65, 90]]
-    r = data.continual_metrics(m)
+    r = scoring.continual_metrics(m)
     assert r["last"] == pytest.approx((50 + 65 + 90) / 3)
     assert r["avg"] == pytest.approx((80 + 65 + (50 + 65 + 90) / 3) / 3)
     assert r["bwt"] == pytest.approx(((50 - 80) + (65 - 70)) / 2)
     het = [[40, None, 60, None], [45, 50, 55, None], [30, 52, 50, 70]]   # task 1 appears at stage 1, task 3 at 2
-    r = data.continual_metrics(het)
+    r = scoring.continual_metrics(het)
     assert r["last"] == pytest.approx(50.5)
     assert r["avg"] == pytest.approx((50 + 50 + 50.5) / 3)
     assert r["bwt"] == pytest.approx(((30 - 40) + (52 - 50) + (50 - 60)) / 3)
-    one = data.continual_metrics([[70.0]])
+    one = scoring.continual_metrics([[70.0]])
     assert one["last"] == one["avg"] == 70.0 and math.isnan(one["bwt"])
     with pytest.raises(ValueError):
-        data.continual_metrics([[1, 2], [3]])
+        scoring.continual_metrics([[1, 2], [3]])
 
 
 # ---------------------------------------------------------------- FCIT-mini
@@ -387,7 +388,7 @@ def test_mini_answers_derivable_by_construction():
             assert (ans == "Yes") == ((heights[a] > heights[b]) if "greater" in ins else (heights[a] < heights[b]))
 
         im, ins, ans, meta = synth.mini_sample("Grounding", 1, "train", i)
-        box = data.parse_box(ans)
+        box = scoring.parse_box(ans)
         col, shp = [(o["color"], o["shape"]) for o in meta["objects"] if o["box"] == list(box)][0]
         assert col in ins and shp in ins
         ys, xs = np.nonzero(_mask(im, synth.COLORS[col]))
@@ -617,7 +618,7 @@ def test_fedit_mini_and_dolly(tmp_path):
     assert data.alpaca_prompt("Say hi.").endswith("### Instruction:\nSay hi.\n\n### Response:\n")
     assert "### Input:\nctx\n\n### Response:\nok" in data.alpaca_prompt("Do.", "ctx", "ok")
     exs = [data.dolly_example(r) for r in test]
-    ev = data.evaluate_fedit([e.answer for e in exs[:-1]] + ["nothing"], exs)
+    ev = scoring.evaluate_fedit([e.answer for e in exs[:-1]] + ["nothing"], exs)
     assert ev["exact_match"] == pytest.approx(100 * 79 / 80) and len(ev["per_category"]) == 8
     assert ev["per_category"]["open_qa"]["rouge_l"] == 100.0 and ev["rouge_l"] < 100.0
     parts = data.shepherd_partition([r["category"] for r in train], 4, seed=42)
