@@ -1,6 +1,6 @@
 """FCIT / FedIT data: the benchmark tables and four FCIT settings, examples read from the released layout, seeded
-partitioners, databricks-dolly loading (FedIT), the official scorers (BLEU / CIDEr-D re-implemented: no Java), the
-continual metrics and the Collator. mini.py writes small synthetic benchmarks in the same layout.
+partitioners, databricks-dolly loading (FedIT) and the Collator. mini.py writes small synthetic benchmarks in the
+same layout; scoring.py scores predictions.
 """
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""Federated training: the engine that runs a round, and one small unit per continual method.
-
-A round (Federation.run_round): the method picks the clients and the subspace each trains; every client trains
-from the global state with a fresh optimizer; empty or non-finite clients are screened out; the method
-aggregates the uploads. The engine names no method: each unit below overrides only the hooks where it differs
-from Finetune, and METHODS lists them. FCIT: Guo et al., ICCV 2025; FedIT: Zhang et al. 2023 (Shepherd).
+"""The federated engine: one round of a federation, whatever the method (FCIT: Guo et al., ICCV 2025; FedIT:
+Zhang et al. 2023). The method (methods.py) picks the clients and the subspace each trains; every client trains
+from the global state with a fresh optimizer; empty or non-finite clients are screened out; the method aggregates.
 """
 from __future__ import annotations
 
