@@ -23,6 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
 import lora  # noqa: E402
 import model as vlm  # noqa: E402
 
@@ -209,6 +210,41 @@ def bench_vs_peft(base, m1, ids, labels, args):
     print(f"(c) train step: ours {to * 1e3:.2f} ms | peft {tp * 1e3:.2f} ms | ratio {to / tp:.3f} (target <= 1.0)")
 
 
+def hf_peft_step(base, ids, labels, args):
+    """transformers' LlamaForCausalLM with base's weights (checkpoint.save_vlm), peft's LoRA on the MLP (same rank and
+    dropout), the loss transformers computes from labels (shifted, over every position), an AdamW step."""
+    import tempfile
+
+    import peft
+    from transformers import LlamaForCausalLM
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint.save_vlm(base, d)
+        hf = LlamaForCausalLM.from_pretrained(d, dtype=getattr(torch, args.dtype)).to(args.device)
+    cfg = peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
+                          target_modules=["gate_proj", "up_proj", "down_proj"])
+    hf = peft.get_peft_model(hf, cfg)
+    opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4)
+    hf.train()
+
+    def step():
+        hf(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_vs_transformers_peft(base, m1, ids, labels, args):
+    """(d) Our single-LoRA train step vs the general-purpose stack: transformers + peft, same weights and loss."""
+    try:
+        step = hf_peft_step(base, ids, labels, args)
+    except ImportError:
+        print("(d) transformers/peft not installed: skipped")
+        return
+    to, th = timeit([train_step_fn(m1, ids, labels), step], args.repeats, args.warmup, args.device)
+    print(f"(d) train step: ours {to * 1e3:.2f} ms | transformers+peft {th * 1e3:.2f} ms | ratio {to / th:.3f} "
+          f"(target <= 0.8)")
+
+
 def main():
     global CLOCK
     args = parse_args()
@@ -231,6 +267,7 @@ def main():
         bench_generate(mk, mm, ids, args)
     if not args.skip_peft:
         bench_vs_peft(base, m1, ids, labels, args)
+        bench_vs_transformers_peft(base, m1, ids, labels, args)
 
 
 if __name__ == "__main__":
