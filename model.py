@@ -205,6 +205,13 @@ class KVCache:
 def _sdpa(q, k, v, mask):
     """q (B, nH, Tq, d), k/v (B, nKV, Tk, d); mask None (causal if Tq == Tk > 1) or bool (B, 1, Tq, Tk)."""
     n_rep = q.shape[1] // k.shape[1]
+    if q.shape[2] == 1 and not torch.is_grad_enabled():   # a decode step: plain attention beats the fused kernel
+        B, nH, _, d = q.shape
+        qg = q.view(B, k.shape[1], n_rep, d)                                      # GQA: no copy of the cache
+        att = (qg @ k.transpose(-1, -2)) * (d ** -0.5)                            # (B, nKV, n_rep, Tk)
+        if mask is not None:
+            att = att.masked_fill(~mask, float("-inf"))                           # mask (B, 1, 1, Tk)
+        return (torch.softmax(att, dim=-1) @ v).view(B, nH, 1, d)
     causal = mask is None and q.shape[2] > 1
     if n_rep > 1 and mask is None and _TORCH_GQA:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)

@@ -272,11 +272,12 @@ def organize(mu: torch.Tensor, n: list[float], keys: torch.Tensor, sizes: torch.
     unmatched = [i for i in range(mu.shape[0]) if slot[i] < 0]
     small = [i for i in unmatched if tot > 0 and n[i] / tot < small_client]
     sim = _cos(mu, mu)
-    clusters = _greedy_clusters([i for i in unmatched if i not in small], sim, tau)
+    small_set = set(small)
+    clusters = _greedy_clusters([i for i in unmatched if i not in small_set], sim, tau)
+    cands = [(("key", j), keys[j]) for j in used] + [(("cluster", c), _centroid(mu, n, m))
+                                                    for c, m in enumerate(clusters)]
     joined = {}                        # small client -> ("key", slot) or ("cluster", index)
     for i in small:
-        cands = [(("key", j), keys[j]) for j in used] + [(("cluster", c), _centroid(mu, n, m))
-                                                        for c, m in enumerate(clusters)]
         if cands:
             joined[i] = _nearest(mu[i].double(), cands)[0]
     clusters += _greedy_clusters([i for i in small if i not in joined], sim, tau)
