@@ -230,3 +230,15 @@ def test_protocol_defaults(tmp_path):
     assert (mtl.stages(8), mtl.rounds(), mtl.local_epochs()) == (1, 1, 1.0)
     emb = resolve("--setting", "task-hom")
     assert (emb.client_sampling, emb.lm_identity, emb.image_aspect) == ("seeded", True, "pad")
+
+
+def test_two_runs_with_the_same_seed_agree_exactly(tmp_path):
+    args = ["--setting", "cap-het", "--methods", "disco"] + SMALL
+    results = []
+    for name in ("a", "b"):
+        assert fcit.main(args + ["--out", str(tmp_path / name)]) == 0
+        r = json.load(open(tmp_path / name / "results.json"))
+        for m in r["methods"].values():
+            m.pop("wall_s")
+        results.append(r)
+    assert results[0] == results[1]
