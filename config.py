@@ -45,6 +45,9 @@ class Config:
                                "+ round) then choice, ignoring --seed (the paper protocols); seeded: keyed by --seed, "
                                "stage and round (the embedded run)", ("official", "seeded"))
     rounds: int = opt(10, "communication rounds per stage")
+    client_dropout: float = opt(0.0, "probability that a sampled client fails before its upload (seeded per stage, "
+                                "round and client)")
+    min_clients: int = opt(1, "a round with fewer uploads leaves the global model unchanged, and says so")
     server_lr: float = opt(None, "server learning rate of fedavgm/fedadam/fedyogi/fedadagrad (default: 1 - momentum "
                            "for fedavgm, 1e-3 for the adaptive ones)")
     server_momentum: float = opt(0.9, "FedAvgM momentum")
@@ -207,7 +210,8 @@ RANGES = {   # field -> (test, what it must be)
     "olora_lambda": (lambda v: v >= 0, ">= 0"), "prox_mu": (lambda v: v >= 0, ">= 0"),
     "server_lr": (lambda v: v > 0, "> 0"), "server_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"), "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "tau_adaptive": (lambda v: v > 0, "> 0"),
+    "tau_adaptive": (lambda v: v > 0, "> 0"), "client_dropout": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "min_clients": (lambda v: v >= 1, ">= 1"),
 }
 
 
@@ -227,6 +231,9 @@ def check(cfg: Config):
             raise UsageError(f"unknown method {m!r} for --setting {cfg.setting}; expected one of {', '.join(known)}")
     if len(set(cfg.methods)) != len(cfg.methods) or not cfg.methods:
         raise UsageError(f"--methods must list each method once: {','.join(cfg.methods)}")
+    if cfg.min_clients > cfg.clients_per_round:
+        raise UsageError(f"--min-clients {cfg.min_clients} exceeds --clients-per-round {cfg.clients_per_round}: "
+                         "no round could ever update the global model")
     if cfg.clients_per_round > cfg.clients:
         raise UsageError(f"--clients-per-round {cfg.clients_per_round} exceeds --clients {cfg.clients}")
     if cfg.setting.endswith("-het") and cfg.clients_per_round != 5:

@@ -297,8 +297,10 @@ class Federation:
             return {**rec, "clients": [], "per_client": [], "skipped": f"{self.cfg.method}: no training"}
         sel = self.method.select(stage, rnd)
         mine = [p for p in range(len(sel)) if p % self.world == self.rank]
-        datas = {p: list(self.method.client_data(client_data, p, sel[p]) or []) for p in mine}
-        dropped = []
+        failed = server.dropouts(sel, self.cfg.client_dropout, self.cfg.seed, stage, rnd) \
+            if self.method.federated else set()
+        dropped = [{"client": sel[p], "position": p, "reason": "dropped out before its upload"} for p in sorted(failed)]
+        datas = {p: [] if p in failed else list(self.method.client_data(client_data, p, sel[p]) or []) for p in mine}
         slots = self.method.assign(stage, rnd, sel, datas, dropped, rec, say)
         uploads = gather_by_position({p: self._client(p, sel[p], datas[p], slots.get(p), stage, rnd) for p in mine})
         kept, bad = server.screen_clients(list(uploads.values()))
@@ -306,7 +308,11 @@ class Federation:
         for d in dropped:
             say(f"stage {stage + 1} round {rnd + 1}: client {d['client']} (position {d['position']}) excluded: "
                 f"{d['reason']}")
-        if kept:
+        if len(kept) < (self.cfg.min_clients if self.method.federated else 1):
+            rec["aggregation_skipped"] = f"{len(kept)} of {len(sel)} clients uploaded (--min-clients " \
+                                         f"{self.cfg.min_clients}): the global model is left unchanged"
+            say(f"stage {stage + 1} round {rnd + 1}: {rec['aggregation_skipped']}")
+        elif kept:
             self.method.aggregate(stage, rnd, kept, rec, say)
         self._load(self.global_state)
         self.last = (stage, rnd)

@@ -11,7 +11,7 @@ from identity import identity_features
 
 class Finetune:
     """One LoRA trained sequentially through the stages, FedAvg'ed each round (FCIT's Finetune row)."""
-    has_lora, trains, continual = True, True, True
+    has_lora, trains, continual, federated = True, True, True, True
 
     def __init__(self, fed):
         self.fed, self.cfg = fed, fed.cfg
@@ -122,7 +122,7 @@ class ZeroShot(Finetune):
 class MTL(Finetune):
     """The centralised upper bound: one joint training on every stage's pooled data, as one client for
     mtl_epochs (the federated methods' budget), evaluated once (Last only)."""
-    continual = False
+    continual, federated = False, False
 
     def stages(self, n_stages):
         return 1
@@ -382,7 +382,9 @@ class DISCO(Finetune):
             pos = [u["position"] for u in kept]
             server.update_keys(self.keys, self.sizes, [u["slot"] for u in kept],
                                torch.stack([self.mus[p][0] for p in pos]).float(), [self.mus[p][1] for p in pos])
-            self.open_order += [j for j in rec["opened"] if float(self.sizes[j]) > 0 and j not in self.open_order]
+            for j in rec["opened"] + [u["slot"] for u in kept]:     # a subspace opens when it is first trained
+                if float(self.sizes[j]) > 0 and j not in self.open_order:
+                    self.open_order.append(j)
             if self.cfg.orthogonal_subspaces:
                 for j in sorted({u["slot"] for u in kept}):
                     old = self.open_order[:self.open_order.index(j)] if j in self.open_order else []

@@ -46,6 +46,15 @@ def sample_clients(n_clients: int, per_round: int, seed: int, stage: int, rnd: i
 # server aggregation (FedAvg / FedProx / Reddi et al. 2021)
 
 
+def dropouts(clients: list[int], p: float, seed: int, stage: int, rnd: int) -> set[int]:
+    """Positions whose client fails before its upload this round, each with probability p, drawn from a generator
+    keyed by (seed, stage, round, client), so the same clients fail on every rank and after a resume."""
+    if p <= 0:
+        return set()
+    return {i for i, c in enumerate(clients)
+            if np.random.default_rng([int(seed), int(stage), int(rnd), int(c) % 2 ** 32, 0xD0]).random() < p}
+
+
 def nbytes(state: dict) -> int:
     """Bytes of a state dict: what a client sends or receives."""
     return sum(t.numel() * t.element_size() for t in state.values())

@@ -112,3 +112,44 @@ def test_max_length_cuts_training_sequences_but_never_a_prompt():
     assert len(full) > 6
     assert fed._collate([ex], with_answer=False)["input_ids"][0].tolist()[-len(full):] == full
     assert fed._collate([ex])["input_ids"].shape[1] == 6
+
+
+def test_client_dropout_is_seeded_per_client_and_min_clients_keeps_the_model():
+    drops = [server.dropouts(list(range(50)), 0.2, seed=0, stage=s, rnd=r) for s in range(4) for r in range(10)]
+    rate = sum(len(d) for d in drops) / (50 * 40)
+    assert abs(rate - 0.2) < 0.03                                            # 2,000 Bernoulli(0.2) draws
+    assert drops[0] == server.dropouts(list(range(50)), 0.2, seed=0, stage=0, rnd=0)      # same on every call
+    assert server.dropouts([3, 7], 0.0, 0, 0, 0) == set() and server.dropouts([3, 7], 1.0, 0, 0, 0) == {0, 1}
+    cfg = tiny_cfg(method="finetune", local_epochs=1, client_dropout=1.0)
+    fed = fd.Federation(*tiny_model(), None, cfg)
+    before = {k: v.clone() for k, v in fed.global_state.items()}
+    rec = fed.run_round(0, 0, lambda p, c: task_examples("A", 8, c))
+    assert {d["reason"] for d in rec["dropped"]} == {"dropped out before its upload"} and len(rec["dropped"]) == 2
+    assert "left unchanged" in rec["aggregation_skipped"] and rec["bytes_up"] == 0
+    assert all(torch.equal(before[k], fed.global_state[k]) for k in before)
+    fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="finetune", local_epochs=1, min_clients=2))
+    rec = fed.run_round(0, 0, lambda p, c: task_examples("A", 8, c) if p == 0 else [])     # one upload of two
+    assert "1 of 2 clients uploaded" in rec["aggregation_skipped"]
+    assert all(torch.equal(before[k], fed.global_state[k]) for k in before)
+    with pytest.raises(ValueError, match="min-clients"):
+        tiny_cfg(min_clients=3)
+
+
+def test_disco_opens_a_dropped_clients_task_in_the_next_round():
+    # Stage 2 brings task B to one client only; it drops out in round 1, so B's subspace must open in round 2.
+    cfg = tiny_cfg(method="disco", local_epochs=1, clients=2, clients_per_round=2)
+    fed = fd.Federation(*tiny_model(), None, cfg)
+    fed.run_round(0, 0, lambda p, c: task_examples("A", 12, c))
+    assert float(fed.method.sizes[0]) == 24
+    fed.end_stage(0)
+    real = server.dropouts
+    try:
+        server.dropouts = lambda sel, p, seed, stage, rnd: {1} if (stage, rnd) == (1, 0) else set()
+        data = lambda p, c: task_examples("AB"[p], 12, 100 + c)
+        r0 = fed.run_round(1, 0, data)
+        assert r0["opened"] == [] and r0["dropped"][0]["position"] == 1
+        r1 = fed.run_round(1, 1, data)
+    finally:
+        server.dropouts = real
+    assert r1["opened"] == [1] and r1["assignments"] == {"0": 0, "1": 1}
+    assert float(fed.method.sizes[1]) == 12 and fed.method.open_order == [0, 1]
