@@ -88,6 +88,14 @@ def save_adapter(model, path, extra=None, metadata=None):
     return path
 
 
+def adapter_metadata(path) -> dict:
+    """The JSON metadata a `save_adapter` file carries (e.g. the method and stage that wrote it)."""
+    _, header = _read_safetensors(path)
+    if FORMAT_KEY not in header:
+        raise ValueError(f"{path}: not an fcit LoRA adapter (no '{FORMAT_KEY}' header)")
+    return json.loads(header.get("metadata") or "{}")
+
+
 def load_adapter(model, path):
     """Load a `save_adapter` file. Modules without LoRA are wrapped with the stored configuration (then
     everything else is frozen and subspace 0 is active); modules with LoRA must match it. Everything is

@@ -54,6 +54,11 @@ def build_parser():
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (stages, tasks, clients, steps), write "
                    "OUT/config.json and exit")
+    p.add_argument("--eval-only", action="store_true", help="train nothing: evaluate the stage adapter --adapters "
+                   "on the setting's tasks seen by its stage and write results.json / results.md")
+    p.add_argument("--adapters", default=None, help="with --eval-only: a stage folder fcit wrote (adapters/<method>/"
+                   "stage<t>, our format with DISCO's keys and routing), its fcit_adapter.safetensors, or a PEFT "
+                   "adapter folder (adapter_config.json; evaluated as one LoRA on the base model, final stage)")
     p.add_argument("--quiet", action="store_true", help="no per-client progress lines")
     p.add_argument("--json-log", default=None, help="append one JSON object per client/round to this file")
     return p
@@ -331,6 +336,48 @@ def run_method(cfg: Config, method, bench, out, device, dtype, log, is_main):
     return summarize(progress, bench, continual=fed.method.continual)
 
 
+def load_saved_adapter(cfg: Config, path, bench, device, dtype):
+    """A Federation holding a saved stage adapter (ours: the method that wrote it, its keys and projector; PEFT: one
+    LoRA on the base model), and the stage it evaluates. Errors name the file and what was expected."""
+    ours = path if os.path.isfile(path) else os.path.join(path, "fcit_adapter.safetensors")
+    peft_dir = next((d for d in (path, os.path.join(path, "peft"))
+                     if os.path.isfile(os.path.join(d, "adapter_config.json"))), None)
+    model, tokenizer, improc, text_encoder = load_model(cfg, device, dtype)
+    if os.path.isfile(ours):
+        meta = adapters.adapter_metadata(ours)
+        if meta.get("method") not in config.FCIT_METHODS + config.FEDIT_METHODS:
+            raise UsageError(f"--adapters {ours}: no method in its metadata (got {meta}); expected a stage adapter "
+                             "fcit wrote")
+        fed = federate.Federation(model, tokenizer, improc, dataclasses.replace(
+            cfg, method=meta["method"], device=device, dtype=dtype), text_encoder)
+        try:
+            extra, _ = adapters.load_adapter(model, ours)
+        except ValueError as e:
+            raise UsageError(f"--adapters {ours} does not fit this configuration ({e}); pass the flags it was "
+                             "trained with (--rank, --alpha, --subspaces, --lora-targets)") from None
+        federate.adopt_adapter(fed, extra, meta)
+        return fed, int(meta.get("stage", bench.stages - 1)), meta["method"]
+    if peft_dir is None:
+        raise UsageError(f"--adapters {path}: expected a stage folder with fcit_adapter.safetensors, that file, or a "
+                         "PEFT adapter folder with adapter_config.json")
+    adapters.load_peft_adapter(model, peft_dir)
+    fed = federate.Federation(model, tokenizer, improc,
+                              dataclasses.replace(cfg, method="zeroshot", device=device, dtype=dtype), text_encoder)
+    return fed, bench.stages - 1, "peft"
+
+
+def evaluate_saved(cfg: Config, path, bench, device, dtype, log):
+    """--eval-only: one row of scores for the tasks the adapter's stage has seen; Last only."""
+    t0 = time.time()
+    fed, stage, label = load_saved_adapter(cfg, path, bench, device, dtype)
+    tasks = bench.seen(bench.stages - fed.method.stages(bench.stages) + min(stage, bench.stages - 1))
+    row = evaluate(fed, bench, tasks)
+    log(f"[{label}] {path}: " + ", ".join(f"{bench.tasks[k]} {row[k]:.1f}" for k in tasks))
+    progress = {"matrix": [row], "comm_bytes": 0, "wall_s": time.time() - t0,
+                "routing_accuracy": fed.routing_accuracy(bench.examples_by_task(tasks))}
+    return label, summarize(progress, bench, continual=False)
+
+
 def save_adapters(fed, model, out, stage, is_main):
     """A stage's adapters: our format (all subspaces, DISCO's identity keys) and PEFT's (K subspaces as one LoRA,
     weighted by the method's α, since PEFT cannot route)."""
@@ -338,6 +385,7 @@ def save_adapters(fed, model, out, stage, is_main):
     if not is_main or exported is None:
         return
     extra, alpha = exported
+    extra = {**extra, **{f"param/{n}": fed.global_state[n] for n in fed.proj_names}}   # the trained projector
     d = os.path.join(out, "adapters", fed.cfg.method, f"stage{stage + 1}")
     os.makedirs(d, exist_ok=True)
     adapters.save_adapter(model, os.path.join(d, "fcit_adapter.safetensors"), extra=extra,
@@ -424,6 +472,8 @@ def setup(args, cfg: Config, log):
     """Before any training: the out folder's config (refused if it differs), the tiny VLM if missing, the data.
     Returns (out, config path, config JSON, benchmark)."""
     out = args.out or os.path.join("runs", f"{cfg.setting}-b{cfg.beta}-s{cfg.seed}")
+    if args.eval_only and args.out is None:      # never over a training run's results
+        out = os.path.join(args.adapters if os.path.isdir(args.adapters) else os.path.dirname(args.adapters), "eval")
     cfg_path, cfg_json = check_out_dir(out, cfg)
     if not args.dry_run and cfg.embedded and not os.path.exists(os.path.join(TINY_MODEL_DIR, "model.safetensors")):
         log(f"building the embedded tiny VLM into {TINY_MODEL_DIR} (one time)")
@@ -438,6 +488,7 @@ def setup(args, cfg: Config, log):
 
 
 def write_results(results, bench, cfg: Config, out):
+    write_json(os.path.join(out, "results.json"), results)
     md = results_markdown(results)
     def write_md(tmp):
         with open(tmp, "w") as f:
@@ -450,7 +501,10 @@ def write_results(results, bench, cfg: Config, out):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.eval_only != (args.adapters is not None):
+        parser.error("--eval-only and --adapters go together")
     rank, world = federate.init_distributed()
     is_main = rank == 0
     log = Logger(args.quiet, args.json_log, is_main)
@@ -476,7 +530,14 @@ def main(argv=None):
             f"{cfg.clients_per_round} per round, {cfg.rounds} rounds per stage, batch {cfg.batch_size}, lr {cfg.lr}, "
             f"LoRA r={cfg.rank} alpha={cfg.alpha} K={cfg.subspaces}, {cfg.eval_samples or 'all'} test samples per task")
     results = {"setting": cfg.setting, "beta": cfg.beta, "seed": cfg.seed, "tasks": bench.tasks, "methods": {}}
-    for method in cfg.methods:
+    if args.eval_only:
+        try:
+            label, results["methods"][label] = evaluate_saved(cfg, args.adapters, bench, device, dtype, log)
+        except UsageError as e:
+            print(f"fcit.py: error: {e}", file=sys.stderr)
+            return 2
+        results["adapters"] = os.path.abspath(args.adapters)
+    for method in [] if args.eval_only else cfg.methods:
         log(f"== {method} ==")
         results["methods"][method] = run_method(cfg, method, bench, out, device, dtype, log, is_main)
         if is_main:

@@ -423,3 +423,16 @@ class Federation:
         self.method.load_state(sub("method/"), meta.get("method_state", {}))
         self.last = tuple(meta["last"]) if meta.get("last") else None
         self._load(self.global_state)
+
+
+def adopt_adapter(fed: Federation, extra: dict, meta: dict):
+    """Take the adapter loaded into the model (and the projector saved with it) as the global state, to evaluate
+    a saved stage (--eval-only); the method restores what it routes with (DISCO: its identity keys)."""
+    with torch.no_grad():
+        for n in fed.proj_names:
+            if f"param/{n}" in extra:
+                fed._params[n].copy_(extra[f"param/{n}"])
+    fed.global_state = {n: fed._params[n].detach().to("cpu", copy=True)
+                         for n in fed.lora_names + fed.proj_names}
+    fed.last = (int(meta.get("stage", 0)), 0)
+    fed.method.restore(extra, meta)

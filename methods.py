@@ -94,6 +94,9 @@ class Finetune:
         """(extra tensors, PEFT routing α or None) of the stage adapter, or None when there is nothing to save."""
         return {}, (torch.ones(self.fed.K) / self.fed.K if self.fed.K > 1 else None)
 
+    def restore(self, extra: dict, meta: dict):
+        """What inference needs from a saved stage adapter (`export`'s extra tensors and its metadata)."""
+
     def state(self) -> tuple[dict, dict]:
         return {}, {}
 
@@ -287,6 +290,9 @@ class OLoRA(Finetune):
         lora.set_routing(self.fed.model, torch.tensor([1.0 if j in used else 0.0 for j in range(self.fed.K)]))
         return None
 
+    def restore(self, extra, meta):
+        self.stage_slot = {s: self.slot(s) for s in range(int(meta.get("stage", 0)) + 1)}
+
     def state(self):
         return {}, {"stage_slot": {str(k): v for k, v in self.stage_slot.items()}}
 
@@ -442,6 +448,10 @@ class DISCO(Finetune):
         extra = {} if self.keys is None else {"identity_keys": self.keys, "identity_sizes": self.sizes.float()}
         used = (self.sizes > 0).float()
         return extra, (used / used.sum().clamp(min=1) if self.fed.K > 1 else None)
+
+    def restore(self, extra, meta):
+        self.keys = extra["identity_keys"].float().clone()
+        self.sizes = extra["identity_sizes"].double().clone()
 
     def state(self):
         t = {"sizes": self.sizes} | ({"keys": self.keys} if self.keys is not None else {})

@@ -242,3 +242,29 @@ def test_two_runs_with_the_same_seed_agree_exactly(tmp_path):
             m.pop("wall_s")
         results.append(r)
     assert results[0] == results[1]
+
+
+def test_eval_only_reproduces_a_saved_stage(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert fcit.main(["--setting", "cap-hom", "--methods", "disco,olora", "--out", out] + SMALL) == 0
+    run = json.load(open(os.path.join(out, "results.json")))["methods"]
+    for method, stage in (("disco", 4), ("disco", 2), ("olora", 3)):
+        ev = str(tmp_path / f"eval-{method}-{stage}")
+        folder = os.path.join(out, "adapters", method, f"stage{stage}")
+        assert fcit.main(["--setting", "cap-hom", "--eval-only", "--adapters", folder, "--out", ev] + SMALL) == 0
+        r = json.load(open(os.path.join(ev, "results.json")))
+        assert r["adapters"] == os.path.abspath(folder)
+        got = r["methods"][method]
+        assert got["matrix"] == [run[method]["matrix"][stage - 1]] and got["avg"] is None
+    # a PEFT adapter (FedIT's, text-only): one LoRA on the base model, evaluated at the final stage
+    out = str(tmp_path / "fedit")
+    assert fcit.main(["--setting", "fedit", "--methods", "fedit", "--out", out] + SMALL) == 0
+    want = json.load(open(os.path.join(out, "results.json")))["methods"]["fedit"]["matrix"]
+    peft_dir = os.path.join(out, "adapters", "fedit", "stage1", "peft")
+    assert fcit.main(["--setting", "fedit", "--eval-only", "--adapters", peft_dir, "--out", str(tmp_path / "e")]
+                     + SMALL) == 0
+    assert json.load(open(tmp_path / "e" / "results.json"))["methods"]["peft"]["matrix"] == want
+    assert fcit.main(["--setting", "cap-hom", "--eval-only", "--adapters", str(tmp_path)] + SMALL) == 2
+    assert "expected a stage folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fcit.main(["--setting", "cap-hom", "--eval-only"])
