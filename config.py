@@ -48,6 +48,12 @@ class Config:
     client_dropout: float = opt(0.0, "probability that a sampled client fails before its upload (seeded per stage, "
                                 "round and client)")
     min_clients: int = opt(1, "a round with fewer uploads leaves the global model unchanged, and says so")
+    dp_clip: float = opt(None, "client-level DP (DP-FedAvg): clip each client's update to this L2 norm C; the server "
+                         "adds N(0, (noise C)^2) to the sum and divides by --clients-per-round")
+    dp_noise: float = opt(1.0, "with --dp-clip: the noise multiplier sigma of the updates")
+    dp_identity_noise: float = opt(None, "with --dp-clip: the noise multiplier of DISCO's identity tokens, clipped to "
+                                   "unit norm (default: --dp-noise)")
+    dp_delta: float = opt(1e-5, "with --dp-clip: the delta at which epsilon is reported")
     server_lr: float = opt(None, "server learning rate of fedavgm/fedadam/fedyogi/fedadagrad (default: 1 - momentum "
                            "for fedavgm, 1e-3 for the adaptive ones)")
     server_momentum: float = opt(0.9, "FedAvgM momentum")
@@ -211,7 +217,9 @@ RANGES = {   # field -> (test, what it must be)
     "server_lr": (lambda v: v > 0, "> 0"), "server_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"), "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "tau_adaptive": (lambda v: v > 0, "> 0"), "client_dropout": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-    "min_clients": (lambda v: v >= 1, ">= 1"),
+    "min_clients": (lambda v: v >= 1, ">= 1"), "dp_clip": (lambda v: v > 0, "> 0"),
+    "dp_noise": (lambda v: v >= 0, ">= 0"), "dp_identity_noise": (lambda v: v >= 0, ">= 0"),
+    "dp_delta": (lambda v: 0 < v < 1, "in (0, 1)"),
 }
 
 

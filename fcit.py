@@ -287,8 +287,11 @@ def log_round(rec, fed, progress, t_start, log):
             f"n={c['n']:<4} loss {loss}  {sps:.2f} steps/s  ETA {eta / 60:.1f} min", progress_line=True,
             record={"method": name, "stage": stage, "round": rnd, **c})
     progress["comm_bytes"] += int(rec.get("bytes_up", 0) + rec.get("bytes_down", 0))
+    if "epsilon" in rec:
+        progress["privacy"] = federate.privacy_spent(fed)
     progress["rounds"].append({k: rec.get(k) for k in ("stage", "round", "clients", "loss", "samples", "bytes_up",
-                                                        "bytes_down", "time_s", "assignments", "opened", "dropped")})
+                                                        "bytes_down", "time_s", "assignments", "opened", "dropped",
+                                                        "epsilon")})
 
 
 def close_stage(fed, model, bench, progress, out, log, is_main, t0):
@@ -404,7 +407,8 @@ def summarize(progress, bench, continual=True):
             "last": clean(m["last"]), "avg": clean(m["avg"]), "bwt": clean(m["bwt"]),
             "per_task_last": {t: clean(v) for t, v in zip(bench.tasks, last_row) if v is not None},
             "routing_accuracy": clean(progress.get("routing_accuracy")),
-            "comm_bytes": int(progress["comm_bytes"]), "wall_s": round(progress["wall_s"], 2)}
+            "comm_bytes": int(progress["comm_bytes"]), "wall_s": round(progress["wall_s"], 2),
+            **({"privacy": progress["privacy"]} if progress.get("privacy") else {})}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 
 import data
 import lora
+import privacy
 import server
 from config import Config
 from methods import METHODS
@@ -207,6 +208,7 @@ class Federation:
         self.opt = server.ServerOptimizer(cfg.aggregator, cfg.server_lr, cfg.server_momentum, cfg.beta1,
                                           cfg.beta2, cfg.tau_adaptive)
         self.last = None                          # (stage, round) of the last run_round
+        self.round_key, self.dp_rounds = (0, 0), 0
         self.rank, self.world = dist_info()
         self.lm_reference = None                  # the LM-identity centre, computed once
         self._collators: dict = {}
@@ -308,6 +310,10 @@ class Federation:
         for d in dropped:
             say(f"stage {stage + 1} round {rnd + 1}: client {d['client']} (position {d['position']}) excluded: "
                 f"{d['reason']}")
+        self.round_key = (stage, rnd)
+        if self.cfg.dp_clip and self.method.federated:   # every training round spends privacy budget
+            self.dp_rounds += 1
+            rec["epsilon"] = privacy_spent(self)["epsilon"]
         if len(kept) < (self.cfg.min_clients if self.method.federated else 1):
             rec["aggregation_skipped"] = f"{len(kept)} of {len(sel)} clients uploaded (--min-clients " \
                                          f"{self.cfg.min_clients}): the global model is left unchanged"
@@ -342,12 +348,12 @@ class Federation:
         groups: dict[int, list] = {}
         for u in kept:
             groups.setdefault(u["slot"], []).append(u)
-        new = {}
-        for j, us in sorted(groups.items()):
+        new = dp_aggregate(self, groups, kept) if self.cfg.dp_clip else {}
+        for j, us in sorted(groups.items()) if not self.cfg.dp_clip else ():
             names = self.method.trained(j)
             new.update(server.aggregate({n: self.global_state[n] for n in names}, [u["state"] for u in us],
                                         [u["n"] for u in us], self.opt, self.cfg.lora_avg))
-        if self.proj_names:
+        if self.proj_names and not self.cfg.dp_clip:
             new.update(server.aggregate({n: self.global_state[n] for n in self.proj_names},
                                         [u["state"] for u in kept], [u["n"] for u in kept], self.opt, "factors"))
         if not server.finite_state(new):
@@ -406,7 +412,7 @@ class Federation:
         t.update({f"method/{k}": v for k, v in mt.items()})
         t = {k: v.detach().cpu().contiguous().clone() for k, v in t.items()}
         meta = {"version": 2, "method": self.cfg.method, "K": self.K, "last": list(self.last) if self.last else None,
-                "method_state": mmeta}
+                "method_state": mmeta, "dp_rounds": self.dp_rounds}
         return t, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict):
@@ -422,6 +428,7 @@ class Federation:
         self.opt.load_state_dict({"m": sub("opt.m/"), "v": sub("opt.v/")})
         self.method.load_state(sub("method/"), meta.get("method_state", {}))
         self.last = tuple(meta["last"]) if meta.get("last") else None
+        self.dp_rounds = int(meta.get("dp_rounds", 0))
         self._load(self.global_state)
 
 
@@ -436,3 +443,33 @@ def adopt_adapter(fed: Federation, extra: dict, meta: dict):
                          for n in fed.lora_names + fed.proj_names}
     fed.last = (int(meta.get("stage", 0)), 0)
     fed.method.restore(extra, meta)
+
+
+def dp_aggregate(fed: Federation, groups: dict, kept: list[dict]) -> dict:
+    """DP-FedAvg (McMahan et al. 2018): each client's update (what it uploads minus what it downloaded) clipped to
+    L2 norm C jointly; per tensor, the sum over its clients plus N(0, (σC)²), divided by the clients per round (a fixed
+    denominator); then FedAvg's step or the server optimizer's."""
+    c, (stage, rnd) = fed.cfg, fed.round_key
+    clipped = {u["position"]: privacy.clip({n: u["state"][n].float() - fed.global_state[n].float() for n in u["state"]},
+                                           c.dp_clip)[0] for u in kept}
+    gen = privacy.noise_generator(c.seed, stage, rnd, 0xD1)
+    jobs = [(n, us) for j, us in sorted(groups.items()) for n in fed.method.trained(j)]
+    jobs += [(n, kept) for n in fed.proj_names]
+    new = {}
+    for n, us in jobs:
+        x = fed.global_state[n]
+        d = (sum(clipped[u["position"]][n] for u in us) + privacy.gaussian(x.shape, c.dp_noise * c.dp_clip, gen)) \
+            / c.clients_per_round
+        new[n] = (x.float() + d).to(x.dtype) if fed.opt.kind in ("fedavg", "fedprox") else fed.opt.step(n, x, d)
+    return new
+
+
+def privacy_spent(fed: Federation) -> dict:
+    """DP-FedAvg's (ε, δ) so far: the sampled Gaussian mechanism with q = clients per round / clients, one
+    step per round, the noise of the updates and (DISCO) of the identity tokens composed."""
+    c = fed.cfg
+    sigma = privacy.effective_noise(c.dp_noise, (c.dp_identity_noise if c.dp_identity_noise is not None
+                                                 else c.dp_noise) if fed.method.releases_identity else None)
+    eps, order = privacy.epsilon(c.clients_per_round / c.clients, sigma, fed.dp_rounds, c.dp_delta)
+    return {"epsilon": eps, "delta": c.dp_delta, "rounds": fed.dp_rounds, "noise_multiplier": sigma,
+            "clip": c.dp_clip, "order": order}

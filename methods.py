@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import lora
+import privacy
 import server
 from identity import identity_features
 
@@ -12,6 +13,7 @@ from identity import identity_features
 class Finetune:
     """One LoRA trained sequentially through the stages, FedAvg'ed each round (FCIT's Finetune row)."""
     has_lora, trains, continual, federated = True, True, True, True
+    releases_identity = False            # DISCO uploads an identity token (private data under DP)
 
     def __init__(self, fed):
         self.fed, self.cfg = fed, fed.cfg
@@ -322,6 +324,7 @@ class DISCO(Finetune):
     against the global keys (cos ≥ τ); a miss opens a new subspace; each subspace is FedAvg'ed over its own
     clients and key_j ← (size_j·key_j + Σ n_k μ_k)/(size_j + Σ n_k). SSA: y = Wx + s Σ_j α_j B_j A_j x with
     α = softmax(cos(f(x), keys) / 0.05) per sample."""
+    releases_identity = True
 
     def __init__(self, fed):
         super().__init__(fed)
@@ -339,8 +342,7 @@ class DISCO(Finetune):
         """Identity tokens up, a subspace down, before training: the positions with no subspace yet are matched
         (round 0 of a stage with assign="round0", the official schedule; every round with "every_round")."""
         fed = self.fed
-        local = {p: (identity_features(fed, datas[p], max(1, self.cfg.batch_size)).mean(0), len(datas[p]))
-                 for p in datas if datas[p]}
+        local = {p: (self._token(datas[p], stage, rnd, sel[p]), len(datas[p])) for p in datas if datas[p]}
         self.mus = fed.gather(local)
         for p in [p for p in self.mus if not bool(torch.isfinite(self.mus[p][0]).all())]:
             dropped.append({"client": sel[p], "position": p, "reason": "non-finite identity feature"})
@@ -355,6 +357,16 @@ class DISCO(Finetune):
         rec["assignments"] = {str(p): s for p, s in sorted(slots.items())}
         rec["active_subspaces"] = [j for j in range(self.fed.K) if float(self.sizes[j]) > 0]
         return dict(sorted(slots.items()))
+
+    def _token(self, examples, stage, rnd, client) -> torch.Tensor:
+        """A client's identity token μ_k, the mean feature of its instructions; under DP clipped to unit norm and
+        noised on the client (its own noise multiplier, counted by the accountant)."""
+        mu = identity_features(self.fed, examples, max(1, self.cfg.batch_size)).mean(0)
+        if self.cfg.dp_clip:
+            sigma = self.cfg.dp_identity_noise if self.cfg.dp_identity_noise is not None else self.cfg.dp_noise
+            mu = mu / max(1.0, float(mu.norm())) + privacy.gaussian(
+                mu.shape, sigma, privacy.noise_generator(self.cfg.seed, stage, rnd, client, 0xD2))
+        return mu
 
     def _match(self, pos, stage, rnd, rec, say) -> dict[int, int]:
         mu = torch.stack([self.mus[p][0] for p in pos]).float()

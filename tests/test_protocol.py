@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_federate import task_examples, tiny_cfg, tiny_model
+from test_federate import _one_thread, task_examples, tiny_cfg, tiny_model  # noqa: F401 (fixture)
 
 import federate as fd
 import model as vlm
