@@ -70,8 +70,9 @@ def test_fedit_end_to_end(tmp_path):
     assert len(r["tasks"]) == 8 and len(r["methods"]["fedit"]["matrix"]) == 1
 
 
-def test_resume_after_crash_gives_the_same_results(tmp_path, monkeypatch):
-    args = ["--setting", "cap-hom", "--methods", "disco", "--rounds", "2"] + SMALL[:4] + SMALL[6:]
+@pytest.mark.parametrize("extra", [[], ["--dp-clip", "0.5", "--dp-noise", "0.5", "--client-dropout", "0.3"]])
+def test_resume_after_crash_gives_the_same_results(tmp_path, monkeypatch, extra):
+    args = ["--setting", "cap-hom", "--methods", "disco", "--rounds", "2"] + SMALL[:4] + SMALL[6:] + extra
     ref = str(tmp_path / "ref")
     assert fcit.main(args + ["--out", ref]) == 0
 
@@ -100,6 +101,8 @@ def test_resume_after_crash_gives_the_same_results(tmp_path, monkeypatch):
         for m in r["methods"].values():
             m.pop("wall_s")
     assert a == b
+    if extra:   # the accountant resumed too: 4 stages x 2 rounds
+        assert a["methods"]["disco"]["privacy"]["rounds"] == 8
 
 
 def test_changed_config_on_existing_out_is_refused(tmp_path, capsys):
