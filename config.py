@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from scoring import CAPTION_METRICS
 
 SETTINGS = ("task-hom", "task-het", "cap-hom", "cap-het", "fedit")
-FCIT_METHODS = ("disco", "finetune", "ewc", "olora", "moelora", "zeroshot", "mtl")
-FEDIT_METHODS = ("fedit", "local", "mtl")
+FCIT_METHODS = ("disco", "finetune", "ewc", "olora", "moelora", "fedsa", "zeroshot", "mtl")
+FEDIT_METHODS = ("fedit", "local", "fedsa", "mtl")
 AGGREGATORS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 

@@ -272,9 +272,12 @@ class Federation:
             optim.zero_grad(set_to_none=True)
             for n in names:
                 self._params[n].requires_grad_(False)
-        state = {n: self._params[n].detach().to("cpu", copy=True) for n in self.method.trained(slot) + self.proj_names}
+        state = {n: self._params[n].detach().to("cpu", copy=True) for n in self.method.shared(slot) + self.proj_names}
+        kept_local = {n: self._params[n].detach().to("cpu", copy=True)
+                      for n in self.method.trained(slot) if n not in set(self.method.shared(slot))}
         loss = bad if bad is not None else (float(np.mean(losses)) if losses else float("nan"))
         return {"state": state, "loss": loss, "steps": steps, "time_s": time.perf_counter() - t0, "extra": extra,
+                "local": kept_local,
                 "trainable_params": sum(self._params[n].numel() for n in names)}
 
     def configure(self, slot, train: bool) -> list[str]:
@@ -350,7 +353,7 @@ class Federation:
             groups.setdefault(u["slot"], []).append(u)
         new = dp_aggregate(self, groups, kept) if self.cfg.dp_clip else {}
         for j, us in sorted(groups.items()) if not self.cfg.dp_clip else ():
-            names = self.method.trained(j)
+            names = self.method.shared(j)
             new.update(server.aggregate({n: self.global_state[n] for n in names}, [u["state"] for u in us],
                                         [u["n"] for u in us], self.opt, self.cfg.lora_avg))
         if self.proj_names and not self.cfg.dp_clip:
@@ -453,7 +456,7 @@ def dp_aggregate(fed: Federation, groups: dict, kept: list[dict]) -> dict:
     clipped = {u["position"]: privacy.clip({n: u["state"][n].float() - fed.global_state[n].float() for n in u["state"]},
                                            c.dp_clip)[0] for u in kept}
     gen = privacy.noise_generator(c.seed, stage, rnd, 0xD1)
-    jobs = [(n, us) for j, us in sorted(groups.items()) for n in fed.method.trained(j)]
+    jobs = [(n, us) for j, us in sorted(groups.items()) for n in fed.method.shared(j)]
     jobs += [(n, kept) for n in fed.proj_names]
     new = {}
     for n, us in jobs:

@@ -48,9 +48,13 @@ class Finetune:
         """The LoRA tensors a client of `slot` trains and uploads."""
         return self.fed.slot_names(slot)
 
+    def shared(self, slot) -> list[str]:
+        """The trained LoRA tensors a client uploads and the server aggregates (the rest it keeps)."""
+        return self.trained(slot)
+
     def downloads(self, slot) -> set[str]:
         """The LoRA tensors a client of `slot` needs from the server."""
-        return set(self.trained(slot))
+        return set(self.shared(slot))
 
     def upload_extra(self, position) -> int:
         return 0
@@ -178,6 +182,22 @@ class Local(Finetune):
         for k, v in tensors.items():
             c, n = k.split("/", 1)
             self.states.setdefault(int(c), {})[n] = v
+
+
+class FedSA(Local):
+    """FedSA-LoRA (Guo et al., ICLR 2025): A is shared and FedAvg'ed, B stays on its client (personalization);
+    a client trains from the global A and its own B, and evaluation averages over the clients' models."""
+
+    def shared(self, slot):
+        return [n for n in self.trained(slot) if ".A." in n]
+
+    def aggregate(self, stage, rnd, kept, rec, say):
+        Finetune.aggregate(self, stage, rnd, kept, rec, say)
+        for u in kept:
+            self.states[u["client"]] = u["local"]
+
+    def weights_for(self, client):
+        return {**self.fed.global_state, **super().weights_for(client)}
 
 
 class EWC(Finetune):
@@ -478,5 +498,5 @@ class DISCO(Finetune):
         self.slot_data = {int(k): v for k, v in meta.get("slot_data", {}).items()}
 
 
-METHODS = {"finetune": Finetune, "fedit": FedIT, "zeroshot": ZeroShot, "mtl": MTL, "local": Local, "ewc": EWC,
-           "olora": OLoRA, "moelora": MoELoRA, "disco": DISCO}
+METHODS = {"finetune": Finetune, "fedit": FedIT, "zeroshot": ZeroShot, "mtl": MTL, "local": Local, "fedsa": FedSA,
+           "ewc": EWC, "olora": OLoRA, "moelora": MoELoRA, "disco": DISCO}

@@ -65,8 +65,8 @@ def test_fcit_settings_end_to_end(tmp_path, setting):
 
 def test_fedit_end_to_end(tmp_path):
     out = str(tmp_path / "out")
-    assert fcit.main(["--setting", "fedit", "--methods", "fedit,local", "--out", out] + SMALL) == 0
-    r = check_results(out, "fedit", ["fedit", "local"])
+    assert fcit.main(["--setting", "fedit", "--methods", "fedit,local,fedsa", "--out", out] + SMALL) == 0
+    r = check_results(out, "fedit", ["fedit", "local", "fedsa"])
     assert len(r["tasks"]) == 8 and len(r["methods"]["fedit"]["matrix"]) == 1
 
 

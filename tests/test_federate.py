@@ -787,3 +787,28 @@ def test_disco_assign_every_round_vs_round0(assign):
         assert fed.method.pos_slot == {"stage": 1, "0": 1, "1": 0}
         r3 = fed.run_round(1, 1, lambda p, c: task_examples("AB"[p], 12, c))   # reused within the stage
         assert r3["assignments"] == {"0": 1, "1": 0} and fed.method.pos_slot == {"stage": 1, "0": 1, "1": 0}
+
+
+def test_fedsa_shares_a_and_keeps_b_on_each_client():
+    fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="fedsa", local_epochs=1, train_projector=False))
+    g0 = {k: v.clone() for k, v in fed.global_state.items()}
+    data = lambda p, c: task_examples("A", 6 + 4 * p, c)
+    rec = fed.run_round(0, 0, data)
+    sel = server.sample_clients(4, 2, 0, 0, 0)
+    ref = fd.Federation(*tiny_model(), None, tiny_cfg(method="finetune", local_epochs=1, train_projector=False))
+    ups = [ref._local_train(data(p, sel[p]), 0, 0, 0, p, sel[p]) for p in (0, 1)]
+    a_names = [n for n in fed.lora_names if ".A." in n]
+    b_names = [n for n in fed.lora_names if ".B." in n]
+    for n in a_names:                                   # A: FedAvg over the clients, weights 6 : 10
+        want = (6 * ups[0]["state"][n].double() + 10 * ups[1]["state"][n].double()) / 16
+        assert torch.allclose(fed.global_state[n].double(), want, atol=1e-6)
+    for n in b_names:                                   # B: the global one never moves, each client keeps its own
+        assert torch.equal(fed.global_state[n], g0[n])
+        for p in (0, 1):
+            assert torch.equal(fed.method.states[sel[p]][n], ups[p]["state"][n])
+    a_bytes = sum(fed.global_state[n].numel() * 4 for n in a_names)
+    assert all(c["bytes_up"] == a_bytes == c["bytes_down"] for c in rec["per_client"])   # only A travels
+    w = fed.method.weights_for(sel[0])
+    assert torch.equal(w[b_names[0]], ups[0]["state"][b_names[0]]) and torch.equal(w[a_names[0]],
+                                                                                    fed.global_state[a_names[0]])
+    assert fed.method.start_state(sel[1]) is fed.method.states[sel[1]] and fed.method.eval_clients() == sorted(sel)
