@@ -272,9 +272,10 @@ class Federation:
             optim.zero_grad(set_to_none=True)
             for n in names:
                 self._params[n].requires_grad_(False)
-        state = {n: self._params[n].detach().to("cpu", copy=True) for n in self.method.shared(slot) + self.proj_names}
-        kept_local = {n: self._params[n].detach().to("cpu", copy=True)
-                      for n in self.method.trained(slot) if n not in set(self.method.shared(slot))}
+        shared = self.method.shared(slot)
+        state = {n: self._params[n].detach().to("cpu", copy=True) for n in shared + self.proj_names}
+        kept_local = {n: self._params[n].detach().to("cpu", copy=True)        # what the client keeps (FedSA's B)
+                      for n in set(self.method.trained(slot)) - set(shared)}
         loss = bad if bad is not None else (float(np.mean(losses)) if losses else float("nan"))
         return {"state": state, "loss": loss, "steps": steps, "time_s": time.perf_counter() - t0, "extra": extra,
                 "local": kept_local,
@@ -351,14 +352,17 @@ class Federation:
         groups: dict[int, list] = {}
         for u in kept:
             groups.setdefault(u["slot"], []).append(u)
-        new = dp_aggregate(self, groups, kept) if self.cfg.dp_clip else {}
-        for j, us in sorted(groups.items()) if not self.cfg.dp_clip else ():
-            names = self.method.shared(j)
-            new.update(server.aggregate({n: self.global_state[n] for n in names}, [u["state"] for u in us],
-                                        [u["n"] for u in us], self.opt, self.cfg.lora_avg))
-        if self.proj_names and not self.cfg.dp_clip:
-            new.update(server.aggregate({n: self.global_state[n] for n in self.proj_names},
-                                        [u["state"] for u in kept], [u["n"] for u in kept], self.opt, "factors"))
+        if self.cfg.dp_clip:
+            new = dp_aggregate(self, groups, kept)
+        else:
+            new = {}
+            for j, us in sorted(groups.items()):
+                names = self.method.shared(j)
+                new.update(server.aggregate({n: self.global_state[n] for n in names}, [u["state"] for u in us],
+                                            [u["n"] for u in us], self.opt, self.cfg.lora_avg))
+            if self.proj_names:
+                new.update(server.aggregate({n: self.global_state[n] for n in self.proj_names},
+                                            [u["state"] for u in kept], [u["n"] for u in kept], self.opt, "factors"))
         if not server.finite_state(new):
             say("aggregated update is not finite; global model kept")
             return False
