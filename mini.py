@@ -1,7 +1,8 @@
-"""Synthetic benchmarks small enough for CPU: FCIT-mini, FedIT-mini and a caption corpus for pretraining.
+"""Synthetic benchmarks small enough for CPU: FCIT-mini and FedIT-mini.
 
 FCIT-mini: twelve procedurally drawn tasks that mirror the twelve FCIT datasets, written in the release layout.
-FedIT-mini: dolly-style records in the eight dolly categories. vocab_corpus: every text they produce, for a tokenizer.
+FedIT-mini: dolly-style records in the eight dolly categories. (The tiny model's generic pretraining corpus, drawn
+with the same painter, is in tools/corpus.py.)
 """
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import random
 import shutil
 
 from data import (
-    ALPACA_PROMPT_INPUT,
-    ALPACA_PROMPT_NO_INPUT,
     DATASET_FILES,
     DOLLY_CATEGORIES,
     FCIT_DATASETS,
@@ -22,7 +21,7 @@ from data import (
     FCITDataError,
     atomic_write_json,
 )
-from model import TEMPLATES, atomic_write, read_json
+from model import atomic_write, read_json
 
 log = logging.getLogger("fcit.data")
 
@@ -526,67 +525,6 @@ def make_fcit_mini(root, seed: int = 0, n_train: int = 300, n_test: int = 50, im
 
 
 # ----------------------------------------------------------------------------------------------------
-# Generic caption corpus for pretraining the embedded tiny VLM (no FCIT-mini question formats).
-
-def _caption_sample(rng, S):
-    kind = rng.choice(["one", "count", "pair", "text", "object", "plot"])
-    im, d = _canvas(S)
-    col, shp = rng.choice(list(COLORS)), rng.choice(SHAPES)
-    if kind == "one":
-        pos = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1),
-               "center": (.5, .5)}
-        where = rng.choice(list(pos))
-        big = rng.random() < .5
-        s = (.45 if big else .25) * S
-        px, py = pos[where]
-        x0, y0 = .05 * S + px * (.9 * S - s), .05 * S + py * (.9 * S - s)
-        _shape(d, shp, (x0, y0, x0 + s, y0 + s), COLORS[col])
-        cap = f"A {'large' if big else 'small'} {col} {shp} in the {where} of the image."
-    elif kind == "count":
-        n = rng.randint(1, 6)
-        g = S / 3
-        for r, c in _cells(rng, n, 3):
-            _shape(d, shp, (c * g + 3, r * g + 3, (c + 1) * g - 3, (r + 1) * g - 3), COLORS[col])
-        cap = f"{NUM_WORDS[n].capitalize()} {col} {PLURAL[shp] if n > 1 else shp} on a white background."
-    elif kind == "pair":
-        col2, shp2 = rng.choice([c for c in COLORS if c != col]), rng.choice(SHAPES)
-        s = .35 * S
-        if rng.random() < .5:
-            _shape(d, shp, (.08 * S, .3 * S, .08 * S + s, .3 * S + s), COLORS[col])
-            _shape(d, shp2, (.57 * S, .3 * S, .57 * S + s, .3 * S + s), COLORS[col2])
-            rel = "to the left of"
-        else:
-            _shape(d, shp, (.3 * S, .08 * S, .3 * S + s, .08 * S + s), COLORS[col])
-            _shape(d, shp2, (.3 * S, .57 * S, .3 * S + s, .57 * S + s), COLORS[col2])
-            rel = "above"
-        cap = f"A {col} {shp} {rel} a {col2} {shp2}."
-    elif kind == "text":
-        what = rng.choice(["digit", "letter", "word"])
-        txt = {"digit": str(rng.randint(0, 9)), "letter": chr(65 + rng.randrange(26)),
-               "word": rng.choice(TITLES + DVQA_LABELS + TAB_NAMES).upper()}[what]
-        d.text((S / 2, S / 2), txt, fill=COLORS[col], font=_font(max(8, int((.5 if what != "word" else .2) * S))),
-               anchor="mm")
-        cap = f"The {what} {txt} written in {col}."
-    elif kind == "object":
-        obj, style = rng.choice(OBJECTS), rng.choice(["photo", "sketch", "cartoon", "silhouette"])
-        _object(d, obj, (.15 * S, .15 * S, .85 * S, .85 * S), COLORS[col], style)
-        cap = {"photo": f"A {col} {obj}.", "sketch": f"A black line sketch of a {obj}.",
-               "cartoon": f"A cartoon {obj} with a black outline.",
-               "silhouette": f"The dark silhouette of a {obj}."}[style]
-    else:
-        n = rng.randint(2, 5)
-        _bars(d, S, [rng.randint(1, 10) for _ in range(n)], [COLORS[col]] * n)
-        cap = f"A chart with {NUM_WORDS[n]} {col} bars."
-    return im, cap
-
-
-def caption_corpus(n: int, seed: int = 0, image_size: int = 64) -> list:
-    """n generic (PIL image, caption) pairs: shapes, colours, positions, counts, drawn digits/letters/
-    words, object renditions and bar charts, described in plain sentences."""
-    return [_caption_sample(random.Random(f"captions:{seed}:{i}"), image_size) for i in range(n)]
-
-
-# ----------------------------------------------------------------------------------------------------
 # FedIT-mini: dolly-style records in the 8 dolly categories with templated, learnable responses.
 
 _CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Egypt", "Cairo"),
@@ -694,28 +632,11 @@ def make_fedit_mini(root, seed: int = 0, n_per_category: int = 60) -> str:
     return path
 
 
-def vocab_corpus(seed: int = 0, n_per_task: int = 200, image_size: int = 64) -> list[str]:
-    """Every kind of text FCIT-mini, FedIT-mini, caption_corpus and the prompt templates produce
-    (for training a small BPE tokenizer that covers them)."""
-    texts = [ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, "### Response:", "<image>"]
-    for fmt, sep, end in TEMPLATES.values():
-        texts.append(fmt.replace("{instruction}", " ") + sep + end)
-    texts = texts * 100  # prompt text recurs in every example: weight it so BPE merges it
-    closed = (list(COLORS) + SHAPES + list(PLURAL.values()) + OBJECTS + CURVES + TITLES + AUTHORS + list(GENRES)
-              + list(FIG_COLORS) + DVQA_LABELS + TAB_NAMES + TAB_ITEMS + NUM_WORDS + [str(k) for k in range(31)]
-              + [f"{k * .25 + m:.2f}" for k in range(5) for m in (.03, -.03)]
-              + [w.upper() for w in TITLES + DVQA_LABELS + TAB_NAMES] + [chr(65 + k) for k in range(26)]
-              + [w for pair in _CAPITALS + _FRUITS + _ANIMALS + _TOPICS for w in pair] + _SIZES + _PEOPLE
-              + _CITIES + _DAYS + _PLACES + [w for k, v in _LISTS.items() for w in [k] + v])
-    texts.append(" ".join(closed))
-    for ds in FCIT_DATASETS:
-        for i in range(n_per_task):
-            _, ins, ans, meta = mini_sample(ds, seed, "vocab", i, image_size)
-            texts += [ins, ans] + list(meta.get("captions", []))
-    texts += [c for _, c in caption_corpus(n_per_task * 2, seed, image_size)]
-    rng = random.Random(f"vocab:{seed}")
-    for c in DOLLY_CATEGORIES:
-        for _ in range(n_per_task // 4):
-            r = _fedit_record(rng, c)
-            texts += [r["instruction"], r["context"], r["response"]]
-    return [t for t in texts if t]
+def closed_vocabulary() -> list[str]:
+    """Every closed-class word FCIT-mini and FedIT-mini draw from (names, labels, numbers, options)."""
+    return (list(COLORS) + SHAPES + list(PLURAL.values()) + OBJECTS + CURVES + TITLES + AUTHORS + list(GENRES)
+            + list(FIG_COLORS) + DVQA_LABELS + TAB_NAMES + TAB_ITEMS + NUM_WORDS + [str(k) for k in range(31)]
+            + [f"{k * .25 + m:.2f}" for k in range(5) for m in (.03, -.03)]
+            + [w.upper() for w in TITLES + DVQA_LABELS + TAB_NAMES] + [chr(65 + k) for k in range(26)]
+            + [w for pair in _CAPITALS + _FRUITS + _ANIMALS + _TOPICS for w in pair] + _SIZES + _PEOPLE
+            + _CITIES + _DAYS + _PLACES + [w for k, v in _LISTS.items() for w in [k] + v])

@@ -276,9 +276,10 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, x, position_ids, mask=None, caches=None, start=0):
-        """x (B, T, C) input embeddings -> (B, T, C) after the final norm."""
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+    def forward(self, x, position_ids, mask=None, caches=None, start=0, rope=None):
+        """x (B, T, C) input embeddings -> (B, T, C) after the final norm. rope: precomputed (cos, sin) for
+        position_ids (generation's decode steps index one table instead of recomputing it)."""
+        cos, sin = rope or rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         ckpt = self.gradient_checkpointing and caches is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if ckpt:
@@ -535,6 +536,9 @@ class VLM(nn.Module):
         h = self.lm(x, pos, _padding_mask(key_valid[:, :T], T, 0) if padded else None, caches, 0)
         logits = self.lm_head(h[:, -1])
         next_pos = pos[:, -1:] + 1
+        cos, sin = rope_cos_sin(torch.arange(T + max_new_tokens, device=dev)[None], t.head_dim, t.rope_theta,
+                                x.dtype)                                           # (1, 1, T_max, d)
+        key_valid = key_valid.bool()[:, None, None]            # a decode query sees every valid key up to itself
         out, done = [[] for _ in range(B)], [False] * B
         for step in range(max_new_tokens):
             tok = logits.argmax(-1)
@@ -547,8 +551,9 @@ class VLM(nn.Module):
             if all(done) or step == max_new_tokens - 1:
                 break
             cur = T + step
-            mask = _padding_mask(key_valid[:, :cur + 1], 1, cur) if padded else None
-            h = self.lm(self.lm.embed_tokens(tok[:, None]), next_pos, mask, caches, cur)
+            mask = key_valid[..., :cur + 1] if padded else None
+            rope = cos[0, 0][next_pos][:, None], sin[0, 0][next_pos][:, None]            # (B, 1, 1, d)
+            h = self.lm(self.lm.embed_tokens(tok[:, None]), next_pos, mask, caches, cur, rope)
             logits = self.lm_head(h[:, -1])
             next_pos = next_pos + 1
         return out

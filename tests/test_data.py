@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +14,9 @@ import pytest
 import data
 import mini as synth
 import scoring
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import corpus  # noqa: E402
 
 # ---------------------------------------------------------------- settings tables
 
@@ -439,13 +443,13 @@ def test_mini_task_design():
 
 
 def test_caption_and_vocab_corpus(tmp_path):
-    pairs = synth.caption_corpus(60, seed=0)
+    pairs = corpus.caption_corpus(60, seed=0)
     assert len(pairs) == 60 and pairs[0][0].size == (64, 64)
     caps = [c for _, c in pairs]
-    assert caps == [c for _, c in synth.caption_corpus(60, seed=0)]
+    assert caps == [c for _, c in corpus.caption_corpus(60, seed=0)]
     assert not any("?" in c or "Answer" in c or "[" in c for c in caps)
     assert len(set(caps)) > 30
-    v = synth.vocab_corpus()
+    v = corpus.vocab_corpus()
     joined = "\n".join(v)
     words = set(re.findall(r"[A-Za-z]+", joined))
     seen = set()
@@ -455,12 +459,33 @@ def test_caption_and_vocab_corpus(tmp_path):
             seen |= set(re.findall(r"[A-Za-z]+", " ".join([ins, ans] + meta.get("captions", []))))
     for r in data.load_dolly(synth.make_fedit_mini(tmp_path, seed=3, n_per_category=40)):
         seen |= set(re.findall(r"[A-Za-z]+", " ".join([r["instruction"], r["context"], r["response"]])))
-    seen |= {w for _, c in synth.caption_corpus(300, seed=4) for w in re.findall(r"[A-Za-z]+", c)}
+    seen |= {w for s in corpus.pretraining_corpus(600, seed=4) for t in s[1:] for w in re.findall(r"[A-Za-z]+", t)}
     assert seen <= words, sorted(seen - words)                  # every word any generator can emit
     for ds in data.FCIT_DATASETS:
         for i in range(5):
             _, ins, ans, _ = synth.mini_sample(ds, 0, "train", i)
             assert all(w in joined for w in re.split(r"[\[\], ]+", ans) if w), (ds, ans)
+
+
+def test_pretraining_corpus_never_uses_a_task_format(tmp_path):
+    """The tiny model learns generic skills, not FCIT-mini's or FedIT-mini's task formats: no task's question stem,
+    answer-format suffix, option layout or instruction appears in the pretraining corpus."""
+    samples = corpus.pretraining_corpus(3000, seed=0)
+    assert samples == corpus.pretraining_corpus(3000, seed=0)
+    assert 0.15 < sum(img is None for img, *_ in samples) / len(samples) < 0.35   # text-only share
+    ours = {ins.split("\n")[0] for _, ins, _, _ in samples}
+    stems = set()
+    for ds in data.FCIT_DATASETS:
+        for i in range(300):
+            stems.add(synth.mini_sample(ds, 0, "train", i)[1].split("\n")[0])
+    dolly = {r["instruction"] for r in data.load_dolly(synth.make_fedit_mini(tmp_path, seed=0))}
+    assert not ours & stems and not ours & dolly
+    suffixes = list(synth.TASK_SUFFIX.values()) + [synth.SUFFIX_LETTER, "Choices:", "\nA. ", "Answer with"]
+    dolly_forms = ["plus", "capital of", "Classify", "Extract", "Summarize", "examples of", "poem", "story",
+                   "bigger", "ripe"]
+    for _, ins, ans, ctx in samples:
+        assert not any(s in ins for s in suffixes), ins
+        assert not any(f in ins for f in dolly_forms), ins
 
 
 # ---------------------------------------------------------------- partitions on disk
@@ -643,7 +668,7 @@ def tiny_tok():
     tok.decoder = decoders.ByteLevel()
     tr = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(synth.vocab_corpus(n_per_task=10), tr)
+    tok.train_from_iterator(corpus.vocab_corpus(n_per_task=10), tr)
     return model.Tokenizer(tok, bos_id=1, eos_id=2, pad_id=3, add_bos=True)
 
 
