@@ -229,16 +229,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.nkv * self.d, bias=c.attention_bias)
         self.o_proj = nn.Linear(self.nh * self.d, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, start: int = 0):
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, start: int = 0, q_from: int = 0):
+        """q_from > 0: queries only at positions q_from.. (keys and values at all), the mask given for them."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.d).transpose(1, 2)
+        Tq = T - q_from
+        q = self.q_proj(x[:, q_from:]).view(B, Tq, self.nh, self.d).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.nkv, self.d).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.nkv, self.d).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos[:, :, q_from:], sin[:, :, q_from:]), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start, k, v)
-        y = _sdpa(q, k, v, mask)                                    # (B, nH, T, d)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.d))
+        y = _sdpa(q, k, v, mask)                                    # (B, nH, Tq, d)
+        return self.o_proj(y.transpose(1, 2).reshape(B, Tq, self.nh * self.d))
 
 
 class MLP(nn.Module):
@@ -260,8 +262,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+    def forward(self, x, cos, sin, mask=None, cache=None, start=0, q_from=0):
+        x = x[:, q_from:] + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, q_from)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -276,16 +278,17 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, x, position_ids, mask=None, caches=None, start=0, rope=None):
+    def forward(self, x, position_ids, mask=None, caches=None, start=0, rope=None, last=None):
         """x (B, T, C) input embeddings -> (B, T, C) after the final norm. rope: precomputed (cos, sin) for
-        position_ids (generation's decode steps index one table instead of recomputing it)."""
+        position_ids (generation's decode steps index one table instead of recomputing it). last=(q_from, mask):
+        the last layer computes only positions q_from.. (-> (B, T - q_from, C)), nothing after it reading the rest."""
         cos, sin = rope or rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         ckpt = self.gradient_checkpointing and caches is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            if ckpt:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, None if caches is None else caches[i], start)
+            args = (mask, None if caches is None else caches[i], start)
+            if last is not None and i == len(self.layers) - 1:
+                args = (last[1], None, start, last[0])
+            x = checkpoint(layer, x, cos, sin, *args, use_reentrant=False) if ckpt else layer(x, cos, sin, *args)
         return self.norm(x)
 
 
@@ -488,19 +491,24 @@ class VLM(nn.Module):
             x = x.masked_scatter(img[..., None].expand_as(x), f)
         return x
 
-    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None):
-        """(B, T, C) after the final norm. With attention_mask, positions are cumsum(mask)-1 (left or right padding)."""
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, q_from: int = 0):
+        """(B, T, C) after the final norm. With attention_mask, positions are cumsum(mask)-1 (left or right padding).
+        q_from > 0: only positions q_from.. are returned, and the last layer computes only those (B, T - q_from, C)."""
         x = self.embed(input_ids, pixel_values)
+        B, T = input_ids.shape
         mask = None
         if attention_mask is not None:
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
             if not bool(attention_mask.all()):
-                mask = _padding_mask(attention_mask, input_ids.shape[1], 0)
+                mask = _padding_mask(attention_mask, T, 0)
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
-            position_ids = position_ids[None].expand(input_ids.shape[0], -1)
-        return self.lm(x, position_ids, mask)
+            position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, -1)
+        last = None
+        if q_from > 0:
+            valid = attention_mask if attention_mask is not None else input_ids.new_ones(B, T)
+            last = (q_from, _padding_mask(valid, T - q_from, q_from))
+        return self.lm(x, position_ids, mask, last=last)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None):
         """-> logits (B, T, V)."""
@@ -508,12 +516,15 @@ class VLM(nn.Module):
 
     def loss(self, input_ids, labels, pixel_values=None, attention_mask=None):
         """Mean next-token CE over labels != -100 (labels shifted by one inside). lm_head runs only at supervised
-        positions, so no full (B, T, V) logits are materialised."""
-        h = self.hidden_states(input_ids, pixel_values, attention_mask)[:, :-1]
-        tgt = labels[:, 1:].to(h.device)
+        positions, so no full (B, T, V) logits are materialised, and the last layer only from the first position
+        supervised in any row (its other outputs feed nothing): exact, and a prompt-heavy batch skips most of it."""
+        tgt = labels[:, 1:].to(input_ids.device)
         sel = tgt != IGNORE_INDEX
         if not bool(sel.any()):
-            return h.sum() * 0.0
+            return self.hidden_states(input_ids, pixel_values, attention_mask).sum() * 0.0
+        q_from = int(sel.any(0).nonzero()[0])        # no position before it is supervised in any row: the last
+        h = self.hidden_states(input_ids, pixel_values, attention_mask, q_from=q_from)[:, :-1]  # layer skips them
+        tgt, sel = tgt[:, q_from:], sel[:, q_from:]
         logits = self.lm_head(h[sel]).float()                       # (N_supervised, V)
         return F.cross_entropy(logits, tgt[sel])
 

@@ -6,6 +6,8 @@
       target <= 1.15 on the tiny config
   (c) our LoRA train step  vs  peft's (peft.inject_adapter_in_model on the same model, same rank)
       target <= 1.0
+  (d) our LoRA train step  vs  transformers + peft (the same weights, rank, dropout and loss), every token supervised
+  (e) the same with only the last --answer tokens supervised (an instruction-tuning batch)     targets <= 0.8
 
 All on a text-only model.VLM (LLaMA decoder) built from a small config, LoRA on the MLP projections
 (FCIT's task-related LoRA). Timings are the median of interleaved repeats (A, B, A, B, ...).
@@ -103,6 +105,7 @@ def parse_args():
     ap.add_argument("--K", type=int, default=8)
     ap.add_argument("--r", type=int, default=8, help="rank per subspace")
     ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--answer", type=int, default=16, help="(e): supervised tokens at the end of each row")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
@@ -243,6 +246,12 @@ def bench_vs_transformers_peft(base, m1, ids, labels, args):
     to, th = timeit([train_step_fn(m1, ids, labels), step], args.repeats, args.warmup, args.device)
     print(f"(d) train step: ours {to * 1e3:.2f} ms | transformers+peft {th * 1e3:.2f} ms | ratio {to / th:.3f} "
           f"(target <= 0.8)")
+    answer = labels.clone()
+    answer[:, :-args.answer] = -100                                 # an instruction-tuning batch: answers supervised
+    step = hf_peft_step(base, ids, answer, args)
+    to, th = timeit([train_step_fn(m1, ids, answer), step], args.repeats, args.warmup, args.device)
+    print(f"(e) same, last {args.answer} of {args.seq} tokens supervised: ours {to * 1e3:.2f} ms | transformers+peft "
+          f"{th * 1e3:.2f} ms | ratio {to / th:.3f} (target <= 0.8)")
 
 
 def main():

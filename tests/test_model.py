@@ -263,6 +263,13 @@ def test_loss_matches_transformers_and_checkpointing(llava_llama):
     loss.backward()
     g = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad()
+    logits = m(ids, px)[:, :-1]                      # every position through every layer: the unpruned reference
+    sel = labels[:, 1:] != -100
+    torch.nn.functional.cross_entropy(logits[sel], labels[:, 1:][sel]).backward()
+    for n, p in m.named_parameters():
+        if n in g:
+            assert torch.allclose(p.grad, g[n], atol=1e-6), n
+    m.zero_grad()
     m.gradient_checkpointing = True
     m.loss(ids, labels, px).backward()
     for n, p in m.named_parameters():
