@@ -125,6 +125,15 @@ def results_markdown(results):
     for name, r in results["methods"].items():
         cells = [fmt(r["per_task_last"].get(t)) for t in tasks] + [fmt(r["last"]), fmt(r["avg"]), fmt(r["bwt"])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    personal = {name: r["personalized"] for name, r in results["methods"].items() if r.get("personalized")}
+    if personal:
+        lines += ["", "Personalized: each client's own model on the tasks it trained on", "",
+                  "| Method | Client | Own tasks | Mean |", "|---|---|---|---|"]
+        for name, p in personal.items():
+            for c, d in p["clients"].items():
+                own = ", ".join(f"{t} {fmt(v)}" for t, v in d["tasks"].items())
+                lines.append(f"| {name} | {c} | {own} | {fmt(d['mean'])} |")
+            lines.append(f"| {name} | mean over clients | | **{fmt(p['mean'])}** |")
     return "\n".join(lines) + "\n"
 
 
@@ -263,15 +272,40 @@ def load_state(path):
     return tensors, st
 
 
-def evaluate(fed, bench, tasks):
+def client_score(fed, bench, k, client, cache=None):
+    """Task k's score under the model the method evaluates for `client` (a collective under torchrun); `cache`
+    holds the scores already computed, keyed by (client, task)."""
+    if cache is not None and (client, k) in cache:
+        return cache[(client, k)]
+    score = bench.score_task(k, lambda exs: fed.predict(exs, client=client, distributed=True))
+    if cache is not None:
+        cache[(client, k)] = score
+    return score
+
+
+def evaluate(fed, bench, tasks, cache=None):
     """One row of the accuracy matrix: the scores of `tasks` (None for the others), averaged over the models the
-    method evaluates (one, or every client's own for FedIT's local baseline)."""
+    method evaluates (one, or every client's own for the local and FedSA baselines)."""
     row = [None] * len(bench.tasks)
     clients = fed.method.eval_clients()
     for k in tasks:
-        row[k] = sum(bench.score_task(k, lambda exs, c=c: fed.predict(exs, client=c, distributed=True))
-                     for c in clients) / len(clients)
+        row[k] = sum(client_score(fed, bench, k, c, cache) for c in clients) / len(clients)
     return row
+
+
+def evaluate_personalized(fed, bench, tasks, cache=None):
+    """Personalized methods (FedSA-LoRA, Guo et al. ICLR 2025; local): each client's own model scored on the tasks
+    among `tasks` it trained on (in Het-FCIT a subset of each stage's), their mean per client and the mean over
+    clients; None for a method with one global model."""
+    clients = {}
+    for c, dss in fed.method.personal_datasets().items():
+        own = [k for k in tasks if set(bench.test_datasets[bench.tasks[k]]) & set(dss)]
+        if own:
+            scores = {bench.tasks[k]: client_score(fed, bench, k, c, cache) for k in own}
+            clients[str(c)] = {"tasks": scores, "mean": sum(scores.values()) / len(scores)}
+    if not clients:
+        return None
+    return {"clients": clients, "mean": sum(v["mean"] for v in clients.values()) / len(clients)}
 
 
 def log_round(rec, fed, progress, t_start, log):
@@ -299,7 +333,8 @@ def close_stage(fed, model, bench, progress, out, log, is_main, t0):
     stage, stages = progress["stage"], progress["stages"]
     fed.end_stage(stage)
     tasks = bench.seen(bench.stages - stages + stage)      # a single joint stage (mtl) sees every task
-    row = evaluate(fed, bench, tasks)
+    cache = {}
+    row = evaluate(fed, bench, tasks, cache)
     progress["matrix"].append(row)
     log(f"[{fed.cfg.method}] after stage {stage + 1}/{stages} ({time.time() - t0:.0f}s): "
         + ", ".join(f"{bench.tasks[k]} {row[k]:.1f}" for k in tasks))
@@ -308,6 +343,7 @@ def close_stage(fed, model, bench, progress, out, log, is_main, t0):
     save_adapters(fed, model, out, stage, is_main)
     if progress["done"]:
         progress["routing_accuracy"] = fed.routing_accuracy(bench.examples_by_task(tasks))
+        progress["personalized"] = evaluate_personalized(fed, bench, tasks, cache)
 
 
 def run_method(cfg: Config, method, bench, out, device, dtype, log, is_main):
@@ -408,7 +444,15 @@ def summarize(progress, bench, continual=True):
             "per_task_last": {t: clean(v) for t, v in zip(bench.tasks, last_row) if v is not None},
             "routing_accuracy": clean(progress.get("routing_accuracy")),
             "comm_bytes": int(progress["comm_bytes"]), "wall_s": round(progress["wall_s"], 2),
-            **({"privacy": progress["privacy"]} if progress.get("privacy") else {})}
+            **({"privacy": progress["privacy"]} if progress.get("privacy") else {}),
+            **({"personalized": clean_personalized(progress["personalized"], clean)}
+               if progress.get("personalized") else {})}
+
+
+def clean_personalized(p, clean):
+    """results.json's personalized entry, rounded as the matrix is."""
+    return {"clients": {c: {"tasks": {t: clean(v) for t, v in d["tasks"].items()}, "mean": clean(d["mean"])}
+                        for c, d in p["clients"].items()}, "mean": clean(p["mean"])}
 
 
 # ----------------------------------------------------------------------------------------------------

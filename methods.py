@@ -88,6 +88,11 @@ class Finetune:
     def weights_for(self, client) -> dict:
         return self.fed.global_state
 
+    def personal_datasets(self) -> dict[int, dict[str, int]]:
+        """Personalized methods: {client: {dataset: samples it trained on}}, so that each client's own model is also
+        scored on its own tasks; empty for a method with one global model."""
+        return {}
+
     def prepare_inference(self, examples):
         """Put the LoRA layers in inference mode; per-example routing weights, or None."""
         self.configure(None, False)
@@ -150,18 +155,27 @@ class MTL(Finetune):
 
 
 class Local(Finetune):
-    """FedIT's local baseline: every client trains its own adapter alone; evaluation averages over clients."""
+    """FedIT's local baseline: every client trains its own adapter alone; evaluation averages over clients, and
+    each client's adapter is also scored on the tasks it trained on."""
 
     def __init__(self, fed):
         super().__init__(fed)
         self.states: dict[int, dict[str, torch.Tensor]] = {}
+        self.trained_on: dict[int, dict[str, int]] = {}              # client -> {dataset: samples trained}
 
     def start_state(self, client):
         return self.states.get(client)
 
+    def keep(self, u, state):
+        """Client u keeps `state` (its own tensors) and counts the datasets it has trained on."""
+        self.states[u["client"]] = state
+        seen = self.trained_on.setdefault(u["client"], {})
+        for ds, c in u["datasets"].items():
+            seen[ds] = seen.get(ds, 0) + c
+
     def aggregate(self, stage, rnd, kept, rec, say):
         for u in kept:
-            self.states[u["client"]] = u["state"]
+            self.keep(u, u["state"])
 
     def eval_clients(self):
         return sorted(self.states)
@@ -171,14 +185,19 @@ class Local(Finetune):
             raise ValueError("method 'local' evaluates one client at a time: predict(..., client=id)")
         return self.states.get(client, self.fed.global_state)
 
+    def personal_datasets(self):
+        return {c: dict(d) for c, d in sorted(self.trained_on.items())}
+
     def export(self):
         return None
 
     def state(self):
-        return {f"{c}/{n}": v for c, st in self.states.items() for n, v in st.items()}, {}
+        return ({f"{c}/{n}": v for c, st in self.states.items() for n, v in st.items()},
+                {"trained_on": {str(c): d for c, d in self.trained_on.items()}})
 
     def load_state(self, tensors, meta):
         self.states = {}
+        self.trained_on = {int(c): dict(d) for c, d in meta.get("trained_on", {}).items()}
         for k, v in tensors.items():
             c, n = k.split("/", 1)
             self.states.setdefault(int(c), {})[n] = v
@@ -186,7 +205,8 @@ class Local(Finetune):
 
 class FedSA(Local):
     """FedSA-LoRA (Guo et al., ICLR 2025): A is shared and FedAvg'ed, B stays on its client (personalization);
-    a client trains from the global A and its own B, and evaluation averages over the clients' models."""
+    a client trains from the global A and its own B. Evaluation averages over the clients' models (global A + own
+    B) on the global test sets, and scores each client's model on its own tasks."""
 
     def shared(self, slot):
         return [n for n in self.trained(slot) if ".A." in n]
@@ -194,7 +214,7 @@ class FedSA(Local):
     def aggregate(self, stage, rnd, kept, rec, say):
         Finetune.aggregate(self, stage, rnd, kept, rec, say)
         for u in kept:
-            self.states[u["client"]] = u["local"]
+            self.keep(u, u["local"])
 
     def weights_for(self, client):
         return {**self.fed.global_state, **super().weights_for(client)}

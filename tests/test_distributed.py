@@ -21,18 +21,29 @@ import federate as fd  # noqa: E402
 WORLD = 2
 
 
-def _cfg(method):
+# DP-FedAvg noise, DISCO's noised identity tokens and client dropout are keyed by (seed, stage, round, client), so
+# they agree across ranks too; FedSA keeps each client's B and what it trained on
+UNRELIABLE = dict(dp_clip=0.5, dp_noise=0.3, client_dropout=0.3)
+RUNS = {"disco": dict(method="disco"), "fedit": dict(method="fedit"),
+        "disco-dp": dict(method="disco", on_full="nearest", **UNRELIABLE),
+        "fedsa-dp": dict(method="fedsa", **UNRELIABLE)}
+
+
+def _cfg(name):
     # 3 clients per round: rank 0 trains positions 0 and 2, rank 1 position 1 (an uneven split)
-    return tf.tiny_cfg(method=method, clients=6, clients_per_round=3, rounds=2, local_epochs=2, dropout=0.05)
+    return tf.tiny_cfg(clients=6, clients_per_round=3, rounds=2, local_epochs=2, dropout=0.05, **RUNS[name])
 
 
 def _run(fed, method):
+    """(tensors, meta) after two stages, meta with each round's dropped positions and epsilon."""
+    log = []
     for s, task in enumerate("AB"):
         for r in range(fed.cfg.rounds):
-            fed.run_round(s, r, tf.client_data_for(task, s, r, n=16))
+            rec = fed.run_round(s, r, tf.client_data_for(task, s, r, n=16))
+            log.append([[d["position"] for d in rec["dropped"]], rec.get("epsilon")])
         fed.end_stage(s)
     tensors, meta = fed.state_dict()
-    return tensors, meta
+    return tensors, {**meta, "rounds": log}
 
 
 def _eval_set():
@@ -49,7 +60,8 @@ def _worker(rank, port, base_dir, out_dir, methods):
         for method in methods:
             fed = fd.Federation(tf.copy.deepcopy(base), tok, None, _cfg(method))
             tensors, meta = _run(fed, method)
-            preds = fed.predict(_eval_set(), batch_size=4, distributed=True)   # sharded evaluation
+            client = fed.method.eval_clients()[0]                            # FedSA: a client's own model
+            preds = fed.predict(_eval_set(), batch_size=4, client=client, distributed=True)   # sharded evaluation
             if rank == 0:       # rank 0 writes (safetensors + JSON: nothing is unpickled)
                 save_file(tensors, os.path.join(out_dir, f"{method}.safetensors"))
                 with open(os.path.join(out_dir, f"{method}.json"), "w") as f:
@@ -69,7 +81,7 @@ def test_two_gloo_processes_match_single_process():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        methods = ["disco", "fedit"]
+        methods = list(RUNS)
         base, tok = tf.tiny_model()
         with tempfile.TemporaryDirectory() as d:
             base_dir = os.path.join(d, "base")
@@ -92,11 +104,18 @@ def test_two_gloo_processes_match_single_process():
                 with open(os.path.join(d, f"{method}.json")) as f:
                     saved = json.load(f)
                 meta2, preds = saved["meta"], saved["preds"]
-                assert preds == fed.predict(_eval_set(), batch_size=4)
+                assert preds == fed.predict(_eval_set(), batch_size=4, client=fed.method.eval_clients()[0])
                 assert set(single) == set(multi)
                 for k in single:
                     assert torch.allclose(single[k].double(), multi[k].double(), atol=1e-6, rtol=1e-5), (method, k)
                 assert meta1["method_state"] == meta2["method_state"]
+                assert meta1["rounds"] == meta2["rounds"] and meta1["dp_rounds"] == meta2["dp_rounds"]
+                if method.endswith("-dp"):      # some clients dropped, the same ones; the accountant counted 4 rounds
+                    dropped = [p for d, _ in meta1["rounds"] for p in d]
+                    assert 0 < len(dropped) < 12 and meta1["dp_rounds"] == 4
+                    assert meta1["rounds"][-1][1] == fd.privacy_spent(fed)["epsilon"] > 0
+                if method == "fedsa-dp":
+                    assert len(meta1["method_state"]["trained_on"]) >= 2
                 if method == "disco":
                     assert meta1["method_state"]["open_order"] == [0, 1]
                     assert meta1["method_state"]["slot_data"] == meta2["method_state"]["slot_data"]

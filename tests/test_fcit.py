@@ -7,9 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import fcit
 import federate
 import methods
+import server
 
 SMALL = ["--clients", "5", "--clients-per-round", "5", "--rounds", "1", "--batch-size", "8", "--eval-samples", "2",
          "--max-new-tokens", "3", "--quiet"]
@@ -30,7 +32,9 @@ def check_results(out, setting, methods):
     assert list(r["methods"]) == methods
     n_tasks = len(r["tasks"])
     for name, m in r["methods"].items():
-        assert set(m) == {"matrix", "last", "avg", "bwt", "per_task_last", "routing_accuracy", "comm_bytes", "wall_s"}
+        personal = {"personalized"} if name in ("local", "fedsa") else set()    # each client on its own tasks
+        assert set(m) == {"matrix", "last", "avg", "bwt", "per_task_last", "routing_accuracy", "comm_bytes",
+                          "wall_s"} | personal
         assert all(len(row) == n_tasks for row in m["matrix"])
         caption = [i for i, t in enumerate(r["tasks"]) if t in ("Flickr30k", "Other")]   # CIDEr can pass 1
         assert all(v is None or 0.0 <= v <= (250.0 if i in caption else 100.0)
@@ -103,6 +107,43 @@ def test_resume_after_crash_gives_the_same_results(tmp_path, monkeypatch, extra)
     assert a == b
     if extra:   # the accountant resumed too: 4 stages x 2 rounds
         assert a["methods"]["disco"]["privacy"]["rounds"] == 8
+
+
+def test_fedsa_scores_each_client_on_its_own_tasks(tmp_path, monkeypatch):
+    # cap-het, every client every round: position p of stage t trains CAP_DYN_LIST[t][p] and the seeded draw puts
+    # client sel[p] there, so the groups a client owns follow from the sampling table alone. The stub model runs the
+    # real weight loading, finds whose B is loaded (and checks A is the global one), and answers right only when that
+    # client owns the example's group: every own-task score is 100 only if each client is scored with its own model.
+    owned = {c: set() for c in range(5)}
+    for t in range(4):
+        for p, c in enumerate(server.sample_clients(5, 5, 0, t, 0, "seeded")):
+            owned[c].add(data.stage_task_for("cap-het", t, p))
+    group = {ds: k for k in range(4) for ds in data.task_datasets("cap-het", k)}
+    real = federate.Federation.predict
+
+    def predict(self, examples, batch_size=8, client=None, distributed=False):
+        real(self, examples[:1], client=client)                    # loads the model `client` is evaluated with
+        cur = {n: self._params[n] for n in self.lora_names}
+        assert all(torch.equal(cur[n], self.global_state[n]) for n in cur if ".A." in n)
+        whose = [c for c, st in self.method.states.items() if all(torch.equal(cur[n], v) for n, v in st.items())]
+        mine = owned[whose[0]] if whose else set()
+        return [ex.answer if group[ex.dataset] in mine else "zzz" for ex in examples]
+    monkeypatch.setattr(federate.Federation, "predict", predict)
+    out = str(tmp_path / "out")
+    assert fcit.main(["--setting", "cap-het", "--methods", "fedsa", "--caption-metric", "Bleu_1", "--out", out]
+                     + SMALL) == 0
+    r = check_results(out, "cap-het", ["fedsa"])     # (only local and fedsa get a personalized entry)
+    tasks, fedsa = r["tasks"], r["methods"]["fedsa"]
+    p = fedsa["personalized"]
+    assert p["clients"] == {str(c): {"tasks": {tasks[k]: 100.0 for k in sorted(owned[c])}, "mean": 100.0}
+                            for c in range(5)}
+    assert p["mean"] == 100.0 and any(len(owned[c]) < 4 for c in owned)  # clients own different subsets
+    # the global test sets average over the clients' models: a group scores the share of clients owning it
+    assert fedsa["matrix"][-1] == [100.0 * sum(k in owned[c] for c in range(5)) / 5 for k in range(4)]
+    md = open(os.path.join(out, "results.md")).read()
+    assert "| fedsa | mean over clients | | **100.00** |" in md
+    c0 = ", ".join(f"{tasks[k]} 100.00" for k in sorted(owned[0]))
+    assert f"| fedsa | 0 | {c0} | 100.00 |" in md
 
 
 def test_changed_config_on_existing_out_is_refused(tmp_path, capsys):

@@ -812,3 +812,8 @@ def test_fedsa_shares_a_and_keeps_b_on_each_client():
     assert torch.equal(w[b_names[0]], ups[0]["state"][b_names[0]]) and torch.equal(w[a_names[0]],
                                                                                     fed.global_state[a_names[0]])
     assert fed.method.start_state(sel[1]) is fed.method.states[sel[1]] and fed.method.eval_clients() == sorted(sel)
+    assert fed.method.personal_datasets() == {sel[0]: {"A": 6}, sel[1]: {"A": 10}}     # what each client trained on
+    back = fd.Federation(*tiny_model(), None, tiny_cfg(method="fedsa", local_epochs=1, train_projector=False))
+    back.load_state_dict(*fed.state_dict())                                              # resume keeps it
+    assert back.method.personal_datasets() == fed.method.personal_datasets()
+    assert all(torch.equal(back.method.states[c][n], fed.method.states[c][n]) for c in sel for n in b_names)
