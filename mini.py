@@ -167,9 +167,8 @@ def _mini_imagenet_r(rng, S):
 CURVES = ["increasing", "decreasing", "peak", "valley", "flat", "oscillating"]
 
 
-def _mini_arxivqa(rng, S):
-    kind = rng.choice(CURVES)
-    im, d = _canvas(S)
+def _curve(rng, d, S, kind):
+    """Axes and the points of a noisy curve of one of the CURVES kinds; the caller draws the line."""
     d.line((.12 * S, .08 * S, .12 * S, .88 * S), fill=(0, 0, 0), width=1)
     d.line((.12 * S, .88 * S, .95 * S, .88 * S), fill=(0, 0, 0), width=1)
     a, c, f, ph = rng.uniform(.6, 1.6), rng.uniform(.35, .65), rng.uniform(2, 3), rng.uniform(0, 6.28)
@@ -180,7 +179,13 @@ def _mini_arxivqa(rng, S):
              "valley": 1 - math.exp(-((t - c) ** 2) / .03), "flat": .5,
              "oscillating": .5 + .4 * math.sin(2 * math.pi * f * t + ph)}[kind] + rng.uniform(-.03, .03)
         pts.append((.18 * S + t * .74 * S, .8 * S - v * .65 * S))
-    d.line(pts, fill=COLORS[rng.choice(list(COLORS))], width=2)
+    return pts
+
+
+def _mini_arxivqa(rng, S):
+    kind = rng.choice(CURVES)
+    im, d = _canvas(S)
+    d.line(_curve(rng, d, S, kind), fill=COLORS[rng.choice(list(COLORS))], width=2)
     opts = [kind] + rng.sample([k for k in CURVES if k != kind], 3)
     lines, letter = _mc(rng, kind, opts)
     q = rng.choice(["Which of the following best describes the trend of the curve in the plot?",
