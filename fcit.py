@@ -26,6 +26,7 @@ import checkpoint
 import config
 import data
 import federate
+import imaging
 import mini
 import model as vlm
 import scoring
@@ -99,7 +100,7 @@ def resolve_config(args) -> Config:
             setattr(cfg, name, os.path.abspath(getattr(cfg, name)))
     if cfg.setting != "fedit" and checkpoint.load_config(cfg.model, cfg.vision_tower).vision is not None:   # text-only
         try:
-            improc = vlm.ImageProcessor.for_checkpoint(cfg.model, cfg.vision_tower, cfg.image_aspect)
+            improc = imaging.ImageProcessor.for_checkpoint(cfg.model, cfg.vision_tower, cfg.image_aspect)
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(f"--model {cfg.model!r}: cannot resolve the image pre-processing: {e}") from None
         cfg.image_preprocess = improc.describe()
@@ -249,7 +250,7 @@ def load_model(cfg: Config, device, dtype):
     tokenizer = checkpoint.load_tokenizer(cfg.model)
     improc = None
     if model.vision is not None and cfg.image_preprocess is not None:      # FedIT is text-only
-        improc = vlm.ImageProcessor.for_checkpoint(cfg.model, cfg.vision_tower, cfg.image_aspect)
+        improc = imaging.ImageProcessor.for_checkpoint(cfg.model, cfg.vision_tower, cfg.image_aspect)
     text_encoder = checkpoint.load_clip_text(cfg.text_encoder, device=device) if cfg.text_encoder else None
     return model, tokenizer, improc, text_encoder
 
@@ -333,17 +334,22 @@ def close_stage(fed, model, bench, progress, out, log, is_main, t0):
     stage, stages = progress["stage"], progress["stages"]
     fed.end_stage(stage)
     tasks = bench.seen(bench.stages - stages + stage)      # a single joint stage (mtl) sees every task
-    cache = {}
+    cache, t_eval = {}, time.time()
     row = evaluate(fed, bench, tasks, cache)
     progress["matrix"].append(row)
     log(f"[{fed.cfg.method}] after stage {stage + 1}/{stages} ({time.time() - t0:.0f}s): "
         + ", ".join(f"{bench.tasks[k]} {row[k]:.1f}" for k in tasks))
     progress["stage"], progress["round"] = stage + 1, 0
     progress["done"] = stage + 1 == stages
+    t_save = time.time()
     save_adapters(fed, model, out, stage, is_main)
+    t_done = time.time()
     if progress["done"]:
         progress["routing_accuracy"] = fed.routing_accuracy(bench.examples_by_task(tasks))
         progress["personalized"] = evaluate_personalized(fed, bench, tasks, cache)
+    spent = progress["spent"]
+    spent["eval"] += (t_save - t_eval) + (time.time() - t_done)
+    spent["save"] += t_done - t_save
 
 
 def run_method(cfg: Config, method, bench, out, device, dtype, log, is_main):
@@ -364,6 +370,8 @@ def run_method(cfg: Config, method, bench, out, device, dtype, log, is_main):
     while not progress["done"]:
         stage, rnd, t0 = progress["stage"], progress["round"], time.time()
         rec = fed.run_round(stage, rnd, bench.client_data(stage), log=lambda s: log(f"[{method}] {s}"))
+        spent = progress.setdefault("spent", {"train": 0.0, "eval": 0.0, "save": 0.0})
+        spent["train"] += time.time() - t0
         log_round(rec, fed, progress, t_start, log)
         if rnd + 1 < fed.method.rounds():
             progress["round"] = rnd + 1
@@ -372,6 +380,9 @@ def run_method(cfg: Config, method, bench, out, device, dtype, log, is_main):
         progress["wall_s"] = time.time() - t_start
         if is_main:
             save_state(state_path, fed, progress)
+    spent = progress.get("spent", {})
+    log(f"[{method}] {progress['wall_s']:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in spent.items())
+        + " (train: identity features, local training and aggregation; save: adapters; the rest: state files)")
     return summarize(progress, bench, continual=fed.method.continual)
 
 

@@ -58,6 +58,15 @@ def all_gather(obj) -> list:
     return out
 
 
+def sharded(answer: Callable, items: list, rank: int, world: int) -> list:
+    """A collective: rank r answers items r, r+W, ... and every rank gets every answer, in order."""
+    mine = items[rank::world]
+    out = [None] * len(items)
+    for r, ans in enumerate(all_gather(answer(mine) if mine else [])):
+        out[r::world] = ans
+    return out
+
+
 def gather_by_position(part: dict) -> dict:
     """Every rank's {position: value}, merged and sorted by position."""
     out = {}
@@ -172,6 +181,26 @@ def account(fed, p, u) -> dict:
 # the engine
 
 
+def attach_adapters(fed) -> list[str]:
+    """Freeze the model; give it the method's LoRA (a local generator: every rank builds identical adapters) and
+    return the names of the projector's parameters when it is trained too (fp32 master weights under autocast)."""
+    model, cfg = fed.model, fed.cfg
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not fed.has_lora:
+        return []
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    lora.apply_lora(model, cfg.rank, cfg.alpha, targets=tuple(cfg.lora_targets), num_subspaces=fed.K,
+                    init=cfg.lora_init, dropout=cfg.dropout, generator=g)
+    fed.method.setup(g)
+    proj = getattr(model, "projector", None)
+    if not cfg.train_projector or proj is None:
+        return []
+    if fed.device.type == "cuda" and cfg.dtype in ("bfloat16", "float16"):
+        proj.float()
+    return ["projector." + n for n, _ in proj.named_parameters()]
+
+
 class Federation:
     """A server and its simulated clients running one method (cfg.method) on one model.
 
@@ -188,19 +217,7 @@ class Federation:
         self.method = METHODS[cfg.method](self)
         self.K = self.method.num_subspaces()
         self.has_lora = self.method.has_lora
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if self.has_lora:     # a local generator: every rank builds identical adapters
-            g = torch.Generator().manual_seed(int(cfg.seed))
-            lora.apply_lora(model, cfg.rank, cfg.alpha, targets=tuple(cfg.lora_targets), num_subspaces=self.K,
-                            init=cfg.lora_init, dropout=cfg.dropout, generator=g)
-            self.method.setup(g)
-        self.proj_names: list[str] = []
-        proj = getattr(model, "projector", None)
-        if self.has_lora and cfg.train_projector and proj is not None:
-            if self.device.type == "cuda" and cfg.dtype in ("bfloat16", "float16"):
-                proj.float()          # fp32 master weights for the trained projector; autocast casts on use
-            self.proj_names = ["projector." + n for n, _ in proj.named_parameters()]
+        self.proj_names = attach_adapters(self)
         self._params = dict(model.named_parameters())
         self.lora_names = list(lora.lora_state(model).keys()) if self.has_lora else []
         self.global_state = {n: self._params[n].detach().to("cpu", copy=True)
@@ -378,17 +395,14 @@ class Federation:
         return {"stage": stage, **self.method.end_stage(stage)}
 
     @torch.no_grad()
-    def predict(self, examples, batch_size: int = 8, client: int | None = None, distributed: bool = False) -> list[str]:
+    def predict(self, examples, batch_size: int | None = None, client: int | None = None,
+                distributed: bool = False) -> list[str]:
         """Greedy answers, stripped, in input order, with the method's inference-time routing (DISCO: one α per
-        sample, fp32). distributed=True is a collective: rank r answers examples r, r+W, ..., all get all."""
+        sample, fp32), batch_size (default --eval-batch-size) prompts at a time. distributed=True is a collective:
+        rank r answers examples r, r+W, ..., all get all."""
+        batch_size = batch_size or self.cfg.eval_batch_size
         if distributed and self.world > 1:
-            mine = list(range(self.rank, len(examples), self.world))
-            part = self.predict([examples[i] for i in mine], batch_size, client) if mine else []
-            out = [None] * len(examples)
-            for r, ans in enumerate(all_gather(part)):
-                for k, a in enumerate(ans):
-                    out[r + k * self.world] = a
-            return out
+            return sharded(lambda exs: self.predict(exs, batch_size, client), examples, self.rank, self.world)
         if not examples:
             return []
         self._load(self.method.weights_for(client))

@@ -22,8 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 import data  # noqa: E402
+import imaging  # noqa: E402
 import mini  # noqa: E402
-import model as vlm  # noqa: E402
 
 
 def wide_checkpoint(folder):
@@ -49,7 +49,7 @@ def wide_checkpoint(folder):
 def prompts(folder, model, batch):
     """A left-padded generation batch of FCIT-mini prompts with images, as evaluation builds it."""
     tok = checkpoint.load_tokenizer(folder)
-    improc = vlm.ImageProcessor.for_checkpoint(folder)
+    improc = imaging.ImageProcessor.for_checkpoint(folder)
     exs = []
     with tempfile.TemporaryDirectory() as d:
         for i in range(batch):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import data
+import imaging
 import mini as synth
 import scoring
 
@@ -673,10 +674,9 @@ def tiny_tok():
 
 
 def test_collator(tiny_tok, mini):
-    model = pytest.importorskip("model")
     exs = data.load_fcit(mini, ["ArxivQA", "TabMWP"], "train")
     batch_ex = [exs["ArxivQA"][0], exs["TabMWP"][1], data.Example("x", "text only", "ok")]
-    proc = model.ImageProcessor.clip(32)
+    proc = imaging.ImageProcessor.clip(32)
     col = data.Collator(tiny_tok, proc, "vicuna_v1", image_seq_len=4, max_length=512)
     b = col(batch_ex)
     B, T = b["input_ids"].shape

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import federate as fd
 import identity
+import imaging
 import server
 from config import Config
 
@@ -675,8 +676,8 @@ def test_image_identity_and_projector_averaged(tmp_path):
         paths.append(str(p))
     exs = lambda k: [data.Example("A", "please tell me the color of this fruit : apple", "red", image=paths[k], qid=i)
                      for i in range(6)]
-    fed = fd.Federation(m, tok, vlm.ImageProcessor.clip(16), tiny_cfg(method="disco", identity="image", local_epochs=3,
-                                                                       tau=0.99), text_encoder=None)
+    cfg = tiny_cfg(method="disco", identity="image", local_epochs=3, tau=0.99)
+    fed = fd.Federation(m, tok, imaging.ImageProcessor.clip(16), cfg, text_encoder=None)
     p0 = {n: fed.global_state[n].clone() for n in fed.proj_names}
     rec = fed.run_round(0, 0, lambda p, c: exs(p))
     assert fed.method.keys.shape == (2, 16) and rec["opened"] == [0, 1]           # red and blue images: two identities

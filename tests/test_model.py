@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import checkpoint as C
+import imaging
 import model as M
 
 TOL = 1e-4
@@ -397,7 +398,7 @@ def test_clip_image_processor_matches(tf, tmp_path):
         warnings.simplefilter("ignore")
         ref = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     ref.save_pretrained(tmp_path)
-    ours = M.ImageProcessor.from_dir(tmp_path)
+    ours = imaging.ImageProcessor.from_dir(tmp_path)
     assert not ours.pad_to_square
     imgs = _images()
     want = torch.as_tensor(np.stack(ref(imgs, return_tensors="np")["pixel_values"]))
@@ -421,7 +422,7 @@ def test_siglip_image_processor_matches(tf, tmp_path):
         warnings.simplefilter("ignore")
         ref = SiglipImageProcessor(size={"height": 30, "width": 30})
     ref.save_pretrained(tmp_path)
-    ours = M.ImageProcessor.from_dir(tmp_path)
+    ours = imaging.ImageProcessor.from_dir(tmp_path)
     imgs = _images()
     want = torch.as_tensor(np.stack(ref(imgs, return_tensors="np")["pixel_values"]))
     got = ours(imgs)
@@ -728,7 +729,7 @@ def test_sparse_preprocessor_configs(cfg, tf, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = AutoImageProcessor.from_pretrained(tmp_path)
-    ours = M.ImageProcessor.from_dir(tmp_path)
+    ours = imaging.ImageProcessor.from_dir(tmp_path)
     imgs = _images()
     if cfg.get("do_pad"):   # LLaVA pad-to-square first; transformers' CLIP processor has no such step
         assert ours.pad_to_square

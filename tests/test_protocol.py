@@ -9,6 +9,7 @@ import torch
 from test_federate import _one_thread, task_examples, tiny_cfg, tiny_model  # noqa: F401 (fixture)
 
 import federate as fd
+import imaging
 import model as vlm
 import server
 
@@ -83,7 +84,7 @@ def test_llava_checkpoints_pad_to_a_square_by_default(tmp_path):
            "crop_size": {"height": 28, "width": 28}}                                   # no do_pad, as llava-hf ships
     hf = _llava_hf_folder(tmp_path / "hf", pre)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 44, 3), dtype=np.uint8))
-    ours = vlm.ImageProcessor.for_checkpoint(str(hf))
+    ours = imaging.ImageProcessor.for_checkpoint(str(hf))
     assert ours.pad_to_square and ours.describe()["pad_to_square"] is True
     # LLaVA-1.5's expand2square by hand: the mean colour as int(mean * 255), the image centred, then CLIP.
     mean = (0.48145466, 0.4578275, 0.40821073)
@@ -92,17 +93,17 @@ def test_llava_checkpoints_pad_to_a_square_by_default(tmp_path):
     ref = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     expected = torch.as_tensor(np.asarray(ref(images=[square], return_tensors="np")["pixel_values"]))
     assert (ours([img]) - expected).abs().max() < 1e-5
-    crop = vlm.ImageProcessor.for_checkpoint(str(hf), aspect="crop")
+    crop = imaging.ImageProcessor.for_checkpoint(str(hf), aspect="crop")
     expected_crop = torch.as_tensor(np.asarray(ref(images=[img], return_tensors="np")["pixel_values"]))
     assert (crop([img]) - expected_crop).abs().max() < 1e-5
     # the original layout: the CLIP folder holds the processor, the model's config.json its aspect ratio
     clip = _llava_hf_folder(tmp_path / "clip", pre, {"model_type": "clip_vision_model"})
     orig = _llava_hf_folder(tmp_path / "orig", pre, {"model_type": "llava", "image_aspect_ratio": "square"})
     (orig / "preprocessor_config.json").unlink()
-    assert not vlm.ImageProcessor.for_checkpoint(str(orig), str(clip)).pad_to_square
-    assert vlm.ImageProcessor.for_checkpoint(str(orig), str(clip), aspect="pad").pad_to_square
+    assert not imaging.ImageProcessor.for_checkpoint(str(orig), str(clip)).pad_to_square
+    assert imaging.ImageProcessor.for_checkpoint(str(orig), str(clip), aspect="pad").pad_to_square
     with pytest.raises(ValueError, match="aspect"):
-        vlm.ImageProcessor.for_checkpoint(str(hf), aspect="stretch")
+        imaging.ImageProcessor.for_checkpoint(str(hf), aspect="stretch")
 
 
 def test_max_length_cuts_training_sequences_but_never_a_prompt():
