@@ -166,7 +166,7 @@ PRESETS = {
                     batch_size=8, max_new_tokens=12, eval_samples=40, eval_batch_size=40, lm_identity=True,
                     identity_layer="embedding", identity_center=True, on_full="nearest", client_sampling="seeded",
                     rank=32, alpha=64.0, subspaces=4),
-        "fedit": dict(SHEPHERD, clients=10, clients_per_round=5, rounds=4, lr=2e-3, batch_size=16, grad_accum=1,
+        "fedit": dict(SHEPHERD, clients=10, clients_per_round=5, rounds=6, lr=1e-2, batch_size=16, grad_accum=1,
                       max_new_tokens=16, eval_batch_size=40, client_sampling="seeded"),
     },
 }

@@ -23,11 +23,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import corpus  # noqa: E402
 
 import checkpoint  # noqa: E402
+import imaging  # noqa: E402
 import model as vlm  # noqa: E402
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 SYSTEM_PROMPTS = [vlm.VICUNA_SYSTEM, vlm.ALPACA_INPUT_SYSTEM, vlm.ALPACA_SYSTEM]
 IMAGE_SIZE, PATCH = 64, 16
+LABEL_SMOOTHING = 0.1
 
 
 def train_tokenizer(texts, vocab_size, path):
@@ -49,8 +51,8 @@ def tiny_config(vocab_size, image_token_index):
                 num_hidden_layers=4, num_attention_heads=5, num_key_value_heads=5, rms_norm_eps=1e-5,
                 rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=False,
                 bos_token_id=1, eos_token_id=2, pad_token_id=3, hidden_act="silu")
-    vision = dict(model_type="clip_vision_model", hidden_size=128, intermediate_size=384, num_hidden_layers=3,
-                  num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH, num_channels=3,
+    vision = dict(model_type="clip_vision_model", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                  num_attention_heads=8, image_size=IMAGE_SIZE, patch_size=PATCH, num_channels=3,
                   layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=128)
     return dict(model_type="llava", architectures=["LlavaForConditionalGeneration"],
                 image_token_index=image_token_index, vision_feature_layer=-2,
@@ -97,7 +99,8 @@ def batches(encoded, batch_size, rng, pad_id):
 
 def pretrain(model, tokenizer, processor, steps, batch_size, lr, seed, n_samples, log_every=50, save=None,
              save_every=250):
-    """Full-parameter pretraining on the generic corpus (answer tokens supervised), AdamW with a cosine schedule."""
+    """Full-parameter pretraining on the generic corpus (answer tokens supervised, label smoothing against the
+    overconfidence a narrow corpus breeds), AdamW with a cosine schedule."""
     t0 = time.time()
     samples = corpus.pretraining_corpus(n_samples, seed=seed, image_size=IMAGE_SIZE)
     encoded = encode_corpus(samples, tokenizer, processor, model.image_seq_len, seed)
@@ -110,7 +113,7 @@ def pretrain(model, tokenizer, processor, steps, batch_size, lr, seed, n_samples
     stream, t0, running = batches(encoded, batch_size, random.Random(seed), tokenizer.pad_id), time.time(), None
     for step in range(steps):
         ids, lab, mask, pix = next(stream)
-        loss = model.loss(ids, lab, pixel_values=pix, attention_mask=mask)
+        loss = model.loss(ids, lab, pixel_values=pix, attention_mask=mask, label_smoothing=LABEL_SMOOTHING)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -130,10 +133,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                   "assets", "tiny-llava"))
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=8000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--samples", type=int, default=40000, help="pretraining corpus size")
+    ap.add_argument("--samples", type=int, default=80000, help="pretraining corpus size")
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
@@ -153,13 +156,13 @@ def main(argv=None):
     cfg = tiny_config(len(tokenizer), tokenizer.image_token_id)
     assert tokenizer.bos_id == 1 and tokenizer.eos_id == 2 and tokenizer.pad_id == 3, "special token ids moved"
     model = vlm.VLM(checkpoint.llava_config(cfg))
-    processor = vlm.ImageProcessor.clip(IMAGE_SIZE)
+    processor = imaging.ImageProcessor.clip(IMAGE_SIZE)
     with open(os.path.join(args.out, "preprocessor_config.json"), "w") as f:
         json.dump({"image_processor_type": "CLIPImageProcessor", "do_resize": True,
                    "size": {"shortest_edge": IMAGE_SIZE}, "do_center_crop": True,
                    "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "do_rescale": True,
-                   "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(vlm.OPENAI_CLIP_MEAN),
-                   "image_std": list(vlm.OPENAI_CLIP_STD), "resample": 3, "do_convert_rgb": True}, f, indent=2)
+                   "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(imaging.OPENAI_CLIP_MEAN),
+                   "image_std": list(imaging.OPENAI_CLIP_STD), "resample": 3, "do_convert_rgb": True}, f, indent=2)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tiny VLM: {n_params / 1e6:.2f}M parameters, {model.image_seq_len} image tokens, vocab {len(tokenizer)}")
     final = pretrain(model, tokenizer, processor, args.steps, args.batch_size, args.lr, args.seed, args.samples,
@@ -167,7 +170,7 @@ def main(argv=None):
     checkpoint.save_vlm(model, args.out)
     with open(os.path.join(args.out, "pretraining.json"), "w") as f:
         json.dump({"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                   "samples": args.samples,
+                   "samples": args.samples, "label_smoothing": LABEL_SMOOTHING,
                    "final_loss": final, "corpus": "tools/corpus.py"}, f, indent=2)
     print(f"wrote {args.out}")
 

@@ -14,7 +14,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mini  # noqa: E402
 from data import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, DOLLY_CATEGORIES, FCIT_DATASETS  # noqa: E402
 from mini import (  # noqa: E402
+    AUTHORS,
     COLORS,
+    CURVES,
+    FIG_COLORS,
+    GENRES,
     NUM_WORDS,
     OBJECTS,
     PLURAL,
@@ -22,8 +26,10 @@ from mini import (  # noqa: E402
     _bars,
     _canvas,
     _cells,
+    _curve,
     _font,
     _object,
+    _person,
     _shape,
 )
 from model import TEMPLATES  # noqa: E402
@@ -97,15 +103,92 @@ def _text(rng, d, S):
     return f"The {what} {txt} written in {col}.", qa
 
 
+def _backdrop(rng, d, S):
+    """A plain, tinted background: photos and drawings are not always on white."""
+    if rng.random() < .5:
+        d.rectangle((0, 0, S, S), fill=tuple(rng.randint(185, 250) for _ in range(3)))
+
+
 def _rendition(rng, d, S):
     col, obj, style = rng.choice(list(COLORS)), rng.choice(OBJECTS), rng.choice(["photo", "sketch", "cartoon",
                                                                                    "silhouette"])
-    _object(d, obj, (.15 * S, .15 * S, .85 * S, .85 * S), COLORS[col], style)
+    if style != "sketch":
+        _backdrop(rng, d, S)
+    sz = rng.uniform(.45, .9) * S
+    x0, y0 = rng.uniform(0, S - sz), rng.uniform(0, S - sz)
+    _object(d, obj, (x0, y0, x0 + sz, y0 + sz), COLORS[col], style)
     cap = {"photo": f"A {col} {obj}.", "sketch": f"A black line sketch of a {obj}.",
            "cartoon": f"A cartoon {obj} with a black outline.", "silhouette": f"The dark silhouette of a {obj}."}[style]
     qa = [("What is drawn here?", obj), ("Is this a photo, a sketch, a cartoon or a silhouette?", style),
           (f"Is this a {_pick(rng, obj, OBJECTS)}?", obj)]
     return cap, qa
+
+
+LINE_WORDS = {"increasing": "goes up", "decreasing": "goes down", "peak": "rises and then falls",
+              "valley": "falls and then rises", "flat": "stays level",
+              "oscillating": "goes up and down again and again"}
+
+
+def _line(rng, d, S):
+    kind, col = rng.choice(CURVES), rng.choice(list(COLORS))
+    d.line(_curve(rng, d, S, kind), fill=COLORS[col], width=2)
+    qa = [("What does the line do from left to right?", f"it {LINE_WORDS[kind]}"), ("What color is the line?", col),
+          ("Is the line higher at the right end than at the left end?",
+           "yes" if kind == "increasing" else "no" if kind == "decreasing" else "about the same")]
+    return f"A line plot; the {col} line {LINE_WORDS[kind]}.", qa
+
+
+def _colored_bars(rng, d, S):
+    names = rng.sample(list(FIG_COLORS), rng.randint(2, 5))
+    vals = rng.sample(range(1, 11), len(names))
+    _bars(d, S, vals, [FIG_COLORS[c] for c in names], base=rng.choice([.9, .95]), top=.05)
+    hi, lo = names[vals.index(max(vals))].lower(), names[vals.index(min(vals))].lower()
+    a, b = rng.sample(names, 2)
+    qa = [("Which bar is the tallest?", f"the {hi} one"), ("Which bar is the shortest?", f"the {lo} one"),
+          (f"Is the {a.lower()} bar taller than the {b.lower()} bar?", "yes" if vals[names.index(a)] >
+           vals[names.index(b)] else "no"), ("How many bars are there?", NUM_WORDS[len(names)])]
+    return f"Bars in {', '.join(c.lower() for c in names)}; the {hi} bar is the tallest.", qa
+
+
+def _objects(rng, d, S):
+    d.rectangle((0, 0, S, S), fill=rng.choice([(200, 200, 200), (255, 255, 255), (225, 225, 215)]))
+    n, grid = rng.randint(2, 6), rng.choice([3, 4])
+    g, m = S / grid, max(2, S // 24)
+    objs = []
+    for r, c in _cells(rng, n, grid):
+        col, shp = rng.choice(list(COLORS)[:5]), rng.choice(SHAPES[:4])
+        _shape(d, shp, (c * g + m, r * g + m, (c + 1) * g - m, (r + 1) * g - m), COLORS[col])
+        objs.append((col, shp))
+    col, shp = rng.choice(objs)
+    qa = [("Count all the things in the picture.", NUM_WORDS[n]),
+          (f"What is the number of {col} things?", NUM_WORDS[sum(o[0] == col for o in objs)]),
+          (f"What is the number of {PLURAL[shp]}?", NUM_WORDS[sum(o[1] == shp for o in objs)]),
+          (f"What color is the {shp}?" if sum(o[1] == shp for o in objs) == 1 else "Name a color you see.", col)]
+    return f"{NUM_WORDS[n].capitalize()} things: " + ", ".join(f"a {c} {s}" for c, s in objs) + ".", qa
+
+
+def _card(rng, d, S):
+    colour, word, name = rng.choice(list(GENRES)), rng.choice(WORDS[:8]), rng.choice(AUTHORS)
+    cname = {"Cooking": "orange", "Travel": "blue", "History": "brown", "Science": "green"}[colour]
+    d.rectangle((.08 * S, .04 * S, .92 * S, .96 * S), fill=GENRES[colour])
+    top = rng.uniform(.3, .45)
+    d.text((S / 2, top * S), word, fill=(255, 255, 255), font=_font(max(8, int(.2 * S))), anchor="mm")
+    d.text((S / 2, (top + .38) * S), name.upper(), fill=(0, 0, 0), font=_font(max(6, int(.13 * S))), anchor="mm")
+    qa = [("Which big word is written in white?", word.capitalize()), ("Whose name is printed in black?", name),
+          ("What color is the card?", cname)]
+    art = "An" if cname == "orange" else "A"
+    return f"{art} {cname} card with the word {word} in white and the name {name} in black.", qa
+
+
+def _people(rng, d, S):
+    n, col, obj = rng.choice([1, 2, 3]), rng.choice(list(COLORS)), rng.choice(["tree", "house", "car", "boat"])
+    _backdrop(rng, d, S)
+    for k in range(n):
+        _person(d, (.12 + .18 * k) * S, .45 * S, .4 * S)
+    _object(d, obj, (.6 * S, .45 * S, .96 * S, .85 * S), COLORS[col], "photo")
+    who = {1: "One person", 2: "Two people", 3: "Three people"}[n]
+    qa = [("How many people can you see?", NUM_WORDS[n]), ("What is beside the people?", f"a {col} {obj}")]
+    return f"{who} and a {col} {obj}.", qa
 
 
 def _chart(rng, d, S):
@@ -119,7 +202,7 @@ def _chart(rng, d, S):
     return f"A chart with {NUM_WORDS[n]} {col} bars.", qa
 
 
-SCENES = [_one, _count, _pair, _text, _rendition, _chart]
+SCENES = [_one, _count, _pair, _text, _rendition, _chart, _line, _colored_bars, _objects, _card, _people]
 
 
 def scene(rng, S):
@@ -131,7 +214,7 @@ def scene(rng, S):
 
 def caption_corpus(n: int, seed: int = 0, image_size: int = 64) -> list:
     """n generic (PIL image, caption) pairs: shapes, colours, positions, counts, drawn digits/letters/words,
-    object renditions and bar charts, described in plain sentences."""
+    object renditions, bar charts, line plots, object grids, lettered cards and people, in plain sentences."""
     return [scene(random.Random(f"captions:{seed}:{i}"), image_size)[:2] for i in range(n)]
 
 
