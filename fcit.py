@@ -366,12 +366,12 @@ def run_method(cfg: Config, method, bench, out, device, dtype, log, is_main):
         progress = st["progress"]
         if not progress["done"]:
             log(f"[{method}] resuming at stage {progress['stage'] + 1}, round {progress['round'] + 1}")
+    progress.setdefault("spent", {"train": 0.0, "eval": 0.0, "save": 0.0})    # state files of older versions lack it
     t_start = time.time() - progress["wall_s"]
     while not progress["done"]:
         stage, rnd, t0 = progress["stage"], progress["round"], time.time()
         rec = fed.run_round(stage, rnd, bench.client_data(stage), log=lambda s: log(f"[{method}] {s}"))
-        spent = progress.setdefault("spent", {"train": 0.0, "eval": 0.0, "save": 0.0})
-        spent["train"] += time.time() - t0
+        progress["spent"]["train"] += time.time() - t0
         log_round(rec, fed, progress, t_start, log)
         if rnd + 1 < fed.method.rounds():
             progress["round"] = rnd + 1
@@ -380,8 +380,7 @@ def run_method(cfg: Config, method, bench, out, device, dtype, log, is_main):
         progress["wall_s"] = time.time() - t_start
         if is_main:
             save_state(state_path, fed, progress)
-    spent = progress.get("spent", {})
-    log(f"[{method}] {progress['wall_s']:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in spent.items())
+    log(f"[{method}] {progress['wall_s']:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in progress["spent"].items())
         + " (train: identity features, local training and aggregation; save: adapters; the rest: state files)")
     return summarize(progress, bench, continual=fed.method.continual)
 

@@ -1,9 +1,8 @@
 """LLaVA-style vision-language model in plain PyTorch: the frozen MLLM that FCIT's LoRA adapts.
 
 Configs, the LLaMA / Qwen2 decoder (RoPE, GQA, KV cache), CLIP / SigLIP vision tower, projector, VLM (forward, loss,
-generate), the CLIP text tower for DISCO's task identities, Tokenizer and prompt templates (imaging.py pre-processes
-images). Module
-names below `lm.` / `vision.` equal transformers'; checkpoint.py reads and writes checkpoint files.
+generate), the CLIP text tower for DISCO's task identities, Tokenizer and prompt templates. Module names below `lm.` /
+`vision.` equal transformers'; imaging.py pre-processes images, checkpoint.py reads and writes checkpoint files.
 """
 from __future__ import annotations
 
