@@ -134,6 +134,9 @@ class Config:
     eval_samples: int = opt(None, "test samples per task (default: all)")
     max_new_tokens: int = opt(128, "generation budget")
     eval_batch_size: int = opt(8, "prompts per greedy-decoding batch in evaluation")
+    image_cache_mb: int = opt(0, "keep each image's vision-tower states after its first use, up to this many MB, "
+                              "instead of encoding it again every epoch and evaluation (no method trains the tower); "
+                              "0: off")
     caption_metric: str = opt("average", "Flickr30k score: average = mean of BLEU-1..4, ROUGE-L and CIDEr x 100 "
                               "(FCIT's 'Average' without METEOR); CIDEr, Bleu_N, ROUGE_L x 100; CIDEr_x10 = CIDEr-D "
                               "on a 0..100 scale", CAPTION_METRICS)
@@ -160,12 +163,13 @@ PRESETS = {
               "fedit": SHEPHERD},
     "embedded": {
         "task": dict(clients=5, clients_per_round=5, rounds=2, local_epochs=2, lr=3e-3, projector_lr=3e-4,
-                     batch_size=8, max_new_tokens=12, eval_samples=40, eval_batch_size=40, lm_identity=True,
-                     identity_layer="embedding", identity_center=True, on_full="nearest", client_sampling="seeded"),
+                     batch_size=8, max_new_tokens=12, eval_samples=40, eval_batch_size=40, image_cache_mb=256,
+                     lm_identity=True, identity_layer="embedding", identity_center=True, on_full="nearest",
+                     client_sampling="seeded"),
         "cap": dict(clients=5, clients_per_round=5, rounds=2, local_epochs=2, lr=3e-3, projector_lr=3e-4,
-                    batch_size=8, max_new_tokens=12, eval_samples=40, eval_batch_size=40, lm_identity=True,
-                    identity_layer="embedding", identity_center=True, on_full="nearest", client_sampling="seeded",
-                    rank=32, alpha=64.0, subspaces=4),
+                    batch_size=8, max_new_tokens=12, eval_samples=40, eval_batch_size=40, image_cache_mb=256,
+                    lm_identity=True, identity_layer="embedding", identity_center=True, on_full="nearest",
+                    client_sampling="seeded", rank=32, alpha=64.0, subspaces=4),
         "fedit": dict(SHEPHERD, clients=10, clients_per_round=5, rounds=6, lr=1e-2, batch_size=16, grad_accum=1,
                       max_new_tokens=16, eval_batch_size=40, client_sampling="seeded"),
     },
@@ -213,7 +217,7 @@ RANGES = {   # field -> (test, what it must be)
     "mtl_epochs": (lambda v: v > 0, "> 0"), "tau": (lambda v: -1 <= v <= 1, "a cosine in [-1, 1]"),
     "temperature": (lambda v: v > 0, "> 0"), "small_client": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "beta": (lambda v: v > 0, "> 0"), "eval_samples": (lambda v: v >= 1, ">= 1"),
-    "eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "eval_batch_size": (lambda v: v >= 1, ">= 1"), "image_cache_mb": (lambda v: v >= 0, ">= 0"),
     "max_new_tokens": (lambda v: v >= 1, ">= 1"), "ewc_lambda": (lambda v: v >= 0, ">= 0"),
     "olora_lambda": (lambda v: v >= 0, ">= 0"), "prox_mu": (lambda v: v >= 0, ">= 0"),
     "server_lr": (lambda v: v > 0, "> 0"), "server_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -609,12 +609,14 @@ class Collator:
     tokenizer.pad_id. train=False: generation prompts, LEFT padding, labels all -100. pixel_values
     holds only the examples that have an image, in batch order (the model splices them into the
     image tokens in order); examples without an image get no image tokens. train_on_inputs=True
-    (Shepherd's default) supervises the prompt too (image tokens and padding excluded)."""
+    (Shepherd's default) supervises the prompt too (image tokens and padding excluded). pixels=False: the image
+    tokens without pixel_values, for a caller that supplies the images' vision states itself."""
 
     def __init__(self, tokenizer, image_processor=None, template: str = "vicuna_v1", image_seq_len: int = 0,
                  image_token_id: int | None = None, max_length: int = 2048, train: bool = True,
-                 train_on_inputs: bool = False):
+                 train_on_inputs: bool = False, pixels: bool = True):
         self.tokenizer, self.image_processor, self.template = tokenizer, image_processor, template
+        self.pixels = pixels
         self.image_seq_len, self.max_length, self.train = image_seq_len, max_length, train
         self.image_token_id = (image_token_id if image_token_id is not None
                                else getattr(tokenizer, "image_token_id", None))
@@ -653,7 +655,7 @@ class Collator:
             ids[b, sl], labels[b, sl], mask[b, sl] = torch.tensor(row_ids), torch.tensor(row_labels), 1
         pix = None
         imgs = [e for e in examples if self._uses_image(e)]
-        if imgs:
+        if imgs and self.pixels:
             if self.image_processor is None:
                 raise ValueError("Collator: examples have images but no image_processor was given")
             pix = self.image_processor([load_image(e.image) for e in imgs])

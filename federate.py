@@ -229,6 +229,8 @@ class Federation:
         self.rank, self.world = dist_info()
         self.lm_reference = None                  # the LM-identity centre, computed once
         self._collators: dict = {}
+        self._image_states: dict = {}             # image path -> (P, D_v) vision states (--image-cache-mb)
+        self._image_bytes = 0
 
     # ---------------------------------------------------------------- names, weights, batches
     def slot_names(self, j: int) -> list[str]:
@@ -246,17 +248,34 @@ class Federation:
             raise ValueError("a batch mixes examples with and without images; batch them separately")
         return self.improc([data.load_image(ex.image) for ex in examples]).to(self.device)
 
+    def image_states(self, examples) -> torch.Tensor:
+        """(N_img, P, D_v) vision states of the examples' images, in order; each image is encoded once and kept while
+        the cache has room (--image-cache-mb): its pixels never change, and no method trains the tower."""
+        paths = [ex.image for ex in examples if ex.image]
+        new = {p: None for p in paths if p not in self._image_states}
+        if new:
+            px = self.improc([data.load_image(p) for p in new]).to(self.device)
+            with torch.no_grad(), self.autocast():
+                new = dict(zip(new, self.model.vision_states(px).cpu()))
+            for p, s in new.items():
+                if self._image_bytes + s.nbytes <= self.cfg.image_cache_mb * 2 ** 20:
+                    self._image_states[p], self._image_bytes = s, self._image_bytes + s.nbytes
+        return torch.stack([self._image_states.get(p, new.get(p)) for p in paths]).to(self.device)
+
     def _collate(self, examples, with_answer=True):
         """A right-padded training batch (data.Collator) or, with_answer=False, a left-padded prompt batch."""
-        key = bool(with_answer)
+        key, cached = bool(with_answer), self.cfg.image_cache_mb > 0 and self.improc is not None
         if key not in self._collators:
             self._collators[key] = data.Collator(
                 self.tok, self.improc, template=self.cfg.template,
                 image_seq_len=getattr(self.model, "image_seq_len", 0) if self.improc is not None else 0,
                 image_token_id=getattr(self.tok, "image_token_id", None),
                 max_length=self.cfg.max_length if key else None,    # prompts are never cut (FCIT, Shepherd)
-                train=key, train_on_inputs=self.cfg.train_on_inputs)
-        return {k: (v.to(self.device) if v is not None else None) for k, v in self._collators[key](examples).items()}
+                train=key, train_on_inputs=self.cfg.train_on_inputs, pixels=not cached)
+        batch = {k: (v.to(self.device) if v is not None else None) for k, v in self._collators[key](examples).items()}
+        if cached and any(ex.image for ex in examples):
+            batch["image_states"] = self.image_states(examples)
+        return batch
 
     def gather(self, part: dict) -> dict:
         """Every rank's {position: value} of this round, merged."""
@@ -415,7 +434,8 @@ class Federation:
                 lora.set_routing(self.model, alpha[b:b + batch_size])
             with self.autocast():
                 gen = self.model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                          pixel_values=batch["pixel_values"], max_new_tokens=self.cfg.max_new_tokens,
+                                          pixel_values=batch["pixel_values"], image_states=batch.get("image_states"),
+                                          max_new_tokens=self.cfg.max_new_tokens,
                                           eos_token_id=self.tok.eos_id)
             out += [self.tok.decode(list(g), skip_special_tokens=True).strip() for g in gen]
         return out

@@ -461,8 +461,9 @@ class VLM(nn.Module):
         raise ValueError(f"hf_module_name: {name!r} is not a module path of this model")
 
     # -- inputs -------------------------------------------------------------------------------------------------
-    def image_features(self, pixel_values):
-        """(N, 3, H, W) -> (N, image_seq_len, C): LLaVA feature selection + projector."""
+    def vision_states(self, pixel_values):
+        """(N, 3, H, W) -> (N, image_seq_len, D_v): the vision tower's selected layer(s), before the projector. A frozen
+        tower gives the same states every time, so a caller may compute them once per image and pass image_states."""
         c = self.config
         layers = c.vision_feature_layer if isinstance(c.vision_feature_layer, list) else [c.vision_feature_layer]
         L = c.vision.num_hidden_layers
@@ -471,20 +472,25 @@ class VLM(nn.Module):
         with torch.set_grad_enabled(need_grad):   # frozen tower: keep no activations
             hs = self.vision(pixel_values, max(idx))
         f = torch.cat([hs[i] for i in idx], dim=-1)
-        if c.vision_feature_select_strategy == "default":
-            f = f[:, 1:]
+        return (f[:, 1:] if c.vision_feature_select_strategy == "default" else f).contiguous()  # as a cache holds them
+
+    def image_features(self, pixel_values=None, image_states=None):
+        """(N, 3, H, W) pixels or their (N, image_seq_len, D_v) vision_states -> (N, image_seq_len, C): LLaVA's
+        feature selection + projector."""
+        f = self.vision_states(pixel_values) if image_states is None else image_states
         return self.projector(f.to(self.projector.linear_1.weight.dtype))
 
-    def embed(self, input_ids, pixel_values=None):
-        """input_ids (B, T) with image tokens already expanded -> (B, T, C) embeddings with image rows spliced in."""
+    def embed(self, input_ids, pixel_values=None, image_states=None):
+        """input_ids (B, T) with image tokens already expanded -> (B, T, C) embeddings with image rows spliced in
+        (from pixel_values, or from their precomputed vision_states)."""
         img = input_ids == self.config.image_token_index
         ids = input_ids if 0 <= self.config.image_token_index < self.config.text.vocab_size \
             else input_ids.masked_fill(img, 0)
         x = self.lm.embed_tokens(ids)
-        if pixel_values is not None:
+        if pixel_values is not None or image_states is not None:
             if self.vision is None:
-                raise ValueError("pixel_values given to a text-only model")
-            f = self.image_features(pixel_values).to(x.dtype)
+                raise ValueError("images given to a text-only model")
+            f = self.image_features(pixel_values, image_states).to(x.dtype)
             n = int(img.sum())
             if n != f.shape[0] * f.shape[1]:
                 raise ValueError(f"image tokens ({n}) do not match image features ({f.shape[0]} images x "
@@ -492,10 +498,11 @@ class VLM(nn.Module):
             x = x.masked_scatter(img[..., None].expand_as(x), f)
         return x
 
-    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, q_from: int = 0):
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, q_from: int = 0,
+                      image_states=None):
         """(B, T, C) after the final norm. With attention_mask, positions are cumsum(mask)-1 (left or right padding).
         q_from > 0: only positions q_from.. are returned, and the last layer computes only those (B, T - q_from, C)."""
-        x = self.embed(input_ids, pixel_values)
+        x = self.embed(input_ids, pixel_values, image_states)
         B, T = input_ids.shape
         mask = None
         if attention_mask is not None:
@@ -515,22 +522,25 @@ class VLM(nn.Module):
         """-> logits (B, T, V)."""
         return self.lm_head(self.hidden_states(input_ids, pixel_values, attention_mask, position_ids))
 
-    def loss(self, input_ids, labels, pixel_values=None, attention_mask=None, label_smoothing: float = 0.0):
+    def loss(self, input_ids, labels, pixel_values=None, attention_mask=None, label_smoothing: float = 0.0,
+             image_states=None):
         """Mean next-token CE over labels != -100 (labels shifted by one inside). lm_head runs only at supervised
         positions, so no full (B, T, V) logits are materialised, and the last layer only from the first position
         supervised in any row (its other outputs feed nothing): exact, and a prompt-heavy batch skips most of it."""
         tgt = labels[:, 1:].to(input_ids.device)
         sel = tgt != IGNORE_INDEX
         if not bool(sel.any()):
-            return self.hidden_states(input_ids, pixel_values, attention_mask).sum() * 0.0
+            return self.hidden_states(input_ids, pixel_values, attention_mask, image_states=image_states).sum() * 0.0
         q_from = int(sel.any(0).nonzero()[0])        # no position before it is supervised in any row: the last
-        h = self.hidden_states(input_ids, pixel_values, attention_mask, q_from=q_from)[:, :-1]  # layer skips them
+        h = self.hidden_states(input_ids, pixel_values, attention_mask, q_from=q_from,       # layer skips them
+                               image_states=image_states)[:, :-1]
         tgt, sel = tgt[:, q_from:], sel[:, q_from:]
         logits = self.lm_head(h[sel]).float()                       # (N_supervised, V)
         return F.cross_entropy(logits, tgt[sel], label_smoothing=label_smoothing)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=128, eos_token_id=None):
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=128, eos_token_id=None,
+                 image_states=None):
         """Batched greedy decoding with a KV cache; rows are LEFT-padded (attention_mask 0 on the left).
         Returns the new tokens of each row, stopping before the first EOS (EOS itself not included)."""
         B, T = input_ids.shape
@@ -539,7 +549,7 @@ class VLM(nn.Module):
         eos = self.config.text.eos_token_id if eos_token_id is None else eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple, set)) else ([] if eos is None else [eos]))
         t = self.config.text
-        x = self.embed(input_ids, pixel_values)
+        x = self.embed(input_ids, pixel_values, image_states)
         caches = [KVCache(B, t.num_key_value_heads, T + max_new_tokens, t.head_dim, x.dtype, dev)
                   for _ in range(t.num_hidden_layers)]
         padded = not bool(am.all())

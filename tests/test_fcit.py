@@ -312,3 +312,26 @@ def test_eval_only_reproduces_a_saved_stage(tmp_path, capsys):
     assert "expected a stage folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         fcit.main(["--setting", "cap-hom", "--eval-only"])
+
+
+def test_image_cache_changes_nothing_but_the_time(tmp_path):
+    """--image-cache-mb: each image's frozen vision states are computed once and reused. Training and answers are
+    bit-identical to encoding every image each time, also when the cache is full."""
+    def run(mb, full=False):
+        args = fcit.build_parser().parse_args(["--setting", "task-hom", "--image-cache-mb", str(mb)] + SMALL)
+        cfg = fcit.resolve_config(args)
+        bench = fcit.Benchmark(cfg, log=lambda s: None)
+        model, tok, improc, _ = fcit.load_model(cfg, "cpu", "float32")
+        fed = federate.Federation(model, tok, improc, cfg)
+        fed._image_bytes = mb * 2 ** 20 if full else 0
+        torch.manual_seed(0)
+        fed.run_round(0, 0, bench.client_data(0))
+        test = bench.test[bench.test_datasets[bench.tasks[0]][0]]
+        return fed, fed.global_state, fed.predict(test), {ex.image for ex in bench.client_data(0)(0, 0)}
+
+    _, ref_state, ref_answers, _ = run(0)
+    for mb, full in ((256, False), (1, True)):
+        fed, state, answers, train_images = run(mb, full)
+        assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
+        assert answers == ref_answers
+        assert (train_images <= set(fed._image_states)) != full and bool(fed._image_states) != full
