@@ -195,8 +195,13 @@ class KVCache:
         self.kt = torch.zeros(B, n_kv, d, t_max, dtype=dtype, device=device)
         self.v = torch.zeros(B, n_kv, t_max, d, dtype=dtype, device=device)
 
-    def update(self, start: int, k, v):
-        """Write k, v (B, n_kv, T, d) at start..; -> every cached k, v up to them, as (B, n_kv, end, d) views."""
+    def update(self, start, k, v):
+        """Write k, v (B, n_kv, T, d) at start..; -> every cached k, v up to them, as (B, n_kv, end, d) views. A tensor
+        start (the static decode step) writes one position and returns the whole buffer, for a mask to cut."""
+        if torch.is_tensor(start):
+            self.kt.index_copy_(3, start.view(1), k.transpose(-1, -2))
+            self.v.index_copy_(2, start.view(1), v)
+            return self.kt.transpose(-1, -2), self.v
         end = start + k.shape[2]
         self.kt[..., start:end] = k.transpose(-1, -2)
         self.v[:, :, start:end] = v
@@ -540,28 +545,33 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=128, eos_token_id=None,
-                 image_states=None):
-        """Batched greedy decoding with a KV cache; rows are LEFT-padded (attention_mask 0 on the left).
-        Returns the new tokens of each row, stopping before the first EOS (EOS itself not included)."""
+                 image_states=None, compile: bool = False):
+        """Batched greedy decoding with a KV cache; rows are LEFT-padded (attention_mask 0 on the left). Returns the
+        new tokens of each row, stopping before the first EOS (EOS itself not included). compile=True: the decode
+        step goes through torch.compile (the cache rounded up to 64 slots, so that few shapes occur; CUDA graphs on
+        a GPU), gpt-fast's approach."""
         B, T = input_ids.shape
         dev = input_ids.device
         am = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev).long()
         eos = self.config.text.eos_token_id if eos_token_id is None else eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple, set)) else ([] if eos is None else [eos]))
         t = self.config.text
+        t_max = -(-(T + max_new_tokens) // 64) * 64 if compile else T + max_new_tokens
         x = self.embed(input_ids, pixel_values, image_states)
-        caches = [KVCache(B, t.num_key_value_heads, T + max_new_tokens, t.head_dim, x.dtype, dev)
+        caches = [KVCache(B, t.num_key_value_heads, t_max, t.head_dim, x.dtype, dev)
                   for _ in range(t.num_hidden_layers)]
-        padded = not bool(am.all())
-        key_valid = torch.cat([am, am.new_ones(B, max_new_tokens)], dim=1)
         pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)
-        h = self.lm(x, pos, _padding_mask(key_valid[:, :T], T, 0) if padded else None, caches, 0)
+        h = self.lm(x, pos, None if bool(am.all()) else _padding_mask(am, T, 0), caches, 0)
         logits = self.lm_head(h[:, -1])
-        next_pos = pos[:, -1:] + 1
-        cos, sin = rope_cos_sin(torch.arange(T + max_new_tokens, device=dev)[None], t.head_dim, t.rope_theta,
-                                x.dtype)                                           # (1, 1, T_max, d)
-        key_valid = key_valid.bool()[:, None, None]            # a decode query sees every valid key up to itself
-        out, done = [[] for _ in range(B)], [False] * B
+        key_valid = torch.cat([am.bool(), am.new_ones(B, t_max - T, dtype=torch.bool)], dim=1)   # (B, T_max)
+        key_valid = None if bool(am.all()) and not compile else key_valid
+        cos, sin = (c[0, 0] for c in rope_cos_sin(torch.arange(t_max, device=dev)[None], t.head_dim, t.rope_theta,
+                                                  x.dtype))                          # (T_max, d)
+        step_fn = self._decode_step
+        if compile:
+            step_fn = torch.compile(step_fn, fullgraph=True, dynamic=False,
+                                    mode="reduce-overhead" if dev.type == "cuda" else None)
+        out, done, nxt = [[] for _ in range(B)], [False] * B, pos[:, -1] + 1
         for step in range(max_new_tokens):
             tok = logits.argmax(-1)
             for b, v in enumerate(tok.tolist()):
@@ -572,13 +582,22 @@ class VLM(nn.Module):
                         out[b].append(v)
             if all(done) or step == max_new_tokens - 1:
                 break
-            cur = T + step
-            mask = key_valid[..., :cur + 1] if padded else None
-            rope = cos[0, 0][next_pos][:, None], sin[0, 0][next_pos][:, None]            # (B, 1, 1, d)
-            h = self.lm(self.lm.embed_tokens(tok[:, None]), next_pos, mask, caches, cur, rope)
-            logits = self.lm_head(h[:, -1])
-            next_pos = next_pos + 1
+            slot = torch.tensor(T + step, device=dev) if compile else T + step
+            logits = step_fn(tok, nxt, slot, key_valid, caches, cos, sin)
+            nxt = nxt + 1
         return out
+
+    def _decode_step(self, tok, pos, slot, key_valid, caches, cos, sin):
+        """One decode step: tokens (B,) at positions pos (B,) written to cache slot `slot`, attending to the valid
+        slots up to it (key_valid (B, T_max) or None: all); -> logits (B, V). An int slot reads the cache up to it;
+        a 0-d tensor slot keeps every shape fixed for torch.compile: the whole cache, masked beyond the slot."""
+        if torch.is_tensor(slot):
+            key_valid = key_valid & (torch.arange(key_valid.shape[1], device=tok.device) <= slot)
+        elif key_valid is not None:
+            key_valid = key_valid[:, :slot + 1]
+        h = self.lm(self.lm.embed_tokens(tok[:, None]), pos[:, None], None if key_valid is None else
+                    key_valid[:, None, None], caches, slot, (cos[pos][:, None, None], sin[pos][:, None, None]))
+        return self.lm_head(h[:, -1])
 
 
 # ----------------------------------------------------------------------------------------------------------------

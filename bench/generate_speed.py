@@ -3,7 +3,7 @@
 Not a test. A left-padded batch of prompts, each with an image (FCIT-mini instructions), greedy decoding with a KV
 cache; prints tokens/s of both, their ratio (median of interleaved repeats) and whether the outputs are identical.
 
-    python bench/generate_speed.py [--config tiny|wide] [--batch 8 --new-tokens 32 --repeats 5 --threads 1]
+    python bench/generate_speed.py [--config tiny|wide] [--batch 8 --new-tokens 32 --repeats 5 --threads 1] [--compile]
 
 tiny: the embedded assets/tiny-llava. wide: a random LLaVA (LLaMA hidden 768, 8 layers, vocab 32000; CLIP 256/4)
 saved by transformers. Time: wall clock, or this thread's CPU time with --clock cpu (robust on a shared machine).
@@ -84,6 +84,7 @@ def parse_args():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
+    ap.add_argument("--compile", action="store_true", help="ours with the decode step through torch.compile")
     return ap.parse_args()
 
 
@@ -103,7 +104,7 @@ def main():
 
     @torch.no_grad()
     def run_ours():
-        out["ours"] = ours.generate(ids, am, px, max_new_tokens=n, eos_token_id=never)
+        out["ours"] = ours.generate(ids, am, px, max_new_tokens=n, eos_token_id=never, compile=args.compile)
 
     @torch.no_grad()
     def run_hf():
@@ -117,7 +118,7 @@ def main():
     t_ours, t_hf = timeit([run_ours, run_hf], args.repeats, clock)
     tokens = sum(len(r) for r in out["ours"])
     print(f"config {args.config}, batch {args.batch} x {n} new tokens, prompt {ids.shape[1]} tokens, "
-          f"threads {torch.get_num_threads()}, clock {args.clock}")
+          f"threads {torch.get_num_threads()}, clock {args.clock}, decode step compiled: {args.compile}")
     print(f"ours          {tokens / t_ours:8.1f} tokens/s  ({t_ours * 1e3:.1f} ms)")
     print(f"transformers  {tokens / t_hf:8.1f} tokens/s  ({t_hf * 1e3:.1f} ms)")
     print(f"ratio (ours / transformers tokens/s): {t_hf / t_ours:.2f}x; identical outputs: {out['ours'] == out['hf']}")

@@ -164,6 +164,9 @@ def bench_generate(hf, ours, cfg, a, device, dtype):
     fns = {"ours": lambda: out.update(ours=ours.generate(ids, pixel_values=px, max_new_tokens=a.new_tokens,
                                                          eos_token_id=-1)),
            "transformers": lambda: out.update(transformers=hf_generate(hf, ids, px, a.new_tokens))}
+    if a.compile:     # the warm-up run compiles
+        fns["compiled"] = lambda: out.update(compiled=ours.generate(ids, pixel_values=px, max_new_tokens=a.new_tokens,
+                                                                    eos_token_id=-1, compile=True))
     t = alternate(fns, 1, a.gen_repeats, device)
     with torch.no_grad():
         d = (ours(ids[:2], px[:2]).float() - hf(input_ids=ids[:2], pixel_values=px[:2]).logits.float()).abs().max()
@@ -174,7 +177,10 @@ def bench_generate(hf, ours, cfg, a, device, dtype):
     return {"batch": a.gen_batch, "prompt_tokens": T, "new_tokens": a.new_tokens,
             "ours_tok_s": n_tok / t["ours"], "transformers_tok_s": n_tok / t["transformers"],
             "ratio_tok_s": t["transformers"] / t["ours"], "identical": all(rows), "identical_rows": sum(rows),
-            "first_difference": min(first) if first else None, "prefill_max_abs_dlogits": float(d)}
+            "first_difference": min(first) if first else None, "prefill_max_abs_dlogits": float(d),
+            "compiled_tok_s": n_tok / t["compiled"] if a.compile else None,
+            "ratio_compiled_tok_s": t["transformers"] / t["compiled"] if a.compile else None,
+            "compiled_identical": out["compiled"] == out["ours"] if a.compile else None}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,6 +329,10 @@ def report(res):
         f"ratio {gen['ratio_tok_s']:.2f}",
         f"greedy outputs identical: {same}; {gen['identical_rows']}/{gen['batch']} rows; prefill max |dlogits| "
         f"{gen['prefill_max_abs_dlogits']:.2e}",
+        "generate, decode step compiled (--compile): " + ("not run" if gen["compiled_tok_s"] is None else
+                                                          f"{gen['compiled_tok_s']:.1f} tok/s | ratio to transformers "
+                                                          f"{gen['ratio_compiled_tok_s']:.2f} | same tokens as eager: "
+                                                          f"{'yes' if gen['compiled_identical'] else 'no'}"),
         f"24 GB recipe (1 x {rec['tokens']} tok, grad ckpt, one LoRA step, ours): " + (
             "peak memory n/a (CPU) | fits 24 GB: n/a (CPU)" if rec["peak_bytes"] is None else
             f"peak {_gib(rec['peak_bytes'])} allocated ({_gib(rec['resident_bytes'])} before the step, the model "
@@ -341,6 +351,8 @@ def parse_args(argv=None):
     ap.add_argument("--card-gib", type=float, default=22.0,
                     help="usable memory of a 24 GB card after the CUDA context (an A10G or L4 shows 22.5 GiB)")
     ap.add_argument("--json", default=None, help="write the numbers to this JSON file")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time generation with the decode step through torch.compile (CUDA graphs on a GPU)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0: 1 with --tiny on CPU, else torch's default)")
     for k, v in FULL.items():

@@ -12,7 +12,7 @@ pytest.importorskip("peft")
 import gpu  # noqa: E402  (bench/gpu.py)
 
 LINES = ("config:", "train step (", "train MFU (", "train peak memory:", "generate (", "greedy outputs identical:",
-         "24 GB recipe (", "total ")
+         "generate, decode step compiled", "24 GB recipe (", "total ")
 
 
 def test_tiny_cpu_report_and_json(tmp_path, capsys):

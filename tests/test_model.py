@@ -6,6 +6,7 @@ SiglipImageProcessorPil) -- that is the path compared here, and the path LLaVA's
 """
 import json
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -242,6 +243,22 @@ def test_vlm_generate_left_padding(llava_llama):
     pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)
     with torch.no_grad():
         assert_close_logits(m(ids, px, am), hf_logits(hf, ids, px, am, pos), am)
+
+
+def test_compiled_decode_step_gives_the_same_tokens(llava_llama, monkeypatch):
+    """generate(compile=True): gpt-fast's fixed-shape decode step (a tensor cache slot, the whole cache masked beyond
+    it) gives transformers' tokens with left padding, run eagerly and through torch.compile (inductor on CPU)."""
+    hf, d = llava_llama
+    m = C.load_vlm(d)
+    ids0 = prompt_ids(3, 4, 16, 190, 190, seed=5)
+    ids, am = left_pad([ids0[0].tolist(), ids0[1, 2:].tolist(), ids0[2, 1:].tolist()], 0)
+    px = torch.randn(3, 3, 32, 32)
+    want = hf_generate(hf, ids, am, px, 10, 5)
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "compile", lambda fn, **kw: fn)             # the fixed-shape step, eagerly
+        assert m.generate(ids, am, px, max_new_tokens=10, eos_token_id=5, compile=True) == want
+    if shutil.which("c++") or shutil.which("g++"):                   # inductor writes C++ on CPU
+        assert m.generate(ids, am, px, max_new_tokens=10, eos_token_id=5, compile=True) == want
 
 
 def test_loss_matches_transformers_and_checkpointing(llava_llama):
