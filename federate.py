@@ -201,6 +201,26 @@ def attach_adapters(fed) -> list[str]:
     return ["projector." + n for n, _ in proj.named_parameters()]
 
 
+class ImageStates:
+    """Each image's vision states (N_img, P, D_v), encoded once and kept while `mb` megabytes allow
+    (--image-cache-mb): an image's pixels never change, and no method trains the vision tower."""
+
+    def __init__(self, mb: int):
+        self.mb, self.kept, self.nbytes = mb, {}, 0              # kept: image path -> (P, D_v) on the CPU
+
+    def __call__(self, fed, examples) -> torch.Tensor:
+        paths = [ex.image for ex in examples if ex.image]
+        new = {p: None for p in paths if p not in self.kept}
+        if new:
+            px = fed.improc([data.load_image(p) for p in new]).to(fed.device)
+            with torch.no_grad(), fed.autocast():
+                new = dict(zip(new, fed.model.vision_states(px).cpu()))
+            for p, s in new.items():
+                if self.nbytes + s.nbytes <= self.mb * 2 ** 20:
+                    self.kept[p], self.nbytes = s, self.nbytes + s.nbytes
+        return torch.stack([self.kept.get(p, new.get(p)) for p in paths]).to(fed.device)
+
+
 class Federation:
     """A server and its simulated clients running one method (cfg.method) on one model.
 
@@ -224,13 +244,11 @@ class Federation:
                              for n in self.lora_names + self.proj_names}
         self.opt = server.ServerOptimizer(cfg.aggregator, cfg.server_lr, cfg.server_momentum, cfg.beta1,
                                           cfg.beta2, cfg.tau_adaptive)
-        self.last = None                          # (stage, round) of the last run_round
-        self.round_key, self.dp_rounds = (0, 0), 0
+        self.last, self.round_key, self.dp_rounds = None, (0, 0), 0   # last: (stage, round) of the last run_round
         self.rank, self.world = dist_info()
-        self.lm_reference = None                  # the LM-identity centre, computed once
-        self._collators: dict = {}
-        self._image_states: dict = {}             # image path -> (P, D_v) vision states (--image-cache-mb)
-        self._image_bytes = 0
+        self.gather = gather_by_position          # every rank's {position: value} of this round, merged
+        self.lm_reference, self._collators = None, {}   # the LM-identity centre (computed once); the collators
+        self.image_states = ImageStates(cfg.image_cache_mb)
 
     # ---------------------------------------------------------------- names, weights, batches
     def slot_names(self, j: int) -> list[str]:
@@ -248,20 +266,6 @@ class Federation:
             raise ValueError("a batch mixes examples with and without images; batch them separately")
         return self.improc([data.load_image(ex.image) for ex in examples]).to(self.device)
 
-    def image_states(self, examples) -> torch.Tensor:
-        """(N_img, P, D_v) vision states of the examples' images, in order; each image is encoded once and kept while
-        the cache has room (--image-cache-mb): its pixels never change, and no method trains the tower."""
-        paths = [ex.image for ex in examples if ex.image]
-        new = {p: None for p in paths if p not in self._image_states}
-        if new:
-            px = self.improc([data.load_image(p) for p in new]).to(self.device)
-            with torch.no_grad(), self.autocast():
-                new = dict(zip(new, self.model.vision_states(px).cpu()))
-            for p, s in new.items():
-                if self._image_bytes + s.nbytes <= self.cfg.image_cache_mb * 2 ** 20:
-                    self._image_states[p], self._image_bytes = s, self._image_bytes + s.nbytes
-        return torch.stack([self._image_states.get(p, new.get(p)) for p in paths]).to(self.device)
-
     def _collate(self, examples, with_answer=True):
         """A right-padded training batch (data.Collator) or, with_answer=False, a left-padded prompt batch."""
         key, cached = bool(with_answer), self.cfg.image_cache_mb > 0 and self.improc is not None
@@ -274,12 +278,8 @@ class Federation:
                 train=key, train_on_inputs=self.cfg.train_on_inputs, pixels=not cached)
         batch = {k: (v.to(self.device) if v is not None else None) for k, v in self._collators[key](examples).items()}
         if cached and any(ex.image for ex in examples):
-            batch["image_states"] = self.image_states(examples)
+            batch["image_states"] = self.image_states(self, examples)
         return batch
-
-    def gather(self, part: dict) -> dict:
-        """Every rank's {position: value} of this round, merged."""
-        return gather_by_position(part)
 
     def autocast(self):
         if self.device.type == "cuda" and self.cfg.dtype in ("bfloat16", "float16"):

@@ -323,7 +323,7 @@ def test_image_cache_changes_nothing_but_the_time(tmp_path):
         bench = fcit.Benchmark(cfg, log=lambda s: None)
         model, tok, improc, _ = fcit.load_model(cfg, "cpu", "float32")
         fed = federate.Federation(model, tok, improc, cfg)
-        fed._image_bytes = mb * 2 ** 20 if full else 0
+        fed.image_states.nbytes = mb * 2 ** 20 if full else 0
         torch.manual_seed(0)
         fed.run_round(0, 0, bench.client_data(0))
         test = bench.test[bench.test_datasets[bench.tasks[0]][0]]
@@ -334,4 +334,5 @@ def test_image_cache_changes_nothing_but_the_time(tmp_path):
         fed, state, answers, train_images = run(mb, full)
         assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
         assert answers == ref_answers
-        assert (train_images <= set(fed._image_states)) != full and bool(fed._image_states) != full
+        kept = set(fed.image_states.kept)
+        assert (train_images <= kept) != full and bool(kept) != full
