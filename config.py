@@ -32,7 +32,8 @@ class Config:
                        "same task (hom) or different tasks by the official seq_dyn_list (het); cap-hom/cap-het: 4 "
                        "capability groups of the 12 datasets; fedit: one-stage federated instruction tuning", SETTINGS)
     methods: tuple = opt(("disco", "finetune"), "comma list. FCIT: " + ", ".join(FCIT_METHODS) + "; FedIT: "
-                         + ", ".join(FEDIT_METHODS) + " (fedit default: fedit,local)")
+                         + ", ".join(FEDIT_METHODS) + " (fedit default: fedit,local; the embedded FCIT default: "
+                         "zeroshot,disco,finetune)")
     method: str = opt("disco", "the method one federation runs (set per method by fcit.py)", cli=False)
     seed: int = opt(0, "fixes partitions, client sampling (seeded) and initialisation")
     beta: float = opt(1.0, "Dirichlet concentration of the client quantity skew")
@@ -157,19 +158,17 @@ SHEPHERD = dict(clients=10, clients_per_round=1, rounds=10, local_epochs=2, lr=3
                 subspaces=1, batch_size=32, grad_accum=2, lr_schedule="linear", warmup_ratio=0.0, max_length=512,
                 lora_init="peft", template="alpaca", train_on_inputs=True, methods=("fedit", "local"),
                 lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), client_sampling="official")
+EMBEDDED_FCIT = dict(methods=("zeroshot", "disco", "finetune"), clients=5, clients_per_round=5, rounds=2,
+                     local_epochs=2, lr=3e-3, projector_lr=3e-4, batch_size=8, max_new_tokens=12, eval_samples=40,
+                     eval_batch_size=40, image_cache_mb=256, lm_identity=True, identity_layer="embedding",
+                     identity_center=True, on_full="nearest", client_sampling="seeded")
 PRESETS = {
     "paper": {"task": dict(client_sampling="official"),
               "cap": dict(rank=32, alpha=64.0, subspaces=4, batch_size=64, client_sampling="official"),
               "fedit": SHEPHERD},
     "embedded": {
-        "task": dict(clients=5, clients_per_round=5, rounds=2, local_epochs=2, lr=3e-3, projector_lr=3e-4,
-                     batch_size=8, max_new_tokens=12, eval_samples=40, eval_batch_size=40, image_cache_mb=256,
-                     lm_identity=True, identity_layer="embedding", identity_center=True, on_full="nearest",
-                     client_sampling="seeded"),
-        "cap": dict(clients=5, clients_per_round=5, rounds=2, local_epochs=2, lr=3e-3, projector_lr=3e-4,
-                    batch_size=8, max_new_tokens=12, eval_samples=40, eval_batch_size=40, image_cache_mb=256,
-                    lm_identity=True, identity_layer="embedding", identity_center=True, on_full="nearest",
-                    client_sampling="seeded", rank=32, alpha=64.0, subspaces=4),
+        "task": EMBEDDED_FCIT,
+        "cap": dict(EMBEDDED_FCIT, rank=32, alpha=64.0, subspaces=4),
         "fedit": dict(SHEPHERD, clients=10, clients_per_round=5, rounds=6, lr=1e-2, batch_size=16, grad_accum=1,
                       max_new_tokens=16, eval_batch_size=40, client_sampling="seeded"),
     },
