@@ -210,11 +210,11 @@ class ImageStates:
 
     def __call__(self, fed, examples) -> torch.Tensor:
         paths = [ex.image for ex in examples if ex.image]
-        new = {p: None for p in paths if p not in self.kept}
-        if new:
-            px = fed.improc([data.load_image(p) for p in new]).to(fed.device)
+        missing, new = list(dict.fromkeys(p for p in paths if p not in self.kept)), {}
+        if missing:
+            px = fed.improc([data.load_image(p) for p in missing]).to(fed.device)
             with torch.no_grad(), fed.autocast():
-                new = dict(zip(new, fed.model.vision_states(px).cpu()))
+                new = dict(zip(missing, fed.model.vision_states(px).cpu()))
             for p, s in new.items():
                 if self.nbytes + s.nbytes <= self.mb * 2 ** 20:
                     self.kept[p], self.nbytes = s, self.nbytes + s.nbytes

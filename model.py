@@ -561,10 +561,11 @@ class VLM(nn.Module):
         caches = [KVCache(B, t.num_key_value_heads, t_max, t.head_dim, x.dtype, dev)
                   for _ in range(t.num_hidden_layers)]
         pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)
-        h = self.lm(x, pos, None if bool(am.all()) else _padding_mask(am, T, 0), caches, 0)
+        padded = not bool(am.all())
+        h = self.lm(x, pos, _padding_mask(am, T, 0) if padded else None, caches, 0)
         logits = self.lm_head(h[:, -1])
-        key_valid = torch.cat([am.bool(), am.new_ones(B, t_max - T, dtype=torch.bool)], dim=1)   # (B, T_max)
-        key_valid = None if bool(am.all()) and not compile else key_valid
+        key_valid = torch.cat([am.bool(), am.new_ones(B, t_max - T, dtype=torch.bool)], dim=1) \
+            if padded or compile else None                                         # (B, T_max)
         cos, sin = (c[0, 0] for c in rope_cos_sin(torch.arange(t_max, device=dev)[None], t.head_dim, t.rope_theta,
                                                   x.dtype))                          # (T_max, d)
         step_fn = self._decode_step
