@@ -210,11 +210,10 @@ class ImageStates:
 
     def __call__(self, fed, examples) -> torch.Tensor:
         paths = [ex.image for ex in examples if ex.image]
-        missing, new = list(dict.fromkeys(p for p in paths if p not in self.kept)), {}
+        missing, new = list({ex.image: ex for ex in examples if ex.image and ex.image not in self.kept}.values()), {}
         if missing:
-            px = fed.improc([data.load_image(p) for p in missing]).to(fed.device)
             with torch.no_grad(), fed.autocast():
-                new = dict(zip(missing, fed.model.vision_states(px).cpu()))
+                new = dict(zip([ex.image for ex in missing], fed.model.vision_states(fed.pixels(missing)).cpu()))
             for p, s in new.items():
                 if self.nbytes + s.nbytes <= self.mb * 2 ** 20:
                     self.kept[p], self.nbytes = s, self.nbytes + s.nbytes
