@@ -144,6 +144,10 @@ class Config:
     dtype: str = opt(None, "weights/compute dtype (default: bfloat16 on GPU, float32 on CPU)",
                      ("float32", "bfloat16", "float16"))
     device: str = opt("cpu", "cpu, cuda, cuda:1 ... (default: cuda if available)", cli=False)
+    threads: int = opt(0, "torch CPU threads per process (0: torch's default, one per core). A sum's rounding depends "
+                       "on it, so a CPU run's numbers do too (the embedded preset fixes 1)")
+    workers: int = opt(1, "methods run at the same time, each in a process of its own with --threads threads (1: one "
+                       "after another in this process); the results are the same either way")
 
     def __post_init__(self):
         self.methods, self.lora_targets = tuple(self.methods), tuple(self.lora_targets)
@@ -161,7 +165,7 @@ SHEPHERD = dict(clients=10, clients_per_round=1, rounds=10, local_epochs=2, lr=3
 EMBEDDED_FCIT = dict(methods=("zeroshot", "disco", "finetune"), clients=5, clients_per_round=5, rounds=2,
                      local_epochs=2, lr=3e-3, projector_lr=3e-4, batch_size=8, max_new_tokens=12, eval_samples=40,
                      eval_batch_size=40, image_cache_mb=256, lm_identity=True, identity_layer="embedding",
-                     identity_center=True, on_full="nearest", client_sampling="seeded")
+                     identity_center=True, on_full="nearest", client_sampling="seeded", threads=1, workers=2)
 PRESETS = {
     "paper": {"task": dict(client_sampling="official"),
               "cap": dict(rank=32, alpha=64.0, subspaces=4, batch_size=64, client_sampling="official"),
@@ -170,7 +174,7 @@ PRESETS = {
         "task": EMBEDDED_FCIT,
         "cap": dict(EMBEDDED_FCIT, rank=32, alpha=64.0, subspaces=4),
         "fedit": dict(SHEPHERD, clients=10, clients_per_round=5, rounds=6, lr=1e-2, batch_size=16, grad_accum=1,
-                      max_new_tokens=16, eval_batch_size=40, client_sampling="seeded"),
+                      max_new_tokens=16, eval_batch_size=40, client_sampling="seeded", threads=1, workers=2),
     },
 }
 
@@ -224,7 +228,8 @@ RANGES = {   # field -> (test, what it must be)
     "tau_adaptive": (lambda v: v > 0, "> 0"), "client_dropout": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     "min_clients": (lambda v: v >= 1, ">= 1"), "dp_clip": (lambda v: v > 0, "> 0"),
     "dp_noise": (lambda v: v >= 0, ">= 0"), "dp_identity_noise": (lambda v: v >= 0, ">= 0"),
-    "dp_delta": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "dp_delta": (lambda v: 0 < v < 1, "in (0, 1)"), "threads": (lambda v: v >= 0, ">= 0"),
+    "workers": (lambda v: v >= 1, ">= 1"),
 }
 
 

@@ -192,7 +192,6 @@ class Benchmark:
         self.parts = [[[data.dolly_example(train[i], i) for i in idx] for idx in shards]]
         self.stage_parts = [[0]]                                   # the one stage trains the one part
         self.seen_by = self.stage_tasks = [list(range(len(self.tasks)))]
-        self.part_of = lambda stage, position: 0
         self.test_datasets = {t: [f"dolly/{t}"] for t in self.tasks}
         self.test = {f"dolly/{t}": [data.dolly_example(r, j) for j, r in enumerate(test) if r["category"] == t]
                      [:cfg.eval_samples] for t in self.tasks}
@@ -210,7 +209,6 @@ class Benchmark:
         self.parts = data.load_partitions(root, s, cfg.beta, cfg.clients, seed=cfg.seed)
         self.stage_parts = self.stage_tasks = [data.tasks_of_stage(s, t) for t in range(self.stages)]
         self.seen_by = [data.seen_tasks(s, t) for t in range(self.stages)]
-        self.part_of = lambda stage, position: data.stage_task_for(s, stage, position)
         self.test_datasets = {t: data.task_datasets(s, k) for k, t in enumerate(self.tasks)}
         needed = sorted({ds for dss in self.test_datasets.values() for ds in dss})
         n = cfg.eval_samples
@@ -218,6 +216,10 @@ class Benchmark:
 
     def seen(self, stage):
         return self.seen_by[stage]
+
+    def part_of(self, stage, position):
+        """The part a client position trains at a stage (the setting's task table; FedIT has one part)."""
+        return 0 if self.cfg.setting == "fedit" else data.stage_task_for(self.cfg.setting, stage, position)
 
     def client_data(self, stage):
         """The callable Federation.run_round asks for a client's examples (position -> task by the setting)."""
@@ -385,6 +387,41 @@ def run_method(cfg: Config, method, bench, out, device, dtype, log, is_main):
     return summarize(progress, bench, continual=fed.method.continual)
 
 
+def method_process(cfg: Config, method, bench, out, device, dtype, quiet, json_log):
+    """One method in a worker process of its own (--workers): the entry point's threads and seed, then run_method."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    log = Logger(quiet, json_log, True)
+    log(f"== {method} ==")
+    return run_method(cfg, method, bench, out, device, dtype, log, True)
+
+
+def run_methods(cfg: Config, args, bench, out, device, dtype, log, world, results):
+    """Every method of --methods, results.json rewritten after each: one after another, or --workers at a time in
+    spawned processes. A method draws only from generators of its own seeds, so the results are the same."""
+    workers = min(cfg.workers, len(cfg.methods))
+    if world > 1 and workers > 1:
+        log(f"under torchrun the methods run one after another (--workers {cfg.workers} not used)")
+        workers = 1
+    if workers == 1:
+        for method in cfg.methods:
+            log(f"== {method} ==")
+            results["methods"][method] = run_method(cfg, method, bench, out, device, dtype, log, log.is_main)
+            if log.is_main:
+                write_json(os.path.join(out, "results.json"), results)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(method_process, cfg, m, bench, out, f"cuda:{i % gpus}" if gpus > 1 else device, dtype,
+                            args.quiet, args.json_log) for i, m in enumerate(cfg.methods)]
+        for method, job in zip(cfg.methods, jobs):       # in the order of --methods
+            results["methods"][method] = job.result()
+            write_json(os.path.join(out, "results.json"), results)
+
+
 def load_saved_adapter(cfg: Config, path, bench, device, dtype):
     """A Federation holding a saved stage adapter (ours: the method that wrote it, its keys and projector; PEFT: one
     LoRA on the base model), and the stage it evaluates. Errors name the file and what was expected."""
@@ -500,7 +537,8 @@ def plan(cfg: Config, bench):
 def check_out_dir(out, cfg: Config):
     """A changed configuration on an existing --out is refused, showing the difference."""
     path = os.path.join(out, "config.json")
-    mine = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in ("method", "device")}
+    mine = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items()
+            if k not in ("method", "device", "workers")}
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
@@ -583,6 +621,18 @@ def main(argv=None):
         device = f"cuda:{rank % torch.cuda.device_count()}"
     dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     torch.manual_seed(cfg.seed)   # the entry point owns the global RNG; library code never reseeds it
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return run(args, cfg, out, bench, device, dtype, log, world)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args, cfg: Config, out, bench, device, dtype, log, world):
+    """main after the set-up: the runs or the evaluation, then results.json, results.md and the heatmaps."""
+    is_main = log.is_main
     if cfg.embedded:
         log(f"embedded default: tiny VLM {cfg.model}, {bench.name}; scaled-down protocol: {cfg.clients} clients, "
             f"{cfg.clients_per_round} per round, {cfg.rounds} rounds per stage, batch {cfg.batch_size}, lr {cfg.lr}, "
@@ -595,11 +645,8 @@ def main(argv=None):
             print(f"fcit.py: error: {e}", file=sys.stderr)
             return 2
         results["adapters"] = os.path.abspath(args.adapters)
-    for method in [] if args.eval_only else cfg.methods:
-        log(f"== {method} ==")
-        results["methods"][method] = run_method(cfg, method, bench, out, device, dtype, log, is_main)
-        if is_main:
-            write_json(os.path.join(out, "results.json"), results)
+    if not args.eval_only:
+        run_methods(cfg, args, bench, out, device, dtype, log, world, results)
     if is_main:
         write_results(results, bench, cfg, out)
     if world > 1:

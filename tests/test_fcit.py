@@ -180,6 +180,23 @@ def test_dry_run_prints_the_plan(tmp_path, capsys):
     assert json.load(open(tmp_path / "config.json"))["setting"] == "task-het"
 
 
+def test_workers_give_the_results_of_one_process(tmp_path):
+    """--workers 2 runs the methods in two spawned processes and gives the results.json of one process running them
+    one after another; the worker count may change on a resume (it is not part of the configuration); the caller's
+    torch thread count is restored after a run with --threads."""
+    args = ["--setting", "cap-hom", "--methods", "disco,finetune", "--threads", "1"] + SMALL
+    torch.set_num_threads(2)
+    assert fcit.main(args + ["--workers", "1", "--out", str(tmp_path / "one")]) == 0
+    assert torch.get_num_threads() == 2
+    assert fcit.main(args + ["--workers", "2", "--out", str(tmp_path / "two")]) == 0
+    assert fcit.main(args + ["--workers", "1", "--out", str(tmp_path / "two")]) == 0        # resumed: all done
+    a, b = (json.load(open(tmp_path / d / "results.json")) for d in ("one", "two"))
+    for r in (a, b):
+        for m in r["methods"].values():
+            m.pop("wall_s")
+    assert list(b["methods"]) == ["disco", "finetune"] and a == b
+
+
 TASK_ORDER = ["ImageNet-R", "ArxivQA", "IconQA", "CLEVR-Math", "OCR-VQA", "Flickr30k", "FigureQA", "super-CLEVR"]
 
 

@@ -199,6 +199,28 @@ def test_routed_fast_path_skips_exactly_and_matches_grad_path():
         torch.testing.assert_close(m(x), x @ m.weight.t())
 
 
+def test_dropout_mask_is_inverted_bernoulli():
+    """Multipliers 0 or 1/(1 - p') with p' = round(65536 p) / 65536; the drop rate within 5 sigma of p' on 2**20
+    elements; the same global seed gives the same mask; unbiased in expectation; bad p named."""
+    x = torch.ones(1024, 1024)
+    for p in (0.05, 0.3, 0.5):
+        cut = round(p * 65536)
+        torch.manual_seed(7)
+        m = lora.dropout_mask(x, p)
+        assert m.shape == x.shape and m.dtype == x.dtype
+        values = m.unique().tolist()
+        assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(65536 / (65536 - cut), rel=1e-6)
+        drop, q = float((m == 0).double().mean()), cut / 65536
+        assert abs(drop - q) < 5 * math.sqrt(q * (1 - q) / x.numel()), (p, drop)
+        assert float(m.double().mean()) == pytest.approx(1.0, abs=5e-3)
+        torch.manual_seed(7)
+        assert torch.equal(lora.dropout_mask(x, p), m)
+    assert lora.dropout_mask(torch.ones(3, 5, dtype=torch.bfloat16), 0.05).dtype == torch.bfloat16
+    assert lora.dropout_mask(torch.ones(7), 0.0).eq(1).all()
+    with pytest.raises(ValueError, match="dropout probability 1.0"):
+        lora.dropout_mask(x, 1.0)
+
+
 def test_dropout_with_gradient_checkpointing_matches():
     """Shared dropout + model.py's non-reentrant per-layer checkpointing: same masks in the recomputation,
     so gradients equal those without checkpointing."""
