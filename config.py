@@ -144,8 +144,9 @@ class Config:
     dtype: str = opt(None, "weights/compute dtype (default: bfloat16 on GPU, float32 on CPU)",
                      ("float32", "bfloat16", "float16"))
     device: str = opt("cpu", "cpu, cuda, cuda:1 ... (default: cuda if available)", cli=False)
-    threads: int = opt(0, "torch CPU threads per process (0: torch's default, one per core). A sum's rounding depends "
-                       "on it, so a CPU run's numbers do too (the embedded preset fixes 1)")
+    threads: int = opt(0, "torch CPU threads per process (0: torch's default, one per core, shared out among the "
+                       "--workers). A sum's rounding depends on it, so a CPU run's numbers do too (the embedded preset "
+                       "fixes 1)")
     workers: int = opt(1, "methods run at the same time, each in a process of its own with --threads threads (1: one "
                        "after another in this process); the results are the same either way")
 

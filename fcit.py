@@ -387,10 +387,9 @@ def run_method(cfg: Config, method, bench, out, device, dtype, log, is_main):
     return summarize(progress, bench, continual=fed.method.continual)
 
 
-def method_process(cfg: Config, method, bench, out, device, dtype, quiet, json_log):
+def method_process(cfg: Config, method, bench, out, device, dtype, threads, quiet, json_log):
     """One method in a worker process of its own (--workers): the entry point's threads and seed, then run_method."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     log = Logger(quiet, json_log, True)
     log(f"== {method} ==")
@@ -414,9 +413,10 @@ def run_methods(cfg: Config, args, bench, out, device, dtype, log, world, result
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     gpus = torch.cuda.device_count() if device == "cuda" else 0
+    threads = cfg.threads or max(1, torch.get_num_threads() // workers)      # torch's default, shared out
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = [pool.submit(method_process, cfg, m, bench, out, f"cuda:{i % gpus}" if gpus > 1 else device, dtype,
-                            args.quiet, args.json_log) for i, m in enumerate(cfg.methods)]
+                            threads, args.quiet, args.json_log) for i, m in enumerate(cfg.methods)]
         for method, job in zip(cfg.methods, jobs):       # in the order of --methods
             results["methods"][method] = job.result()
             write_json(os.path.join(out, "results.json"), results)
@@ -513,7 +513,8 @@ def plan(cfg: Config, bench):
              f"methods: {', '.join(cfg.methods)}; aggregator {cfg.aggregator}; {cfg.clients} clients, "
              f"{cfg.clients_per_round} per round, {cfg.rounds} rounds per stage, {cfg.local_epochs} local epoch(s), "
              f"batch {cfg.batch_size}x{cfg.grad_accum}, lr {cfg.lr}, LoRA r={cfg.rank} alpha={cfg.alpha} "
-             f"K={cfg.subspaces}"]
+             f"K={cfg.subspaces}", f"{min(cfg.workers, len(cfg.methods))} method(s) at a time, "
+             f"{cfg.threads or torch.get_num_threads()} torch thread(s) each"]
     total = 0
     for s in range(bench.stages):
         trained = bench.stage_parts[s]
@@ -636,7 +637,8 @@ def run(args, cfg: Config, out, bench, device, dtype, log, world):
     if cfg.embedded:
         log(f"embedded default: tiny VLM {cfg.model}, {bench.name}; scaled-down protocol: {cfg.clients} clients, "
             f"{cfg.clients_per_round} per round, {cfg.rounds} rounds per stage, batch {cfg.batch_size}, lr {cfg.lr}, "
-            f"LoRA r={cfg.rank} alpha={cfg.alpha} K={cfg.subspaces}, {cfg.eval_samples or 'all'} test samples per task")
+            f"LoRA r={cfg.rank} alpha={cfg.alpha} K={cfg.subspaces}, {cfg.eval_samples or 'all'} test samples per "
+            f"task; {min(cfg.workers, len(cfg.methods))} method(s) at a time, {cfg.threads} thread(s) each")
     results = {"setting": cfg.setting, "beta": cfg.beta, "seed": cfg.seed, "tasks": bench.tasks, "methods": {}}
     if args.eval_only:
         try:
