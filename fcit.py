@@ -414,11 +414,12 @@ def run_methods(cfg: Config, args, bench, out, device, dtype, log, world, result
     from concurrent.futures import ProcessPoolExecutor
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     threads = cfg.threads or max(1, torch.get_num_threads() // workers)      # torch's default, shared out
+    start = sorted(cfg.methods, key=lambda m: not federate.METHODS[m].trains)    # the long ones first
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = [pool.submit(method_process, cfg, m, bench, out, f"cuda:{i % gpus}" if gpus > 1 else device, dtype,
-                            threads, args.quiet, args.json_log) for i, m in enumerate(cfg.methods)]
-        for method, job in zip(cfg.methods, jobs):       # in the order of --methods
-            results["methods"][method] = job.result()
+        jobs = {m: pool.submit(method_process, cfg, m, bench, out, f"cuda:{i % gpus}" if gpus > 1 else device, dtype,
+                               threads, args.quiet, args.json_log) for i, m in enumerate(start)}
+        for method in cfg.methods:                          # results.json in the order of --methods
+            results["methods"][method] = jobs[method].result()
             write_json(os.path.join(out, "results.json"), results)
 
 
