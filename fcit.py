@@ -396,13 +396,19 @@ def method_process(cfg: Config, method, bench, out, device, dtype, threads, quie
     return run_method(cfg, method, bench, out, device, dtype, log, True)
 
 
+def parallelism(cfg: Config, world: int = 1):
+    """(methods at a time, torch threads in each): --workers capped by the methods (1 under torchrun), --threads or
+    torch's default shared out among them."""
+    workers = 1 if world > 1 else min(cfg.workers, len(cfg.methods))
+    return workers, cfg.threads or max(1, torch.get_num_threads() // workers)
+
+
 def run_methods(cfg: Config, args, bench, out, device, dtype, log, world, results):
     """Every method of --methods, results.json rewritten after each: one after another, or --workers at a time in
     spawned processes. A method draws only from generators of its own seeds, so the results are the same."""
-    workers = min(cfg.workers, len(cfg.methods))
-    if world > 1 and workers > 1:
+    workers, threads = parallelism(cfg, world)
+    if world > 1 and cfg.workers > 1:
         log(f"under torchrun the methods run one after another (--workers {cfg.workers} not used)")
-        workers = 1
     if workers == 1:
         for method in cfg.methods:
             log(f"== {method} ==")
@@ -413,7 +419,6 @@ def run_methods(cfg: Config, args, bench, out, device, dtype, log, world, result
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     gpus = torch.cuda.device_count() if device == "cuda" else 0
-    threads = cfg.threads or max(1, torch.get_num_threads() // workers)      # torch's default, shared out
     start = sorted(cfg.methods, key=lambda m: not federate.METHODS[m].trains)    # the long ones first
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = {m: pool.submit(method_process, cfg, m, bench, out, f"cuda:{i % gpus}" if gpus > 1 else device, dtype,
@@ -514,8 +519,7 @@ def plan(cfg: Config, bench):
              f"methods: {', '.join(cfg.methods)}; aggregator {cfg.aggregator}; {cfg.clients} clients, "
              f"{cfg.clients_per_round} per round, {cfg.rounds} rounds per stage, {cfg.local_epochs} local epoch(s), "
              f"batch {cfg.batch_size}x{cfg.grad_accum}, lr {cfg.lr}, LoRA r={cfg.rank} alpha={cfg.alpha} "
-             f"K={cfg.subspaces}", f"{min(cfg.workers, len(cfg.methods))} method(s) at a time, "
-             f"{cfg.threads or torch.get_num_threads()} torch thread(s) each"]
+             f"K={cfg.subspaces}", "{} method(s) at a time, {} torch thread(s) each".format(*parallelism(cfg))]
     total = 0
     for s in range(bench.stages):
         trained = bench.stage_parts[s]
@@ -639,7 +643,7 @@ def run(args, cfg: Config, out, bench, device, dtype, log, world):
         log(f"embedded default: tiny VLM {cfg.model}, {bench.name}; scaled-down protocol: {cfg.clients} clients, "
             f"{cfg.clients_per_round} per round, {cfg.rounds} rounds per stage, batch {cfg.batch_size}, lr {cfg.lr}, "
             f"LoRA r={cfg.rank} alpha={cfg.alpha} K={cfg.subspaces}, {cfg.eval_samples or 'all'} test samples per "
-            f"task; {min(cfg.workers, len(cfg.methods))} method(s) at a time, {cfg.threads} thread(s) each")
+            "task; {} method(s) at a time, {} thread(s) each".format(*parallelism(cfg, world)))
     results = {"setting": cfg.setting, "beta": cfg.beta, "seed": cfg.seed, "tasks": bench.tasks, "methods": {}}
     if args.eval_only:
         try:
