@@ -79,6 +79,32 @@ class _ParentHook:
         self.drop.clear()
 
 
+class _LoRAAdd(torch.autograd.Function):
+    """base + s (x Aᵀ) Bᵀ, accumulated in place into base (..., out), the output of the frozen layer. The backward
+    forms the rank-r products as (hᵀ g)ᵀ and (Bᵀ gᵀ)ᵀ rather than autograd's gᵀ h and g B: the same values, which
+    MKL's CPU kernels compute 4-7x faster when r is much smaller than the layer width; s scales the r-wide results."""
+
+    @staticmethod
+    def forward(ctx, base, x, A, B, s):
+        x2 = x.reshape(-1, x.shape[-1])                                  # (N, in)
+        h = x2 @ A.t()                                                   # (N, r)
+        base.view(-1, base.shape[-1]).addmm_(h, B.t(), alpha=s)          # (N, out)
+        ctx.mark_dirty(base)
+        ctx.save_for_backward(x2, h, A, B)
+        ctx.s, ctx.x_shape = s, x.shape
+        return base
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, h, A, B = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])                                  # (N, out)
+        dh = (B.t() @ g2.t()).mul_(ctx.s).t()                            # (N, r)
+        dA = dh.t() @ x2 if ctx.needs_input_grad[2] else None
+        dB = (h.t() @ g2).mul_(ctx.s).t() if ctx.needs_input_grad[3] else None
+        dx = (dh @ A).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
+        return g, dx, dA, dB, None
+
+
 def _per_sample(a, x):
     """Channel weights (C,) as they are, or (B, C) viewed as (B, 1, ..., C) to broadcast over the rows of x."""
     if a.dim() == 2:
@@ -226,6 +252,8 @@ class LoRALinear(nn.Module):
             xl = xl.to(A0.dtype)
         if mode == "single":
             j = self.active
+            if base.dtype == xl.dtype and base.is_contiguous():
+                return _LoRAAdd.apply(base, xl, self.A[j], self.B[j], self.scaling)
             out = F.linear(F.linear(xl, self.A[j]), self.B[j])
             if out.dtype == base.dtype:
                 return torch.add(base, out, alpha=self.scaling)

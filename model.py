@@ -161,6 +161,26 @@ def _act(name: str):
     return _ACT[name]
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """w * x * rsqrt(mean(x²) + eps) for float32 x, with the backward written out: dx = r (gw - x̂ mean(gw x̂)),
+    gw = g w, x̂ = x r. Autograd's graph of the same formula takes about twice as long on a CPU."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)             # (..., 1)
+        xn = x * r
+        ctx.save_for_backward(xn, r, w)
+        return w * xn
+
+    @staticmethod
+    def backward(ctx, g):
+        xn, r, w = ctx.saved_tensors
+        gw = g * w
+        dx = (gw - xn * (gw * xn).mean(-1, keepdim=True)).mul_(r) if ctx.needs_input_grad[0] else None
+        dw = (g * xn).sum(tuple(range(g.dim() - 1))) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -168,23 +188,28 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):   # fp32 statistics, cast back BEFORE the weight
+        if x.dtype == torch.float32 == self.weight.dtype and torch.is_grad_enabled():
+            return _RMSNormFn.apply(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
-    """position_ids (B, T) -> cos, sin (B, 1, T, head_dim), computed in fp32 like transformers."""
+    """position_ids (B, T) -> cos, ±sin (B, 1, T, head_dim), computed in fp32 like transformers; the first half of
+    sin is negated, so that transformers' rotate_half(x) * sin is roll(x, d/2) * ±sin (exactly, one op instead of
+    four)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float()
                                 / head_dim))
     freqs = position_ids[..., None].float() * inv_freq            # (B, T, d/2)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
+    return emb.cos().to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """RoPE with the signed sin of rope_cos_sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class KVCache:

@@ -263,6 +263,31 @@ def test_single_mode_forward_and_gradient_only_on_active():
     assert all(p.grad is None for p in model.vision.parameters())
 
 
+def test_lora_add_backward_matches_autograd():
+    """_LoRAAdd's hand-written backward (rank-r products in MKL's fast layouts) against autograd of the plain formula,
+    and gradcheck in float64."""
+    torch.manual_seed(0)
+    for bias in (False, True):                       # with a bias, F.linear's output is a view: autograd rebases it
+        base = nn.Linear(12, 20, bias=bias)
+        m = lora.LoRALinear(base, rank=4, alpha=8.0, dropout=0.0)
+        with torch.no_grad():
+            m.B[0].normal_()
+        m.A[0].requires_grad_(True), m.B[0].requires_grad_(True)
+        x = torch.randn(2, 5, 12, requires_grad=True)
+        g = torch.randn(2, 5, 20)
+        y = m(x)
+        assert bias or y.grad_fn.name().startswith("_LoRAAdd")
+        grads = torch.autograd.grad(y, (x, m.A[0], m.B[0]), g)
+        ref = F.linear(x, base.weight, base.bias) + m.scaling * F.linear(F.linear(x, m.A[0]), m.B[0])
+        torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
+        for got, want in zip(grads, torch.autograd.grad(ref, (x, m.A[0], m.B[0]), g)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    d = {k: t.detach().double().requires_grad_() for k, t in
+         dict(b=torch.randn(3, 4, 7), x=torch.randn(3, 4, 6), A=torch.randn(2, 6), B=torch.randn(7, 2)).items()}
+    assert torch.autograd.gradcheck(lambda b, x, A, B: lora._LoRAAdd.apply(b * 1.0, x, A, B, 0.7),
+                                    (d["b"], d["x"], d["A"], d["B"]))
+
+
 def test_merge_unmerge_exact():
     model, wrapped = make(bias=True)
     randomize_lora(model)

@@ -281,6 +281,15 @@ def test_loss_matches_transformers_and_checkpointing(llava_llama):
     loss.backward()
     g = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad()
+    hf.zero_grad()                                   # the gradients against transformers' autograd of its own graph
+    hf(input_ids=ids, pixel_values=px, labels=labels).loss.backward()
+    hf_p = dict(hf.named_parameters())
+    compared = [n for n in g if m.hf_module_name(n) in hf_p]
+    assert {"lm.layers.0.input_layernorm.weight", "lm.norm.weight", "lm.layers.1.self_attn.q_proj.weight",
+            "projector.linear_1.weight"} <= set(compared)
+    for n in compared:
+        torch.testing.assert_close(g[n], hf_p[m.hf_module_name(n)].grad, atol=1e-5, rtol=1e-4, msg=n)
+    hf.zero_grad(set_to_none=True)
     logits = m(ids, px)[:, :-1]                      # every position through every layer: the unpruned reference
     sel = labels[:, 1:] != -100
     torch.nn.functional.cross_entropy(logits[sel], labels[:, 1:][sel]).backward()
