@@ -188,8 +188,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):   # fp32 statistics, cast back BEFORE the weight
-        if x.dtype == torch.float32 == self.weight.dtype and torch.is_grad_enabled():
-            return _RMSNormFn.apply(x, self.weight, self.eps)
+        if x.dtype == torch.float32 == self.weight.dtype:       # the same formula, fewer kernels
+            if torch.is_grad_enabled():
+                return _RMSNormFn.apply(x, self.weight, self.eps)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -230,6 +232,8 @@ class KVCache:
         end = start + k.shape[2]
         self.kt[..., start:end] = k.transpose(-1, -2)
         self.v[:, :, start:end] = v
+        if start == 0:       # the prefill: k itself (row-major), so that SDPA can take its fused kernel
+            return k, v
         return self.kt[..., :end].transpose(-1, -2), self.v[:, :, :end]
 
 
