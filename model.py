@@ -222,31 +222,32 @@ class KVCache:
         self.kt = torch.zeros(B, n_kv, d, t_max, dtype=dtype, device=device)
         self.v = torch.zeros(B, n_kv, t_max, d, dtype=dtype, device=device)
 
-    def update(self, start, k, v):
-        """Write k, v (B, n_kv, T, d) at start..; -> every cached k, v up to them, as (B, n_kv, end, d) views. A tensor
-        start (the static decode step) writes one position and returns the whole buffer, for a mask to cut."""
-        if torch.is_tensor(start):
-            self.kt.index_copy_(3, start.view(1), k.transpose(-1, -2))
-            self.v.index_copy_(2, start.view(1), v)
-            return self.kt.transpose(-1, -2), self.v
+    def update(self, start: int, k, v):
+        """Write k, v (B, n_kv, T, d) at start..; -> every cached k, v up to them (B, n_kv, end, d): for the prefill
+        (start 0) k and v themselves, row-major, so that SDPA takes its fused kernel; else views of the cache."""
         end = start + k.shape[2]
         self.kt[..., start:end] = k.transpose(-1, -2)
         self.v[:, :, start:end] = v
-        if start == 0:       # the prefill: k itself (row-major), so that SDPA can take its fused kernel
+        if start == 0:
             return k, v
         return self.kt[..., :end].transpose(-1, -2), self.v[:, :, :end]
+
+    def append(self, slot, k, v):
+        """A decode step's k, v (B, n_kv, d) written at `slot` -> kᵀ (B, n_kv, d, S), v (B, n_kv, S, d): S = slot + 1
+        for an int slot, the whole buffer for a 0-d tensor slot (fixed shapes for torch.compile; a bias masks the
+        rest)."""
+        if torch.is_tensor(slot):
+            self.kt.index_copy_(3, slot.view(1), k[..., None])
+            self.v.index_copy_(2, slot.view(1), v[:, :, None])
+            return self.kt, self.v
+        self.kt[..., slot] = k
+        self.v[:, :, slot] = v
+        return self.kt[..., :slot + 1], self.v[:, :, :slot + 1]
 
 
 def _sdpa(q, k, v, mask):
     """q (B, nH, Tq, d), k/v (B, nKV, Tk, d); mask None (causal if Tq == Tk > 1) or bool (B, 1, Tq, Tk)."""
     n_rep = q.shape[1] // k.shape[1]
-    if q.shape[2] == 1 and not torch.is_grad_enabled():   # a decode step: plain attention beats the fused kernel
-        B, nH, _, d = q.shape
-        qg = q.view(B, k.shape[1], n_rep, d)                                      # GQA: no copy of the cache
-        att = (qg @ k.transpose(-1, -2)) * (d ** -0.5)                            # (B, nKV, n_rep, Tk)
-        if mask is not None:
-            att = att.masked_fill(~mask, float("-inf"))                           # mask (B, 1, 1, Tk)
-        return (torch.softmax(att, dim=-1) @ v).view(B, nH, 1, d)
     causal = mask is None and q.shape[2] > 1
     if n_rep > 1 and mask is None and _TORCH_GQA:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
@@ -277,6 +278,20 @@ class Attention(nn.Module):
         y = _sdpa(q, k, v, mask)                                    # (B, nH, Tq, d)
         return self.o_proj(y.transpose(1, 2).reshape(B, Tq, self.nh * self.d))
 
+    def decode(self, x, cos, sin, bias, cache: KVCache, slot):
+        """One decode step: x (B, C), one new position per row, cos/sin (B, 1, d), bias (B, 1, 1, S) 0 or -inf per
+        cached slot (or None) -> (B, C). Plain attention over the cache (at one query the fused kernel's fixed cost
+        dominates); grouped-query heads view the query as (n_kv, n_rep) instead of copying the cache."""
+        B = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(B, self.nh, self.d), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, self.nkv, self.d), cos, sin)
+        kt, v = cache.append(slot, k, self.v_proj(x).view(B, self.nkv, self.d))
+        att = (q.view(B, self.nkv, -1, self.d) @ kt).mul_(self.d ** -0.5)      # (B, n_kv, n_rep, S)
+        if bias is not None:
+            att.add_(bias)
+        y = torch.softmax(att, dim=-1) @ v                                      # (B, n_kv, n_rep, d)
+        return self.o_proj(y.view(B, self.nh * self.d))
+
 
 class MLP(nn.Module):
     def __init__(self, c: DecoderConfig):
@@ -301,6 +316,11 @@ class DecoderLayer(nn.Module):
         x = x[:, q_from:] + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, q_from)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def decode(self, x, cos, sin, bias, cache, slot):
+        """forward for one new position per row, x (B, C) (Attention.decode)."""
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, bias, cache, slot)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 class Decoder(nn.Module):
     """LLaMA / Qwen2 body: embed_tokens, layers, norm (transformers' LlamaModel / Qwen2Model names)."""
@@ -313,16 +333,15 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, x, position_ids, mask=None, caches=None, start=0, rope=None, last=None):
-        """x (B, T, C) input embeddings -> (B, T, C) after the final norm. rope: precomputed (cos, sin) for
-        position_ids (generation's decode steps index one table instead of recomputing it). last=(q_from, mask):
-        the last layer computes only positions q_from.. (-> (B, T - q_from, C)), nothing after it reading the rest."""
-        cos, sin = rope or rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+    def forward(self, x, position_ids, mask=None, caches=None, start=0, last=None):
+        """x (B, T, C) input embeddings -> (B, T, C) after the final norm. last=(q_from, mask): the last layer computes
+        only positions q_from.. (-> (B, T - q_from, C)), nothing after it reading the rest."""
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         ckpt = self.gradient_checkpointing and caches is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             args = (mask, None if caches is None else caches[i], start)
             if last is not None and i == len(self.layers) - 1:
-                args = (last[1], None, start, last[0])
+                args = (last[1], args[1], start, last[0])
             x = checkpoint(layer, x, cos, sin, *args, use_reentrant=False) if ckpt else layer(x, cos, sin, *args)
         return self.norm(x)
 
@@ -591,10 +610,11 @@ class VLM(nn.Module):
                   for _ in range(t.num_hidden_layers)]
         pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)
         padded = not bool(am.all())
-        h = self.lm(x, pos, _padding_mask(am, T, 0) if padded else None, caches, 0)
-        logits = self.lm_head(h[:, -1])
-        key_valid = torch.cat([am.bool(), am.new_ones(B, t_max - T, dtype=torch.bool)], dim=1) \
-            if padded or compile else None                                         # (B, T_max)
+        last = (T - 1, _padding_mask(am, 1, T - 1))             # the last layer: only the last position's output
+        logits = self.lm_head(self.lm(x, pos, _padding_mask(am, T, 0) if padded else None, caches, 0, last)[:, -1])
+        bias = x.new_zeros(B, t_max)                                               # (B, T_max): padding -inf
+        bias[:, :T].masked_fill_(am == 0, float("-inf"))
+        bias = bias if padded or compile else None
         cos, sin = (c[0, 0] for c in rope_cos_sin(torch.arange(t_max, device=dev)[None], t.head_dim, t.rope_theta,
                                                   x.dtype))                          # (T_max, d)
         step_fn = self._decode_step
@@ -613,21 +633,23 @@ class VLM(nn.Module):
             if all(done) or step == max_new_tokens - 1:
                 break
             slot = torch.tensor(T + step, device=dev) if compile else T + step
-            logits = step_fn(tok, nxt, slot, key_valid, caches, cos, sin)
+            logits = step_fn(tok, nxt, slot, bias, caches, cos, sin)
             nxt = nxt + 1
         return out
 
-    def _decode_step(self, tok, pos, slot, key_valid, caches, cos, sin):
-        """One decode step: tokens (B,) at positions pos (B,) written to cache slot `slot`, attending to the valid
-        slots up to it (key_valid (B, T_max) or None: all); -> logits (B, V). An int slot reads the cache up to it;
-        a 0-d tensor slot keeps every shape fixed for torch.compile: the whole cache, masked beyond the slot."""
+    def _decode_step(self, tok, pos, slot, bias, caches, cos, sin):
+        """One decode step: tokens (B,) at positions pos (B,) written to cache slot `slot` -> logits (B, V). bias
+        (B, T_max): 0 for a valid slot, -inf for padding (or None: all valid). An int slot attends to the slots up to
+        it; a 0-d tensor slot keeps every shape fixed for torch.compile: the whole cache, -inf beyond the slot."""
         if torch.is_tensor(slot):
-            key_valid = key_valid & (torch.arange(key_valid.shape[1], device=tok.device) <= slot)
-        elif key_valid is not None:
-            key_valid = key_valid[:, :slot + 1]
-        h = self.lm(self.lm.embed_tokens(tok[:, None]), pos[:, None], None if key_valid is None else
-                    key_valid[:, None, None], caches, slot, (cos[pos][:, None, None], sin[pos][:, None, None]))
-        return self.lm_head(h[:, -1])
+            bias = bias.masked_fill(torch.arange(bias.shape[1], device=tok.device) > slot, float("-inf"))
+        elif bias is not None:
+            bias = bias[:, :slot + 1]
+        bias = None if bias is None else bias[:, None, None]                      # (B, 1, 1, S)
+        x, cos, sin = self.lm.embed_tokens(tok), cos[pos][:, None], sin[pos][:, None]   # (B, C), (B, 1, d)
+        for layer, cache in zip(self.lm.layers, caches):
+            x = layer.decode(x, cos, sin, bias, cache, slot)
+        return self.lm_head(self.lm.norm(x))
 
 
 # ----------------------------------------------------------------------------------------------------------------
