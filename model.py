@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-_TORCH_GQA = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 5)
 _REQUIRED = object()
 
 
@@ -198,9 +197,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
-    """position_ids (B, T) -> cos, ±sin (B, 1, T, head_dim), computed in fp32 like transformers; the first half of
-    sin is negated, so that transformers' rotate_half(x) * sin is roll(x, d/2) * ±sin (exactly, one op instead of
-    four)."""
+    """position_ids (B, T) -> cos, ±sin (B, 1, T, head_dim) in fp32 like transformers; sin's first half negated, so
+    that transformers' rotate_half(x) * sin is exactly roll(x, d/2) * ±sin (one op instead of four)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float()
                                 / head_dim))
     freqs = position_ids[..., None].float() * inv_freq            # (B, T, d/2)
@@ -233,9 +231,8 @@ class KVCache:
         return self.kt[..., :end].transpose(-1, -2), self.v[:, :, :end]
 
     def append(self, slot, k, v):
-        """A decode step's k, v (B, n_kv, d) written at `slot` -> kᵀ (B, n_kv, d, S), v (B, n_kv, S, d): S = slot + 1
-        for an int slot, the whole buffer for a 0-d tensor slot (fixed shapes for torch.compile; a bias masks the
-        rest)."""
+        """k, v (B, n_kv, d) written at `slot` -> kᵀ (B, n_kv, d, S), v (B, n_kv, S, d): S = slot + 1, or the whole
+        buffer for a 0-d tensor slot (fixed shapes for torch.compile; a bias masks the rest)."""
         if torch.is_tensor(slot):
             self.kt.index_copy_(3, slot.view(1), k[..., None])
             self.v.index_copy_(2, slot.view(1), v[:, :, None])
@@ -249,7 +246,7 @@ def _sdpa(q, k, v, mask):
     """q (B, nH, Tq, d), k/v (B, nKV, Tk, d); mask None (causal if Tq == Tk > 1) or bool (B, 1, Tq, Tk)."""
     n_rep = q.shape[1] // k.shape[1]
     causal = mask is None and q.shape[2] > 1
-    if n_rep > 1 and mask is None and _TORCH_GQA:
+    if n_rep > 1 and mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
     if n_rep > 1:
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
@@ -279,9 +276,8 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, Tq, self.nh * self.d))
 
     def decode(self, x, cos, sin, bias, cache: KVCache, slot):
-        """One decode step: x (B, C), one new position per row, cos/sin (B, 1, d), bias (B, 1, 1, S) 0 or -inf per
-        cached slot (or None) -> (B, C). Plain attention over the cache (at one query the fused kernel's fixed cost
-        dominates); grouped-query heads view the query as (n_kv, n_rep) instead of copying the cache."""
+        """x (B, C), one new position per row; bias (B, 1, 1, S): 0 or -inf per cached slot, or None -> (B, C). Plain
+        attention (at one query SDPA's fixed cost dominates); GQA views q as (n_kv, n_rep): no copy of the cache."""
         B = x.shape[0]
         q = apply_rope(self.q_proj(x).view(B, self.nh, self.d), cos, sin)
         k = apply_rope(self.k_proj(x).view(B, self.nkv, self.d), cos, sin)
@@ -642,10 +638,9 @@ class VLM(nn.Module):
         (B, T_max): 0 for a valid slot, -inf for padding (or None: all valid). An int slot attends to the slots up to
         it; a 0-d tensor slot keeps every shape fixed for torch.compile: the whole cache, -inf beyond the slot."""
         if torch.is_tensor(slot):
-            bias = bias.masked_fill(torch.arange(bias.shape[1], device=tok.device) > slot, float("-inf"))
+            bias = bias.masked_fill(torch.arange(bias.shape[1], device=tok.device) > slot, float("-inf"))[:, None, None]
         elif bias is not None:
-            bias = bias[:, :slot + 1]
-        bias = None if bias is None else bias[:, None, None]                      # (B, 1, 1, S)
+            bias = bias[:, None, None, :slot + 1]                                  # (B, 1, 1, S)
         x, cos, sin = self.lm.embed_tokens(tok), cos[pos][:, None], sin[pos][:, None]   # (B, C), (B, 1, d)
         for layer, cache in zip(self.lm.layers, caches):
             x = layer.decode(x, cos, sin, bias, cache, slot)
