@@ -426,17 +426,20 @@ class Federation:
         self._load(self.method.weights_for(client))
         alpha = self.method.prepare_inference(examples) if self.has_lora else None
         self.model.eval()
-        out: list[str] = []
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].instruction))   # similar lengths batched:
+        out: list[str] = [""] * len(examples)                                               # less left padding
         for b in range(0, len(examples), batch_size):
-            batch = self._collate(examples[b:b + batch_size], with_answer=False)
+            idx = order[b:b + batch_size]
+            batch = self._collate([examples[i] for i in idx], with_answer=False)
             if alpha is not None:
-                lora.set_routing(self.model, alpha[b:b + batch_size])
+                lora.set_routing(self.model, alpha[idx])
             with self.autocast():
                 gen = self.model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
                                           pixel_values=batch["pixel_values"], image_states=batch.get("image_states"),
                                           max_new_tokens=self.cfg.max_new_tokens,
                                           eos_token_id=self.tok.eos_id)
-            out += [self.tok.decode(list(g), skip_special_tokens=True).strip() for g in gen]
+            for i, g in zip(idx, gen):
+                out[i] = self.tok.decode(list(g), skip_special_tokens=True).strip()
         return out
 
     def routing_accuracy(self, examples_by_task: dict) -> float | None:

@@ -818,3 +818,27 @@ def test_fedsa_shares_a_and_keeps_b_on_each_client():
     back.load_state_dict(*fed.state_dict())                                              # resume keeps it
     assert back.method.personal_datasets() == fed.method.personal_datasets()
     assert all(torch.equal(back.method.states[c][n], fed.method.states[c][n]) for c in sel for n in b_names)
+
+
+def test_predict_batches_by_length_and_answers_in_input_order(monkeypatch):
+    """predict sorts the prompts by length before batching (less left padding) and puts each answer, and each row's
+    routing weights, back with its own example."""
+    fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="disco"))
+    words = [5, 1, 9, 3, 7, 2, 8]
+    exs = [data.Example("A", " ".join(["apple"] * n), "x", qid=i) for i, n in enumerate(words)]
+    alpha = torch.arange(len(exs), dtype=torch.float32)[:, None].repeat(1, fed.K)        # row i carries i
+    monkeypatch.setattr(fed.method, "prepare_inference", lambda examples: alpha)
+    routed, lengths = [], []
+    monkeypatch.setattr(fd.lora, "set_routing", lambda model, a: routed.append(a[:, 0].long().tolist()))
+
+    def fake_generate(input_ids, attention_mask=None, **kw):
+        lengths.append(attention_mask.sum(1).tolist())
+        return [[int(n)] for n in attention_mask.sum(1)]
+    monkeypatch.setattr(fed.model, "generate", fake_generate)
+    monkeypatch.setattr(fed.tok, "decode", lambda ids, skip_special_tokens=True: str(ids[0]))
+    out = fed.predict(exs, batch_size=3)
+    assert routed == [[1, 5, 3], [0, 4, 6], [2]]                     # examples by instruction length, 3 at a time
+    flat = [n for b in lengths for n in b]
+    assert flat == sorted(flat) and len(lengths) == 3
+    by_len = dict(zip([i for b in routed for i in b], flat))
+    assert out == [str(by_len[i]) for i in range(len(exs))]           # each answer back in its example's place
