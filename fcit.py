@@ -368,12 +368,14 @@ def run_method(cfg: Config, method, bench, out, device, dtype, log, is_main):
         progress = st["progress"]
         if not progress["done"]:
             log(f"[{method}] resuming at stage {progress['stage'] + 1}, round {progress['round'] + 1}")
-    progress.setdefault("spent", {"train": 0.0, "eval": 0.0, "save": 0.0})    # state files of older versions lack it
+    spent = progress.setdefault("spent", {"train": 0.0, "eval": 0.0, "save": 0.0})   # older state files lack these
+    spent.setdefault("local", 0.0)
     t_start = time.time() - progress["wall_s"]
     while not progress["done"]:
         stage, rnd, t0 = progress["stage"], progress["round"], time.time()
         rec = fed.run_round(stage, rnd, bench.client_data(stage), log=lambda s: log(f"[{method}] {s}"))
-        progress["spent"]["train"] += time.time() - t0
+        spent["train"] += time.time() - t0
+        spent["local"] += sum(c.get("time_s") or 0.0 for c in rec.get("per_client", []))
         log_round(rec, fed, progress, t_start, log)
         if rnd + 1 < fed.method.rounds():
             progress["round"] = rnd + 1
@@ -382,8 +384,9 @@ def run_method(cfg: Config, method, bench, out, device, dtype, log, is_main):
         progress["wall_s"] = time.time() - t_start
         if is_main:
             save_state(state_path, fed, progress)
-    log(f"[{method}] {progress['wall_s']:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in progress["spent"].items())
-        + " (train: identity features, local training and aggregation; save: adapters; the rest: state files)")
+    log(f"[{method}] {progress['wall_s']:.0f}s: train {spent['train']:.0f}s (clients' local training "
+        f"{spent['local']:.1f}s, identity features and aggregation {spent['train'] - spent['local']:.1f}s), eval "
+        f"{spent['eval']:.0f}s, save {spent['save']:.0f}s (adapters; the rest: state files)")
     return summarize(progress, bench, continual=fed.method.continual)
 
 
