@@ -188,7 +188,7 @@ class LoRALinear(nn.Module):
             return torch.cat(list(self.A), 0), torch.cat(list(self.B), 1) * self.scaling
         key = tuple([(p.data_ptr(), p._version) for p in self._ab()])
         if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():   # plain tensors, even when built inside generate
                 self._cache = (key, torch.cat(list(self.A), 0), torch.cat(list(self.B), 1) * self.scaling)
         return self._cache[1], self._cache[2]
 
@@ -202,7 +202,7 @@ class LoRALinear(nn.Module):
         the skipped terms are exact zeros. Cached on parameter versions and the routing call."""
         key = (tuple([(p.data_ptr(), p._version) for p in self._ab()]), self._route_id)
         if self._rcache is None or self._rcache[0] != key:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():
                 a = self.alpha
                 used = (a.abs().amax(0) if a.dim() == 2 else a.abs()) > self.min_weight
                 sel = [j for j in range(self.num_subspaces) if bool(used[j]) and bool(self.B[j].any())]

@@ -587,7 +587,7 @@ class VLM(nn.Module):
         logits = self.lm_head(h[sel]).float()                       # (N_supervised, V)
         return F.cross_entropy(logits, tgt[sel], label_smoothing=label_smoothing)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=128, eos_token_id=None,
                  image_states=None, compile: bool = False):
         """Batched greedy decoding with a KV cache; rows are LEFT-padded (attention_mask 0 on the left). Returns the

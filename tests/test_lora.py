@@ -288,6 +288,25 @@ def test_lora_add_backward_matches_autograd():
                                     (d["b"], d["x"], d["A"], d["B"]))
 
 
+def test_caches_built_under_inference_mode_are_plain_tensors():
+    """VLM.generate runs under torch.inference_mode: the routed-mode cache it builds must hold plain tensors, so that a
+    later forward with gradients (frozen subspaces, an input that requires grad) can save them for backward."""
+    model, wrapped = make()
+    randomize_lora(model)
+    lora.set_routing(model, torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 3, 8)
+    with torch.inference_mode():
+        ref = model(x).clone()
+    assert not wrapped["lm.layers.0.mlp.gate_proj"]._rcache[1][0].is_inference()
+    xg = x.clone().requires_grad_(True)
+    out = model(xg)
+    out.sum().backward()
+    assert xg.grad is not None
+    torch.testing.assert_close(out.detach(), ref)
+
+
 def test_merge_unmerge_exact():
     model, wrapped = make(bias=True)
     randomize_lora(model)
