@@ -254,10 +254,7 @@ class LoRALinear(nn.Module):
             j = self.active
             if base.dtype == xl.dtype and base.is_contiguous():
                 return _LoRAAdd.apply(base, xl, self.A[j], self.B[j], self.scaling)
-            out = F.linear(F.linear(xl, self.A[j]), self.B[j])
-            if out.dtype == base.dtype:
-                return torch.add(base, out, alpha=self.scaling)
-            return (base + out * self.scaling).to(base.dtype)
+            return (base + F.linear(F.linear(xl, self.A[j]), self.B[j]) * self.scaling).to(base.dtype)  # LoRA dtype
         if mode == "routed":
             if self.alpha is None:
                 raise RuntimeError("routed mode without routing weights: call set_routing(model, alpha)")
