@@ -4,6 +4,7 @@ Not a test. A left-padded batch of prompts, each with an image (FCIT-mini instru
 cache; prints tokens/s of both, their ratio (median of interleaved repeats) and whether the outputs are identical.
 
     python bench/generate_speed.py [--config tiny|wide] [--batch 8 --new-tokens 32 --repeats 5 --threads 1] [--compile]
+    python bench/generate_speed.py --config wide --profile     # also: each stack's time in matrix products
 
 tiny: the embedded assets/tiny-llava. wide: a random LLaVA (LLaMA hidden 768, 8 layers, vocab 32000; CLIP 256/4)
 saved by transformers. Time: wall clock, or this thread's CPU time with --clock cpu (robust on a shared machine).
@@ -85,6 +86,9 @@ def parse_args():
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
     ap.add_argument("--compile", action="store_true", help="ours with the decode step through torch.compile")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one call of each: time in matrix products (aten::mm/addmm) and the ratio "
+                         "that zero time outside them would give ours")
     return ap.parse_args()
 
 
@@ -122,6 +126,21 @@ def main():
     print(f"ours          {tokens / t_ours:8.1f} tokens/s  ({t_ours * 1e3:.1f} ms)")
     print(f"transformers  {tokens / t_hf:8.1f} tokens/s  ({t_hf * 1e3:.1f} ms)")
     print(f"ratio (ours / transformers tokens/s): {t_hf / t_ours:.2f}x; identical outputs: {out['ours'] == out['hf']}")
+    if args.profile:
+        (tot_o, mm_o), (tot_h, mm_h) = matmul_time(run_ours), matmul_time(run_hf)
+        print(f"profiled call: ours {tot_o * 1e3:.0f} ms, of which matrix products {mm_o * 1e3:.0f} ms; transformers "
+              f"{tot_h * 1e3:.0f} ms, of which {mm_h * 1e3:.0f} ms; ceiling with these products "
+              f"(transformers' total / ours' products): {tot_h / mm_o:.2f}x")
+
+
+def matmul_time(fn):
+    """One profiled call: (total self CPU seconds, seconds in aten::mm and aten::addmm)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    ev = prof.key_averages()
+    mm = sum(e.self_cpu_time_total for e in ev if e.key in ("aten::mm", "aten::addmm"))
+    return sum(e.self_cpu_time_total for e in ev) / 1e6, mm / 1e6
 
 
 if __name__ == "__main__":
