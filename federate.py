@@ -437,7 +437,7 @@ class Federation:
                 gen = self.model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
                                           pixel_values=batch["pixel_values"], image_states=batch.get("image_states"),
                                           max_new_tokens=self.cfg.max_new_tokens,
-                                          eos_token_id=self.tok.eos_id)
+                                          eos_token_id=self.tok.eos_id, compile=self.cfg.compile)
             for i, g in zip(idx, gen):
                 out[i] = self.tok.decode(list(g), skip_special_tokens=True).strip()
         return out

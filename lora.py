@@ -88,7 +88,7 @@ class _LoRAAdd(torch.autograd.Function):
     def forward(ctx, base, x, A, B, s):
         x2 = x.reshape(-1, x.shape[-1])                                  # (N, in)
         h = x2 @ A.t()                                                   # (N, r)
-        base.view(-1, base.shape[-1]).addmm_(h, B.t(), alpha=s)          # (N, out)
+        _add_lowrank(base, h, B, s)
         ctx.mark_dirty(base)
         ctx.save_for_backward(x2, h, A, B)
         ctx.s, ctx.x_shape = s, x.shape
@@ -103,6 +103,12 @@ class _LoRAAdd(torch.autograd.Function):
         dB = (h.t() @ g2).mul_(ctx.s).t() if ctx.needs_input_grad[3] else None
         dx = (dh @ A).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
         return g, dx, dA, dB, None
+
+
+def _add_lowrank(base, h, B, s=1.0):
+    """base (..., out) += s h Bᵀ in place, h (..., r): one addmm_ into the frozen layer's output."""
+    base.view(-1, base.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
+    return base
 
 
 def _per_sample(a, x):
@@ -186,6 +192,8 @@ class LoRALinear(nn.Module):
         need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._ab())
         if need_grad:
             return torch.cat(list(self.A), 0), torch.cat(list(self.B), 1) * self.scaling
+        if torch.compiler.is_compiling():                            # built by the eager prefill, as in _routed
+            return self._cache[1], self._cache[2]
         key = tuple([(p.data_ptr(), p._version) for p in self._ab()])
         if self._cache is None or self._cache[0] != key:
             with torch.inference_mode(False), torch.no_grad():   # plain tensors, even when built inside generate
@@ -199,7 +207,10 @@ class LoRALinear(nn.Module):
     def _routed(self):
         """No-grad routed inference: (A_sel, s B_sel, gates) restricted to the subspaces that can contribute
         (B_j not all zero -- e.g. DISCO's empty slots -- and some alpha_j != 0); None if none can. Exact:
-        the skipped terms are exact zeros. Cached on parameter versions and the routing call."""
+        the skipped terms are exact zeros. Cached on parameter versions and the routing call; compiled code (the
+        decode step of generate(compile=True)) reads the cache its eager prefill built."""
+        if torch.compiler.is_compiling():
+            return self._rcache[1]
         key = (tuple([(p.data_ptr(), p._version) for p in self._ab()]), self._route_id)
         if self._rcache is None or self._rcache[0] != key:
             with torch.inference_mode(False), torch.no_grad():
@@ -253,6 +264,8 @@ class LoRALinear(nn.Module):
         if mode == "single":
             j = self.active
             if base.dtype == xl.dtype and base.is_contiguous():
+                if not torch.is_grad_enabled():                      # no autograd.Function: traceable when compiled
+                    return _add_lowrank(base, F.linear(xl, self.A[j]), self.B[j], self.scaling)
                 return _LoRAAdd.apply(base, xl, self.A[j], self.B[j], self.scaling)
             return (base + F.linear(F.linear(xl, self.A[j]), self.B[j]) * self.scaling).to(base.dtype)  # LoRA dtype
         if mode == "routed":
@@ -269,9 +282,7 @@ class LoRALinear(nn.Module):
                 A, Bs, a = sel
                 h = F.linear(xl, A).mul_(_per_sample(a, xl))          # (..., K' r)
                 if base.dtype == h.dtype and base.is_contiguous():
-                    b2 = base.view(-1, base.shape[-1])
-                    b2.addmm_(h.reshape(-1, h.shape[-1]), Bs.t())
-                    return base
+                    return _add_lowrank(base, h, Bs)
                 out = F.linear(h, Bs)
         elif mode == "moe":
             A, Bs = self._cat()

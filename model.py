@@ -613,10 +613,7 @@ class VLM(nn.Module):
         bias = bias if padded or compile else None
         cos, sin = (c[0, 0] for c in rope_cos_sin(torch.arange(t_max, device=dev)[None], t.head_dim, t.rope_theta,
                                                   x.dtype))                          # (T_max, d)
-        step_fn = self._decode_step
-        if compile:
-            step_fn = torch.compile(step_fn, fullgraph=True, dynamic=False,
-                                    mode="reduce-overhead" if dev.type == "cuda" else None)
+        step_fn = _compiled(self._decode_step, dev) if compile else self._decode_step
         out, done, nxt = [[] for _ in range(B)], [False] * B, pos[:, -1] + 1
         for step in range(max_new_tokens):
             tok = logits.argmax(-1)
@@ -645,6 +642,23 @@ class VLM(nn.Module):
         for layer, cache in zip(self.lm.layers, caches):
             x = layer.decode(x, cos, sin, bias, cache, slot)
         return self.lm_head(self.lm.norm(x))
+
+
+def _compiled(fn, dev):
+    """fn through torch.compile as one graph (CUDA graphs on a GPU); a shape met again is compiled as dynamic. Up to
+    64 graphs per process (LoRA modes, shapes); past that, fn runs eagerly for the rest of the call."""
+    c = torch.compile(fn, fullgraph=True, mode="reduce-overhead" if dev.type == "cuda" else None)
+    eager = []
+
+    def step(*args):
+        if not eager:
+            try:
+                with torch._dynamo.config.patch(recompile_limit=64):
+                    return c(*args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                eager.append(True)
+        return fn(*args)
+    return step
 
 
 # ----------------------------------------------------------------------------------------------------------------

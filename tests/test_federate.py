@@ -832,6 +832,7 @@ def test_predict_batches_by_length_and_answers_in_input_order(monkeypatch):
     monkeypatch.setattr(fd.lora, "set_routing", lambda model, a: routed.append(a[:, 0].long().tolist()))
 
     def fake_generate(input_ids, attention_mask=None, **kw):
+        assert kw["compile"] is False                                  # --compile's default
         lengths.append(attention_mask.sum(1).tolist())
         return [[int(n)] for n in attention_mask.sum(1)]
     monkeypatch.setattr(fed.model, "generate", fake_generate)

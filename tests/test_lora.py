@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -305,6 +306,56 @@ def test_caches_built_under_inference_mode_are_plain_tensors():
     out.sum().backward()
     assert xg.grad is not None
     torch.testing.assert_close(out.detach(), ref)
+
+
+def _text_vlm(seed=0):
+    """A small text-only model.VLM with LoRA K=4 on the MLP: slots 0-2 trained (random), slot 3 empty (B = 0)."""
+    t = vlm.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(seed)
+    m = vlm.VLM(vlm.VLMConfig(text=t, vision=None)).eval()
+    lora.apply_lora(m, 16, 32.0, num_subspaces=4, generator=torch.Generator().manual_seed(seed))
+    randomize_lora(m, seed, scale=0.5)
+    with torch.no_grad():
+        for layer in lora.lora_modules(m).values():
+            layer.B[3].zero_()
+    ids = torch.randint(5, 64, (3, 9), generator=torch.Generator().manual_seed(seed))
+    am = torch.ones_like(ids)
+    am[1, :3] = am[2, :1] = 0                                          # left padding
+    return m, ids.masked_fill(am == 0, 0), am
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor writes C++ on CPU")
+def test_compiled_decode_with_lora_modes_matches_eager():
+    """generate(compile=True) on a LoRA model: the compiled decode step reads the caches the eager prefill built, so
+    single, per-sample routed (a new routing each call) and MoE modes give the eager tokens."""
+    m, ids, am = _text_vlm()
+    gen = lambda c: m.generate(ids, am, max_new_tokens=12, eos_token_id=-1, compile=c)  # noqa: E731
+    lora.set_active(m, 1)
+    assert gen(True) == gen(False)
+    seen = []
+    for seed in (0, 1):
+        lora.set_routing(m, torch.softmax(torch.randn(3, 4, generator=torch.Generator().manual_seed(seed)) * 3, -1))
+        seen.append(gen(False))
+        assert gen(True) == seen[-1]
+    assert seen[0] != seen[1]                                          # the routing reaches the tokens
+    lora.set_moe(m, generator=torch.Generator().manual_seed(0), trainable=False)
+    assert gen(True) == gen(False)
+
+
+def test_compiled_decode_falls_back_to_eager_past_the_recompile_limit(monkeypatch):
+    """Past dynamo's recompile limit the decode step runs eagerly for the rest of the call: same tokens, one try."""
+    m, ids, am = _text_vlm(1)
+    lora.set_routing(m, torch.tensor([0.2, 0.5, 0.3, 0.0]))
+    want = m.generate(ids, am, max_new_tokens=8, eos_token_id=-1)
+    tries = []
+
+    def over_limit(*args):
+        tries.append(1)
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("limit")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: over_limit)
+    assert m.generate(ids, am, max_new_tokens=8, eos_token_id=-1, compile=True) == want
+    assert len(tries) == 1
 
 
 def test_merge_unmerge_exact():
