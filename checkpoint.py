@@ -22,13 +22,13 @@ from model import (
     CLIPTextConfig,
     CLIPTextTower,
     DecoderConfig,
-    Tokenizer,
     VisionConfig,
     VLMConfig,
     atomic_write,
     image_seq_len,
     read_json,
 )
+from prompts import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
 # key renaming

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model import IGNORE_INDEX, atomic_write, encode_example, read_json
+from model import IGNORE_INDEX, atomic_write, read_json
+from prompts import encode_example
 
 log = logging.getLogger("fcit.data")
 
@@ -592,7 +593,7 @@ def dolly_split(records, n_per_category: int = 10, seed: int = 42):
 
 def dolly_example(rec: dict, i=None) -> Example:
     """A dolly record as an Example; a context is appended as "\n\n### Input:\n<context>", which makes
-    model.TEMPLATES["alpaca"] render exactly alpaca_prompt() (prompt_input). Raw fields stay in meta."""
+    prompts.TEMPLATES["alpaca"] render exactly alpaca_prompt() (prompt_input). Raw fields stay in meta."""
     instr = rec["instruction"] if not rec.get("context") else f"{rec['instruction']}\n\n### Input:\n{rec['context']}"
     return Example(f"dolly/{rec['category']}", instr, rec["response"], None, i,
                    {"category": rec["category"], "context": rec.get("context", ""),
@@ -600,7 +601,7 @@ def dolly_example(rec: dict, i=None) -> Example:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Collation: model.encode_example templates, labels on answers only, padding, images.
+# Collation: prompts.encode_example templates, labels on answers only, padding, images.
 
 
 class Collator:

@@ -349,6 +349,7 @@ def close_stage(fed, model, bench, progress, out, log, is_main, t0):
     if progress["done"]:
         progress["routing_accuracy"] = fed.routing_accuracy(bench.examples_by_task(tasks))
         progress["personalized"] = evaluate_personalized(fed, bench, tasks, cache)
+    model.drop_static_cache()                              # --compile's decode cache: training needs the memory
     spent = progress["spent"]
     spent["eval"] += (t_save - t_eval) + (time.time() - t_done)
     spent["save"] += t_done - t_save

@@ -662,7 +662,7 @@ def test_fedit_mini_and_dolly(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_tok():
-    model = pytest.importorskip("model")
+    prompts = pytest.importorskip("prompts")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -670,7 +670,7 @@ def tiny_tok():
     tr = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus.vocab_corpus(n_per_task=10), tr)
-    return model.Tokenizer(tok, bos_id=1, eos_id=2, pad_id=3, add_bos=True)
+    return prompts.Tokenizer(tok, bos_id=1, eos_id=2, pad_id=3, add_bos=True)
 
 
 def test_collator(tiny_tok, mini):

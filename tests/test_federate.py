@@ -258,12 +258,13 @@ import time
 import data
 import lora
 import model as vlm
+import prompts
 
 FRUITS = ["apple", "banana", "cherry", "grape", "lemon", "lime", "plum", "peach"]
 COLORS = ["red", "yellow", "red", "purple", "yellow", "green", "purple", "orange"]
 TEMPLATE_A = "please tell me the color of this fruit : {x}"          # task A: fruit -> colour
 TEMPLATE_B = "spell out only the first letter of the word {x} now"   # task B: fruit -> first letter
-vlm.TEMPLATES.setdefault("tiny", ("USER: {instruction} ASSISTANT:", " ", "</s>"))   # short prompts, fast tests
+prompts.TEMPLATES.setdefault("tiny", ("USER: {instruction} ASSISTANT:", " ", "</s>"))   # short prompts, fast tests
 
 
 def make_tokenizer():
@@ -278,7 +279,7 @@ def make_tokenizer():
     tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece(prefix="##")
     tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
-    return vlm.Tokenizer(tok, bos_id=1, eos_id=2, pad_id=3, add_bos=True)
+    return prompts.Tokenizer(tok, bos_id=1, eos_id=2, pad_id=3, add_bos=True)
 
 
 def task_examples(task, n, seed):

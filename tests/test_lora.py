@@ -358,6 +358,26 @@ def test_compiled_decode_falls_back_to_eager_past_the_recompile_limit(monkeypatc
     assert len(tries) == 1
 
 
+def test_static_cache_is_reused_zeroed_and_dropped(monkeypatch):
+    """generate(compile=True) keeps one KV cache per shape across calls (CUDA graphs need fixed addresses), zeroed
+    each call: a cache poisoned with NaN between calls gives the same tokens as eager decoding."""
+    m, ids, am = _text_vlm(2)
+    lora.set_routing(m, torch.tensor([0.1, 0.6, 0.3, 0.0]))
+    ids2 = ((ids + 7) % 59 + 5).masked_fill(am == 0, 0)
+    want = [m.generate(x, am, max_new_tokens=8, eos_token_id=-1) for x in (ids, ids2)]
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)        # the fixed-shape step, eagerly
+    assert m.generate(ids, am, max_new_tokens=8, eos_token_id=-1, compile=True) == want[0]
+    caches = m._kv[1]
+    with torch.inference_mode():                                       # generate made them under inference mode
+        for c in caches:
+            c.kt.fill_(float("nan"))
+            c.v.fill_(float("nan"))
+    assert m.generate(ids2, am, max_new_tokens=8, eos_token_id=-1, compile=True) == want[1]
+    assert m._kv[1] is caches
+    m.drop_static_cache()
+    assert m._kv is None
+
+
 def test_merge_unmerge_exact():
     model, wrapped = make(bias=True)
     randomize_lora(model)

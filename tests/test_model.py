@@ -16,6 +16,7 @@ import torch
 import checkpoint as C
 import imaging
 import model as M
+import prompts as P
 
 TOL = 1e-4
 
@@ -360,21 +361,21 @@ def test_tokenizer_and_vicuna_labels(tmp_path):
     tok = C.load_tokenizer(tmp_path)
     assert (tok.bos_id, tok.eos_id) == (1, 2) and tok.add_bos and tok.image_token_id is not None
     assert tok.pad_id == tok.token_to_id("<pad>")
-    ids, labels = M.encode_example(tok, "What is in the image?", "A cat.", "vicuna_v1", image_seq_len=5)
+    ids, labels = P.encode_example(tok, "What is in the image?", "A cat.", "vicuna_v1", image_seq_len=5)
     assert ids[0] == 1 and labels[0] == -100 and ids.count(tok.image_token_id) == 5
     assert ids[-1] == 2 and labels[-1] == 2
     sup = [i for i, label in zip(ids, labels) if label != -100]
     assert tok.decode(sup) == "A cat."
     # the rendered prompt, tokenized as a whole, equals the supervised-prefix tokens
-    full = tok.encode(M.VICUNA_SYSTEM + " USER: <image>\nWhat is in the image? ASSISTANT: A cat.", add_bos=True)
+    full = tok.encode(P.VICUNA_SYSTEM + " USER: <image>\nWhat is in the image? ASSISTANT: A cat.", add_bos=True)
     assert [i for i in ids[:-1] if i != tok.image_token_id] == [i for i in full if i != tok.image_token_id]
-    p, pl = M.encode_example(tok, "What is in the image?", None, "vicuna_v1", image_seq_len=5)
+    p, pl = P.encode_example(tok, "What is in the image?", None, "vicuna_v1", image_seq_len=5)
     assert all(x == -100 for x in pl) and tok.decode(p).endswith("ASSISTANT:")
     assert ids[: len(p) - 1] == p[:-1]   # BPE may merge the prompt's last piece with the answer
-    a, al = M.encode_example(tok, "Describe the scene.", "Two dogs.", "alpaca")
+    a, al = P.encode_example(tok, "Describe the scene.", "Two dogs.", "alpaca")
     assert tok.decode([i for i, label in zip(a, al) if label != -100]) == "Two dogs."
     assert "Response:\nTwo dogs." in tok.decode(a)   # ("#" is not in the toy vocabulary)
-    t, tl = M.encode_example(tok, "x " * 100, "yes", max_length=20)
+    t, tl = P.encode_example(tok, "x " * 100, "yes", max_length=20)
     assert len(t) == len(tl) == 20
 
 
@@ -382,7 +383,7 @@ def test_chatml_qwen_tokenizer(tmp_path):
     make_qwen_tokenizer(tmp_path)
     tok = C.load_tokenizer(tmp_path)
     assert tok.bos_id is None and not tok.add_bos and tok.eos_id == tok.token_to_id("<|im_end|>")
-    ids, labels = M.encode_example(tok, "How many dogs are there?", "Two dogs.", "chatml", image_seq_len=3)
+    ids, labels = P.encode_example(tok, "How many dogs are there?", "Two dogs.", "chatml", image_seq_len=3)
     assert ids[0] == tok.token_to_id("<|im_start|>") and ids.count(tok.image_token_id) == 3
     sup = [i for i, label in zip(ids, labels) if label != -100]
     assert sup[-1] == tok.token_to_id("<|im_end|>") and tok.decode(sup[:-1]) == "Two dogs."
@@ -394,7 +395,7 @@ def test_original_layout_image_sentinel(tmp_path):
     make_llama_tokenizer(tmp_path)
     tok = C.load_tokenizer(tmp_path)
     tok.image_token_id = None
-    ids, labels = M.encode_example(tok, "What?", "Two dogs.", image_seq_len=4, image_token_id=-200)
+    ids, labels = P.encode_example(tok, "What?", "Two dogs.", image_seq_len=4, image_token_id=-200)
     assert ids.count(-200) == 4 and all(label == -100 for i, label in zip(ids, labels) if i == -200)
     assert tok.decode([i for i, label in zip(ids, labels) if label != -100]) == "Two dogs."
 
@@ -830,7 +831,7 @@ def test_sentencepiece_model_only_tokenizer(tmp_path):
         assert tok.encode(s) == ids, s
         if not s.startswith(" "):
             assert tok.decode(ids) == s, s
-    ids, labels = M.encode_example(tok, "What is in the image?", "A cat.", image_seq_len=3, image_token_id=-200)
+    ids, labels = P.encode_example(tok, "What is in the image?", "A cat.", image_seq_len=3, image_token_id=-200)
     assert ids[0] == 1 and ids[-1] == 2 and ids.count(-200) == 3
     assert tok.decode([i for i, label in zip(ids, labels) if label != -100]) == "A cat."
 
@@ -840,8 +841,8 @@ def test_byte_level_separator_is_supervised():
     supervised tokens are exactly what generation must produce after the prompt: prompt + supervised == full."""
     tok = C.load_tokenizer(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                             "assets", "tiny-llava"))
-    ids, labels = M.encode_example(tok, "Is Blue the minimum?", "No", image_seq_len=4)
-    prompt, _ = M.encode_example(tok, "Is Blue the minimum?", None, image_seq_len=4)
+    ids, labels = P.encode_example(tok, "Is Blue the minimum?", "No", image_seq_len=4)
+    prompt, _ = P.encode_example(tok, "Is Blue the minimum?", None, image_seq_len=4)
     sup = [i for i, label in zip(ids, labels) if label != -100]
     assert tok.decode(sup[:-1]) == " No" and sup[-1] == tok.eos_id
     assert ids == prompt + sup

@@ -10,7 +10,7 @@ from test_federate import _one_thread, task_examples, tiny_cfg, tiny_model  # no
 
 import federate as fd
 import imaging
-import model as vlm
+import prompts
 import server
 
 
@@ -109,7 +109,7 @@ def test_llava_checkpoints_pad_to_a_square_by_default(tmp_path):
 def test_max_length_cuts_training_sequences_but_never_a_prompt():
     fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="finetune", max_length=6))
     ex = task_examples("A", 1, 0)[0]
-    full = vlm.encode_example(fed.tok, ex.instruction, None, template=fed.cfg.template, max_length=None)[0]
+    full = prompts.encode_example(fed.tok, ex.instruction, None, template=fed.cfg.template, max_length=None)[0]
     assert len(full) > 6
     assert fed._collate([ex], with_answer=False)["input_ids"][0].tolist()[-len(full):] == full
     assert fed._collate([ex])["input_ids"].shape[1] == 6

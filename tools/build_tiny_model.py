@@ -25,9 +25,10 @@ import corpus  # noqa: E402
 import checkpoint  # noqa: E402
 import imaging  # noqa: E402
 import model as vlm  # noqa: E402
+import prompts  # noqa: E402
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-SYSTEM_PROMPTS = [vlm.VICUNA_SYSTEM, vlm.ALPACA_INPUT_SYSTEM, vlm.ALPACA_SYSTEM]
+SYSTEM_PROMPTS = [prompts.VICUNA_SYSTEM, prompts.ALPACA_INPUT_SYSTEM, prompts.ALPACA_SYSTEM]
 IMAGE_SIZE, PATCH = 64, 16
 LABEL_SMOOTHING = 0.1
 
@@ -67,8 +68,8 @@ def encode_corpus(samples, tokenizer, processor, image_seq_len, seed):
     for img, ins, ans, ctx in samples:
         template = "vicuna_v1" if img is not None or rng.random() < .5 else "alpaca"
         if ctx:
-            ins = f"{ins}{vlm.ALPACA_INPUT}{ctx}" if template == "alpaca" else f"{ctx}\n{ins}"
-        ids, labels = vlm.encode_example(tokenizer, ins, ans, template=template,
+            ins = f"{ins}{prompts.ALPACA_INPUT}{ctx}" if template == "alpaca" else f"{ctx}\n{ins}"
+        ids, labels = prompts.encode_example(tokenizer, ins, ans, template=template,
                                          image_seq_len=image_seq_len if img is not None else 0,
                                          image_token_id=tokenizer.image_token_id)
         out.append((ids, labels, processor([img])[0] if img is not None else None))
@@ -146,8 +147,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)   # a script, not library code: seeding the global RNG here is fine
     os.makedirs(args.out, exist_ok=True)
     # The prompt templates are in every sample, so they are weighted like it: their words merge into few tokens.
-    prompts = [t[0] for t in vlm.TEMPLATES.values()] + corpus.CAPTION_PROMPTS
-    texts = corpus.vocab_corpus(seed=args.seed) + prompts * 500
+    templates = [t[0] for t in prompts.TEMPLATES.values()] + corpus.CAPTION_PROMPTS
+    texts = corpus.vocab_corpus(seed=args.seed) + templates * 500
     train_tokenizer(texts, args.vocab_size, os.path.join(args.out, "tokenizer.json"))
     with open(os.path.join(args.out, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",

@@ -32,7 +32,7 @@ from mini import (  # noqa: E402
     _person,
     _shape,
 )
-from model import TEMPLATES  # noqa: E402
+from prompts import TEMPLATES  # noqa: E402
 
 CAPTION_PROMPTS = ["Describe the image.", "What is in this picture?", "Write a short caption for the image.",
                    "Tell me what you see."]
