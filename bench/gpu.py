@@ -167,7 +167,9 @@ def bench_generate(hf, ours, cfg, a, device, dtype):
     if a.compile:     # the warm-up run compiles
         fns["compiled"] = lambda: out.update(compiled=ours.generate(ids, pixel_values=px, max_new_tokens=a.new_tokens,
                                                                     eos_token_id=-1, compile=True))
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     t = alternate(fns, 1, a.gen_repeats, device)
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips
     with torch.no_grad():
         d = (ours(ids[:2], px[:2]).float() - hf(input_ids=ids[:2], pixel_values=px[:2]).logits.float()).abs().max()
     rows = [o == h for o, h in zip(out["ours"], out["transformers"])]
@@ -180,7 +182,8 @@ def bench_generate(hf, ours, cfg, a, device, dtype):
             "first_difference": min(first) if first else None, "prefill_max_abs_dlogits": float(d),
             "compiled_tok_s": n_tok / t["compiled"] if a.compile else None,
             "ratio_compiled_tok_s": t["transformers"] / t["compiled"] if a.compile else None,
-            "compiled_identical": out["compiled"] == out["ours"] if a.compile else None}
+            "compiled_identical": out["compiled"] == out["ours"] if a.compile else None,
+            "cudagraph_skips": skips if a.compile and device.type == "cuda" else None}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -332,7 +335,8 @@ def report(res):
         "generate, decode step compiled (--compile): " + ("not run" if gen["compiled_tok_s"] is None else
                                                           f"{gen['compiled_tok_s']:.1f} tok/s | ratio to transformers "
                                                           f"{gen['ratio_compiled_tok_s']:.2f} | same tokens as eager: "
-                                                          f"{'yes' if gen['compiled_identical'] else 'no'}"),
+                                                          f"{'yes' if gen['compiled_identical'] else 'no'} | "
+                                                          f"CUDA graphs skipped: {_na(gen['cudagraph_skips'])}"),
         f"24 GB recipe (1 x {rec['tokens']} tok, grad ckpt, one LoRA step, ours): " + (
             "peak memory n/a (CPU) | fits 24 GB: n/a (CPU)" if rec["peak_bytes"] is None else
             f"peak {_gib(rec['peak_bytes'])} allocated ({_gib(rec['resident_bytes'])} before the step, the model "
@@ -373,6 +377,10 @@ def parse_args(argv=None):
 def _write_json(path, obj):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
+
+
+def _na(v):
+    return "n/a" if v is None else v
 
 
 def _count(n):
