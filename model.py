@@ -476,6 +476,7 @@ class VLM(nn.Module):
             self.projector = Projector(config.vision.hidden_size * n, t.hidden_size, config.projector_hidden_act)
         self.apply(_init_weights)
         self.tie_weights()
+        self._kv = None                      # the compiled decode step's static KV cache: (shape key, [KVCache])
 
     def tie_weights(self):
         if self.config.text.tie_word_embeddings:
@@ -634,7 +635,7 @@ class VLM(nn.Module):
         """gpt-fast's static KV cache for the compiled step: the same buffers, zeroed, while the shape holds. The step
         writes into them, and CUDA graphs replay a written input only if its address never changes."""
         key, t = (B, t_max, dtype, dev), self.config.text
-        if getattr(self, "_kv", None) is not None and self._kv[0] == key:
+        if self._kv is not None and self._kv[0] == key:
             for c in self._kv[1]:
                 c.kt.zero_()
                 c.v.zero_()
