@@ -135,9 +135,9 @@ class Config:
     eval_samples: int = opt(None, "test samples per task (default: all)")
     max_new_tokens: int = opt(128, "generation budget")
     eval_batch_size: int = opt(8, "prompts per greedy-decoding batch in evaluation")
-    compile: bool = opt(False, "evaluation's decode step through torch.compile at fixed shapes (gpt-fast; CUDA graphs "
-                        "on a GPU). Each new batch size or cache length compiles again (seconds to a minute), so it "
-                        "pays off on a GPU with long answers; inductor may round sums differently")
+    compile: bool = opt(False, "evaluation's decode step through torch.compile with a static KV cache (gpt-fast; CUDA "
+                        "graphs on a GPU). A new shape compiles again (seconds to a minute), at most a few per run, "
+                        "so it pays off on a GPU with long answers; inductor may round sums differently")
     image_cache_mb: int = opt(0, "keep each image's vision-tower states after its first use, up to this many MB, "
                               "instead of encoding it again every epoch and evaluation (no method trains the tower); "
                               "0: off")
