@@ -603,8 +603,7 @@ class VLM(nn.Module):
         t = self.config.text
         t_max = -(-(T + max_new_tokens) // 64) * 64 if compile else T + max_new_tokens
         x = self.embed(input_ids, pixel_values, image_states)
-        caches = self._static_cache(B, t_max, x.dtype, dev) if compile else \
-            [KVCache(B, t.num_key_value_heads, t_max, t.head_dim, x.dtype, dev) for _ in range(t.num_hidden_layers)]
+        caches = (self._static_cache if compile else self._new_cache)(B, t_max, x.dtype, dev)
         pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)
         padded = not bool(am.all())
         last = (T - 1, _padding_mask(am, 1, T - 1))             # the last layer: only the last position's output
@@ -631,17 +630,22 @@ class VLM(nn.Module):
             nxt = nxt + 1
         return out
 
+    def _new_cache(self, B, t_max, dtype, dev):
+        """One KVCache per decoder layer."""
+        t = self.config.text
+        return [KVCache(B, t.num_key_value_heads, t_max, t.head_dim, dtype, dev) for _ in range(t.num_hidden_layers)]
+
     def _static_cache(self, B, t_max, dtype, dev):
         """gpt-fast's static KV cache for the compiled step: the same buffers, zeroed, while the shape holds. The step
         writes into them, and CUDA graphs replay a written input only if its address never changes."""
-        key, t = (B, t_max, dtype, dev), self.config.text
+        key = (B, t_max, dtype, dev)
         if self._kv is not None and self._kv[0] == key:
             for c in self._kv[1]:
                 c.kt.zero_()
                 c.v.zero_()
             return self._kv[1]
         self._kv = None
-        caches = [KVCache(B, t.num_key_value_heads, t_max, t.head_dim, dtype, dev) for _ in range(t.num_hidden_layers)]
+        caches = self._new_cache(B, t_max, dtype, dev)
         for c in caches:
             torch._dynamo.mark_static_address(c.kt)
             torch._dynamo.mark_static_address(c.v)
@@ -670,16 +674,15 @@ def _compiled(fn, dev):
     """fn through torch.compile as one graph (CUDA graphs on a GPU); a shape met again is compiled as dynamic. Up to
     64 graphs per process (LoRA modes, shapes); past that, fn runs eagerly for the rest of the call."""
     c = torch.compile(fn, fullgraph=True, mode="reduce-overhead" if dev.type == "cuda" else None)
-    eager = []
 
     def step(*args):
-        if not eager:
-            try:
-                with torch._dynamo.config.patch(recompile_limit=64):
-                    return c(*args)
-            except torch._dynamo.exc.FailOnRecompileLimitHit:
-                eager.append(True)
-        return fn(*args)
+        nonlocal c
+        try:
+            with torch._dynamo.config.patch(recompile_limit=64):
+                return c(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            c = fn
+            return fn(*args)
     return step
 
 
