@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from scoring import CAPTION_METRICS
 
 SETTINGS = ("task-hom", "task-het", "cap-hom", "cap-het", "fedit")
+STAGES = {"task-hom": 8, "task-het": 8, "cap-hom": 4, "cap-het": 4, "fedit": 1}   # stages of each setting
 FCIT_METHODS = ("disco", "finetune", "ewc", "olora", "moelora", "fedsa", "zeroshot", "mtl")
 FEDIT_METHODS = ("fedit", "local", "fedsa", "mtl")
 AGGREGATORS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
@@ -46,6 +47,8 @@ class Config:
                                "+ round) then choice, ignoring --seed (the paper protocols); seeded: keyed by --seed, "
                                "stage and round (the embedded run)", ("official", "seeded"))
     rounds: int = opt(10, "communication rounds per stage")
+    stages: int = opt(None, "run only the first N stages of the setting (a quick check of a real configuration); "
+                      "mtl pools those stages' data (default: all)")
     client_dropout: float = opt(0.0, "probability that a sampled client fails before its upload (seeded per stage, "
                                 "round and client)")
     min_clients: int = opt(1, "a round with fewer uploads leaves the global model unchanged, and says so")
@@ -215,7 +218,8 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 RANGES = {   # field -> (test, what it must be)
     "clients": (lambda v: v >= 1, ">= 1"), "clients_per_round": (lambda v: v >= 1, ">= 1"),
-    "rounds": (lambda v: v >= 1, ">= 1"), "local_epochs": (lambda v: v > 0, "> 0"),
+    "rounds": (lambda v: v >= 1, ">= 1"), "stages": (lambda v: v >= 1, ">= 1"),
+    "local_epochs": (lambda v: v > 0, "> 0"),
     "batch_size": (lambda v: v >= 1, ">= 1"), "grad_accum": (lambda v: v >= 1, ">= 1"),
     "subspaces": (lambda v: v >= 1, ">= 1"), "rank": (lambda v: v >= 1, ">= 1"), "alpha": (lambda v: v > 0, "> 0"),
     "lr": (lambda v: v > 0, "> 0"), "projector_lr": (lambda v: v > 0, "> 0"),
@@ -261,6 +265,8 @@ def check(cfg: Config):
     if cfg.setting.endswith("-het") and cfg.clients_per_round != 5:
         raise UsageError(f"--setting {cfg.setting} maps the 5 client positions of a round to tasks (the official "
                          f"seq_dyn_list / cap_dyn_list); --clients-per-round must be 5, not {cfg.clients_per_round}")
+    if cfg.stages is not None and cfg.stages > STAGES[cfg.setting]:
+        raise UsageError(f"--stages {cfg.stages}: --setting {cfg.setting} has {STAGES[cfg.setting]} stage(s)")
     if cfg.rank % cfg.subspaces:
         raise UsageError(f"--rank {cfg.rank} must be divisible by --subspaces {cfg.subspaces}")
     if cfg.lora_avg == "product" and cfg.aggregator not in ("fedavg", "fedprox"):

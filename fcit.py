@@ -180,6 +180,7 @@ class Benchmark:
             self._load_fedit(cfg)
         else:
             self._load_fcit(cfg, log)
+        self.stages = cfg.stages or self.stages                    # --stages N: the first N stages only
 
     def _load_fedit(self, cfg: Config):
         folder = os.path.join(CACHE_DIR, f"fedit-mini-s{cfg.seed}-{MINI_FEDIT['n_per_category']}")
@@ -224,10 +225,15 @@ class Benchmark:
     def client_data(self, stage):
         """The callable Federation.run_round asks for a client's examples (position -> task by the setting)."""
         def get(position, client):
-            if position is None:   # mtl: the union of every stage's training data, every client's shard
-                return [ex for shards in self.parts for shard in shards for ex in shard]
+            if position is None:   # mtl
+                return self.pooled()
             return self.parts[self.part_of(stage, position)][client]
         return get
+
+    def pooled(self):
+        """mtl's data: the union of every (run) stage's training data, every client's shard."""
+        parts = sorted({k for s in range(self.stages) for k in self.stage_parts[s]})
+        return [ex for k in parts for shard in self.parts[k] for ex in shard]
 
     def score_task(self, k, predict):
         """Score of task k in 0..100: the mean over its datasets (a capability group has several)."""
@@ -536,7 +542,7 @@ def plan(cfg: Config, bench):
                      f"~{steps} optimizer steps per method")
     lines.append(f"~{total} optimizer steps per method in all")
     if "mtl" in cfg.methods:
-        n = sum(len(shard) for shards in bench.parts for shard in shards)
+        n = len(bench.pooled())
         lines.append(f"mtl: one joint training, {cfg.mtl_epochs:g} epoch(s) over {n} pooled samples, "
                      f"~{math.ceil(math.ceil(n * cfg.mtl_epochs / cfg.batch_size) / cfg.grad_accum)} optimizer steps")
     if cfg.image_preprocess:

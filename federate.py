@@ -133,7 +133,7 @@ def train_epochs(fed, examples, names, slot, optim, sched, epochs, gen):
     cfg, bs, acc = fed.cfg, max(1, fed.cfg.batch_size), max(1, fed.cfg.grad_accum)
     params = [fed._params[n] for n in names]
     ref = {n: fed._params[n].detach().clone() for n in names} if cfg.aggregator == "fedprox" else None
-    scaler = torch.amp.GradScaler("cuda") if (fed.device.type == "cuda" and cfg.dtype == "float16") else None
+    scaler = torch.amp.GradScaler(fed.device.type) if cfg.dtype == "float16" else None   # fp16's narrow range
     total_micro, micro, losses = sum(math.ceil(sz / bs) for sz in epochs), 0, []
     for size in epochs:
         perm = torch.randperm(len(examples), generator=gen).tolist()[:size]
@@ -196,8 +196,7 @@ def attach_adapters(fed) -> list[str]:
     proj = getattr(model, "projector", None)
     if not cfg.train_projector or proj is None:
         return []
-    if fed.device.type == "cuda" and cfg.dtype in ("bfloat16", "float16"):
-        proj.float()
+    proj.float()                                   # trained: float32 master weights whatever the frozen dtype
     return ["projector." + n for n, _ in proj.named_parameters()]
 
 
@@ -281,8 +280,10 @@ class Federation:
         return batch
 
     def autocast(self):
-        if self.device.type == "cuda" and self.cfg.dtype in ("bfloat16", "float16"):
-            return torch.autocast("cuda", dtype=getattr(torch, self.cfg.dtype))
+        """Mixed precision, the same on every device: frozen weights in --dtype, the trained LoRA and projector in
+        float32, the computation under the device's autocast in --dtype."""
+        if self.cfg.dtype in ("bfloat16", "float16"):
+            return torch.autocast(self.device.type, dtype=getattr(torch, self.cfg.dtype))
         return contextlib.nullcontext()
 
     # ---------------------------------------------------------------- client side

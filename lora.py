@@ -111,6 +111,19 @@ def _add_lowrank(base, h, B, s=1.0):
     return base
 
 
+def product_dtype(t, weight_dtype):
+    """The dtype a matrix product of t with weights of `weight_dtype` yields: autocast's when it is on for t's device
+    (mixed precision: fp32 LoRA weights, bf16/fp16 compute), else the weights' dtype."""
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight_dtype
+
+
+def _fusable(base, x, weight_dtype):
+    """Whether the rank-r product can be added in place into `base`: the frozen output, the product and the LoRA
+    weights share one dtype (an in-place addmm_ is not autocast), and base is contiguous."""
+    return base.dtype == weight_dtype == product_dtype(x, weight_dtype) and base.is_contiguous()
+
+
 def _per_sample(a, x):
     """Channel weights (C,) as they are, or (B, C) viewed as (B, 1, ..., C) to broadcast over the rows of x."""
     if a.dim() == 2:
@@ -211,7 +224,8 @@ class LoRALinear(nn.Module):
         decode step of generate(compile=True)) reads the cache its eager prefill built."""
         if torch.compiler.is_compiling():
             return self._rcache[1]
-        key = (tuple([(p.data_ptr(), p._version) for p in self._ab()]), self._route_id)
+        dtype = product_dtype(self.A[0], self.A[0].dtype)    # built in the dtype the products run in (autocast's)
+        key = (tuple([(p.data_ptr(), p._version) for p in self._ab()]), self._route_id, dtype)
         if self._rcache is None or self._rcache[0] != key:
             with torch.inference_mode(False), torch.no_grad():
                 a = self.alpha
@@ -220,9 +234,9 @@ class LoRALinear(nn.Module):
                 if not sel:
                     val = None
                 else:
-                    A = torch.cat([self.A[j] for j in sel], 0)
-                    Bs = torch.cat([self.B[j] for j in sel], 1) * self.scaling
-                    g = a[..., sel].to(device=A.device, dtype=A.dtype).repeat_interleave(self.r, dim=-1)
+                    A = torch.cat([self.A[j] for j in sel], 0).to(dtype)
+                    Bs = (torch.cat([self.B[j] for j in sel], 1) * self.scaling).to(dtype)
+                    g = a[..., sel].to(device=A.device, dtype=dtype).repeat_interleave(self.r, dim=-1)
                     val = (A, Bs, g.contiguous())
             self._rcache = (key, val)
         return self._rcache[1]
@@ -263,7 +277,7 @@ class LoRALinear(nn.Module):
             xl = xl.to(A0.dtype)
         if mode == "single":
             j = self.active
-            if base.dtype == xl.dtype and base.is_contiguous():
+            if _fusable(base, xl, A0.dtype):
                 if not torch.is_grad_enabled():                      # no autograd.Function: traceable when compiled
                     return _add_lowrank(base, F.linear(xl, self.A[j]), self.B[j], self.scaling)
                 return _LoRAAdd.apply(base, xl, self.A[j], self.B[j], self.scaling)
@@ -281,7 +295,7 @@ class LoRALinear(nn.Module):
                     return base
                 A, Bs, a = sel
                 h = F.linear(xl, A).mul_(_per_sample(a, xl))          # (..., K' r)
-                if base.dtype == h.dtype and base.is_contiguous():
+                if _fusable(base, xl, A.dtype):
                     return _add_lowrank(base, h, Bs)
                 out = F.linear(h, Bs)
         elif mode == "moe":
