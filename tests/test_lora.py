@@ -819,6 +819,44 @@ def test_bf16_base_fp32_adapter():
         model(x)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_mode_under_cpu_autocast(dtype):
+    """The GPU recipe's numerics on a CPU: frozen weights in bf16/fp16, fp32 LoRA, the forward under autocast. Single,
+    routed (per-sample; inference takes the fused in-place add, training the autograd path) and MoE modes give the fp32
+    formula within the dtype's rounding, in the base's dtype, with fp32 gradients for the LoRA weights."""
+    model = Tiny().to(dtype)
+    wrapped = lora.apply_lora(model, 8, 16, num_subspaces=4, dropout=0.0)
+    randomize_lora(model)
+    model.eval()
+    m = wrapped["lm.layers.0.mlp.gate_proj"]
+    x = torch.randn(2, 3, 8).to(dtype)
+    alpha = torch.tensor([[0.2, 0.3, 0.1, 0.4], [1.0, 0, 0, 0]])
+    lo = lambda a: manual(m, x.float(), a) - x.float() @ m.weight.float().t()   # the fp32 LoRA term  # noqa: E731
+    for mode in ("single", "routed", "moe"):
+        if mode == "single":
+            lora.set_active(model, 1)
+            want = F.linear(x.float(), m.weight.float()) + lo(F.one_hot(torch.tensor([1, 1]), 4).float())
+        elif mode == "routed":
+            lora.set_routing(model, alpha)
+            want = F.linear(x.float(), m.weight.float()) + lo(alpha)
+        else:
+            lora.set_moe(model, generator=torch.Generator().manual_seed(0), trainable=False)
+            g = torch.softmax(m.router(x.float()), -1)                               # (B, T, K) per token
+            A, B = torch.stack(list(m.A)), torch.stack(list(m.B))                     # (K, r, in), (K, out, r)
+            h = torch.einsum("bti,kri->btkr", x.float(), A) * g[..., None]
+            want = F.linear(x.float(), m.weight.float()) + m.scaling * torch.einsum("btkr,kor->bto", h, B)
+        for grad in (False, True):
+            for p in list(m.A) + list(m.B):
+                p.requires_grad_(grad)
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=dtype):
+                y = m(x)
+            assert y.dtype == dtype, (mode, grad)
+            torch.testing.assert_close(y.float(), want, atol=3e-2, rtol=3e-2)
+            if grad:
+                y.float().sum().backward()
+                assert all(p.grad is None or p.grad.dtype == torch.float32 for p in list(m.A) + list(m.B))
+
+
 def _peft_adapter_into_ours(hf, target_modules, tmp_path):
     """peft.get_peft_model on the transformers model with random nonzero LoRA weights, saved by peft, then read by
     our load_peft_adapter into a fresh load_vlm of tmp_path/base. Returns (ours, peft model)."""
