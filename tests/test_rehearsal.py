@@ -124,16 +124,22 @@ def task_hom(world, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("setting,methods", [("task-het", FCIT_ALL), ("cap-hom", "disco,olora,fedsa"),
-                                             ("cap-het", FCIT_ALL), ("fedit", "fedit,local,fedsa,mtl")])
-def test_every_method_of_every_setting_in_bf16(world, tmp_path, spy, setting, methods):
+@pytest.mark.parametrize("setting,methods,dtype", [
+    ("task-het", FCIT_ALL, "bfloat16"), ("cap-hom", "disco,olora,fedsa", "bfloat16"), ("cap-het", FCIT_ALL, "bfloat16"),
+    ("fedit", "fedit,local,fedsa,mtl", "bfloat16"), ("cap-hom", "disco,moelora", "float16")])
+def test_every_method_of_every_setting_in_half_precision(world, tmp_path, spy, monkeypatch, setting, methods, dtype):
+    scalers, real = [], torch.amp.GradScaler.__init__
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__", lambda self, device, *a, **k: (
+        scalers.append(device), real(self, device, *a, **k))[1])
     out = tmp_path / "out"
     stages = 1 if setting == "fedit" else 2
-    assert fcit.main(fcit_args(world, setting, methods, out, "--stages", str(stages))) == 0
+    assert fcit.main(fcit_args(world, setting, methods, out, "--stages", str(stages), "--dtype", dtype)) == 0
     check_run(out, setting, methods.split(","), stages)
-    want = {(True, torch.bfloat16, torch.bfloat16, frozenset({torch.float32}), frozenset({torch.float32}), True)}
+    half = getattr(torch, dtype)
+    want = {(True, half, half, frozenset({torch.float32}), frozenset({torch.float32}), True)}
     assert {(a, d, w, frozenset(lw), frozenset(pj), gc) for _, a, d, w, lw, pj, gc in spy} == want
     assert {s[0] for s in spy} == {"loss", "generate"}
+    assert set(scalers) == ({"cpu"} if dtype == "float16" else set())          # fp16 trains with loss scaling
 
 
 def test_task_hom_every_method_and_eval_only(world, task_hom, tmp_path):
