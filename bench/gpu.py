@@ -1,24 +1,54 @@
-"""GPU check: fcit (model.py + lora.py) against transformers + peft on a LLaVA-1.5-7B-shaped model, same weights.
+"""GPU check of the whole project on a LLaVA-1.5-7B-shaped model with random weights: fcit.py's real pipeline, then
+fcit (model.py + lora.py) against transformers + peft. Not a test; nothing is downloaded. One GPU, one command:
 
-Not a test; nothing is downloaded (random weights). One process, one GPU; sized for a few minutes on an H100/H200:
+    python bench/gpu.py --json gpu.json            # CUDA, LLaVA-1.5-7B shape, bfloat16; exits 1 if a check FAILs
+    python bench/gpu.py --peak-tflops 989          # a GPU missing from the MFU table
+    python bench/gpu.py --skip-pipeline            # the measurements only (phase 6)
+    python bench/gpu.py --tiny --device cpu        # the same phases on the tiny shape in about half a minute (CI)
 
-  train step   the paper's shape: LoRA on gate/up/down_proj (ours: rank 64 in K=8 subspaces, one rank-8 subspace
-               trained; peft: r=8), projector trained (fp32 master weights), bf16 autocast, gradient checkpointing,
-               batch 8 x 1024 tokens (576 image tokens each), clipping 1.0, AdamW; median of alternating steps
-  train MFU    model FLOPs per step / step time / the GPU's dense bf16 peak (--peak-tflops, else a table by name)
-  peak memory  torch.cuda.max_memory_allocated over one step with a fresh AdamW, minus the other model's own tensors
-  generate     batch 16 prompts with one image each, greedy, 64 new tokens (no EOS stop): tokens/s, and whether
-               VLM.generate and transformers' generate give identical tokens
-  24 GB recipe ours alone, batch 1 x 1536 tokens, gradient checkpointing, one LoRA step: peak memory, and whether
-               it fits a 24 GB card (max_memory_reserved <= --card-gib, the usable part of one)
+Phases, each printed as PASS/FAIL lines with its seconds and peak GPU memory; a failed phase ends phases 1-5. The
+budget is for one H100 80GB, COMPUTED from sizes and rates, NOT MEASURED (nobody has run this on a GPU yet):
 
-    python bench/gpu.py --json gpu.json            # CUDA, LLaVA-1.5-7B shape, bfloat16
-    python bench/gpu.py --peak-tflops 989          # a GPU missing from the table
-    python bench/gpu.py --tiny --device cpu        # tiny config, float32: checks this script in seconds
+  1 checkpoint  the 7B VLM built directly on the GPU in bfloat16 (one copy), written by checkpoint.save_vlm as a
+                llava-hf folder (config.json, model.safetensors 14.1 GB, the tiny model's tokenizer with <image> = 4
+                as image_token_index, preprocessor_config.json for 336 px): init < 5 s, copy to host and write
+                14.1 GB 10-40 s (disk-bound)                                                          budget  60 s
+  2 data        FCIT-mini in the release layout at 336 px, 16 train + 4 test per dataset (0.7 s on a CPU) budget   5 s
+  3 dry-run     fcit.py --dry-run accepts the command below; the paper's preset (client_sampling official)  10 s
+  4 pipeline    fcit.py itself, the paper's Task-related preset shortened:
+                  --setting task-hom --model DIR --data-root DIR --methods disco,finetune --lm-identity --stages 2
+                  --clients 2 --clients-per-round 2 --rounds 1 --batch-size 4 --eval-samples 4 --max-new-tokens 8
+                  --dtype bfloat16 --gradient-checkpointing --device cuda --json-log LOG --out OUT
+                process and CUDA start 10 s; per method: load 14.1 GB 10 s, 2 stages x (4-5 steps of 4 x ~650
+                tokens ~0.5 s each, 4 prompts x 8 tokens per seen task, ~1.3 GB of adapters and state written) 15 s.
+                PASS per method: exit 0, each stage's row scores exactly the tasks seen, finite losses of every
+                client, both adapter formats of every stage; peak ~17 GB (weights 14.1 GB)             budget 120 s
+  5 eval-only   fcit.py --eval-only --adapters OUT/adapters/<method>/stage2, one process per method: start, load,
+                2 tasks; PASS if its row equals the run's stage-2 row in results.json (random weights score ~0 on
+                every task, so this guards the plumbing: the files load into the same configuration, the same tasks
+                are scored, DISCO's keys route)                                                  budget 2 x 45 s
+  6 measurements (as before; PASS if they ran) about 90 s:                                             budget 150 s
+    train step  the paper's shape: LoRA on gate/up/down_proj (ours: rank 64 in K=8 subspaces, one rank-8 subspace
+                trained; peft: r=8), projector trained (fp32 master weights), bf16 autocast, gradient checkpointing,
+                batch 8 x 1024 tokens (576 image tokens each), clipping 1.0, AdamW; median of alternating steps
+    train MFU   model FLOPs per step / step time / the GPU's dense bf16 peak (--peak-tflops, else a table by name)
+    peak memory torch.cuda.max_memory_allocated over one step with a fresh AdamW, minus the other model's own tensors
+    generate    batch 16 prompts with one image each, greedy, 64 new tokens (no EOS stop): tokens/s, and whether
+                VLM.generate and transformers' generate give identical tokens
+    24 GB recipe ours alone, batch 1 x 1536 tokens, gradient checkpointing, one LoRA step: peak memory, and whether
+                it fits a 24 GB card (max_memory_reserved <= --card-gib, the usable part of one)
+  total budget 435 s (7.3 min) of the 8 minutes allowed; disk ~19 GB (the checkpoint, 2 x 2.1 GB of adapters and
+  state), in a temporary folder under --workdir (default $FCIT_CACHE or .cache), removed at the end unless --keep.
 
-Weights: transformers builds LlavaForConditionalGeneration from LlavaConfig(**checkpoint.hf_config(our config))
-directly on the device (llava-1.5-7b-hf's shape: vocab 32064, <image> = 32000); our VLM is built on the meta device
-and takes the same tensors through checkpoint.canonical_key (shared, not copied: one 14 GB copy in memory).
+fcit.py runs in subprocesses (python bench/gpu.py --child PEAK_JSON ARGS, which calls fcit.main and writes its exit
+code and CUDA peaks): each phase's peak memory is its own (torch.cuda.max_memory_allocated of a fresh process, not
+this one's 7B copy or allocator cache), fcit.main's global settings (seed, threads) stay out of this process, and
+the exact command a user would type is what runs. The pipeline is always in --pipeline-dtype (bfloat16: the paper's
+protocol; on a CPU autocast rehearses the GPU's path); --dtype sets the measurements' weights.
+
+Measurement weights: transformers builds LlavaForConditionalGeneration from LlavaConfig(**checkpoint.hf_config(our
+config)) directly on the device (llava-1.5-7b-hf's shape: vocab 32064, <image> = 32000); our VLM is built on the
+meta device and takes the same tensors through checkpoint.canonical_key (shared, not copied: one 14 GB copy).
 Model FLOPs of a train step (N = batch x tokens; gradient-checkpointing recomputation not counted):
   4 (P_dec + P_head) N          forward 2PN + input gradients 2PN through the frozen decoder and lm_head weights
   + 12 L d T N                  attention QK^T and PV, forward and backward, not halved for causality (PaLM)
@@ -27,19 +57,29 @@ Model FLOPs of a train step (N = batch x tokens; gradient-checkpointing recomput
 The same count is used for both implementations (ours runs lm_head only at supervised positions: less work).
 """
 import argparse
+import dataclasses
 import gc
 import json
+import math
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import traceback
 import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
+import data  # noqa: E402
+import imaging  # noqa: E402
 import lora  # noqa: E402
+import mini  # noqa: E402
 import model as M  # noqa: E402
 
 GiB = 2 ** 30
@@ -300,6 +340,246 @@ def bench_recipe(ours, cfg, a, device, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the pipeline: fcit.py itself on a checkpoint of this shape (phases 1-5, see the module docstring)
+
+TOKENIZER_DIR = os.path.join(ROOT, "assets", "tiny-llava")     # its tokenizer serves both shapes
+METHODS = ("disco", "finetune")
+PIPELINE = dict(stages=2, clients=2, rounds=1, batch=4, eval_samples=4, new_tokens=8, n_train=16, n_test=4)
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                    "preprocessor_config.json")
+PHASE_TIMEOUT_S = 300     # one fcit.py process
+
+
+def pipeline_config(tiny: bool, tok) -> M.VLMConfig:
+    """model_config's shape with the tokenizer's ids: its <image> as image_token_index (prompts expand it), its
+    BOS/EOS/PAD, and a vocabulary that holds them (the tiny shape's 512 grows to the tokenizer's 1027)."""
+    cfg = model_config(tiny)
+    text = dataclasses.replace(cfg.text, vocab_size=max(cfg.text.vocab_size, len(tok)), bos_token_id=tok.bos_id,
+                               eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    return dataclasses.replace(cfg, text=text, image_token_index=tok.image_token_id)
+
+
+def write_preprocessor(folder, size):
+    """preprocessor_config.json: CLIP's pre-processing at `size` px, as llava-hf ships it (fcit.py reads it)."""
+    p = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+         "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
+         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(imaging.OPENAI_CLIP_MEAN),
+         "image_std": list(imaging.OPENAI_CLIP_STD), "resample": 3, "do_convert_rgb": True}
+    M.atomic_write(os.path.join(folder, "preprocessor_config.json"), lambda tmp: _write_json(tmp, p))
+
+
+def write_checkpoint(cfg: M.VLMConfig, tok, folder, device, dtype) -> int:
+    """A random-weight llava-hf checkpoint of `cfg`: the VLM built directly on `device` in `dtype` (one copy of the
+    weights, VLM's own init), saved with the tokenizer and preprocessor_config.json. Returns its parameter count."""
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            vlm = M.VLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    checkpoint.save_vlm(vlm, folder, tokenizer=tok)
+    write_preprocessor(folder, cfg.vision.image_size)
+    return sum(p.numel() for p in vlm.parameters())
+
+
+def phase_checkpoint(a, device, work):
+    """Phase 1: write the checkpoint, then read its config and tokenizer back."""
+    tok = checkpoint.load_tokenizer(TOKENIZER_DIR)
+    cfg, folder = pipeline_config(a.tiny, tok), os.path.join(work, "model")
+    n = write_checkpoint(cfg, tok, folder, device, getattr(torch, a.pipeline_dtype))
+    problems = [f"{f} missing" for f in CHECKPOINT_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if not problems:
+        back, tok2 = checkpoint.load_config(folder), checkpoint.load_tokenizer(folder)
+        if back.image_token_index != tok2.image_token_id or back.text.vocab_size != cfg.text.vocab_size:
+            problems.append(f"read back: image_token_index {back.image_token_index}, tokenizer <image> "
+                            f"{tok2.image_token_id}, vocab {back.text.vocab_size} (wrote {cfg.text.vocab_size})")
+    size = os.path.getsize(os.path.join(folder, "model.safetensors")) if not problems else 0
+    size = f"{size / GiB:.2f} GiB" if size >= GiB else f"{size / 2 ** 20:.1f} MiB"
+    return [(f"checkpoint {_count(n)} params, {a.pipeline_dtype}, model.safetensors {size}, "
+             f"<image> = {cfg.image_token_index}", problems)], {}
+
+
+def phase_data(a, work):
+    """Phase 2: FCIT-mini in the release layout at the vision tower's image size."""
+    size, p = model_config(a.tiny).vision.image_size, PIPELINE
+    root = mini.make_fcit_mini(os.path.join(work, "data"), seed=0, n_train=p["n_train"], n_test=p["n_test"],
+                               image_size=size)
+    problems = [] if os.path.isdir(os.path.join(root, "instructions")) else ["no instructions/ folder"]
+    return [(f"data FCIT-mini, {p['n_train']} train + {p['n_test']} test per dataset at {size} px", problems)], {}
+
+
+def fcit_args(a, work):
+    """The paper's Task-related preset (real --model and --data-root), shortened to minutes; identities from the LM
+    (no CLIP text encoder needed)."""
+    p, threads = PIPELINE, a.threads or (1 if a.tiny and a.device == "cpu" else 0)
+    return ["--setting", "task-hom", "--model", os.path.join(work, "model"), "--data-root", os.path.join(work, "data"),
+            "--methods", ",".join(METHODS), "--lm-identity", "--stages", str(p["stages"]),
+            "--clients", str(p["clients"]), "--clients-per-round", str(p["clients"]), "--rounds", str(p["rounds"]),
+            "--batch-size", str(p["batch"]), "--eval-samples", str(p["eval_samples"]),
+            "--max-new-tokens", str(p["new_tokens"]), "--dtype", a.pipeline_dtype, "--gradient-checkpointing",
+            "--device", a.device, "--threads", str(threads)]
+
+
+def child(peak_json, argv):
+    """The body of run_fcit's subprocess (python bench/gpu.py --child PEAK_JSON FCIT_ARGS): fcit.main(argv), then its
+    exit code and this process's CUDA peaks into PEAK_JSON."""
+    import fcit
+    rc = fcit.main(argv)
+    cuda = torch.cuda.is_initialized()
+    device = torch.device(argv[argv.index("--device") + 1]) if cuda and "--device" in argv else None
+    rec = {"rc": rc, "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+           "peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None}
+    M.atomic_write(peak_json, lambda tmp: _write_json(tmp, rec))
+    return rc
+
+
+def run_fcit(args, work, name):
+    """fcit.py in a process of its own, its output in WORK/NAME.log: (problems, the child's CUDA peaks)."""
+    peak_json, log_path = os.path.join(work, f"{name}.peak.json"), os.path.join(work, f"{name}.log")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", peak_json, *args]
+    with open(log_path, "w") as log:
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=PHASE_TIMEOUT_S).returncode
+        except subprocess.TimeoutExpired:
+            rc = f"killed after {PHASE_TIMEOUT_S} s"
+    peaks = _read_json(peak_json) or {}
+    peaks.pop("rc", None)
+    if rc == 0:
+        return [], peaks
+    with open(log_path) as f:
+        tail = f.read().splitlines()[-25:]
+    print(f"--- fcit.py exited {rc}; the end of {log_path}:\n" + "\n".join(tail) + "\n---", flush=True)
+    return [f"fcit.py exited {rc} (log {log_path})"], peaks
+
+
+def phase_dry_run(a, work):
+    """Phase 3: fcit.py --dry-run accepts the command, and the configuration it records is the shortened paper's."""
+    out = os.path.join(work, "run")
+    problems, peaks = run_fcit(fcit_args(a, work) + ["--out", out, "--dry-run"], work, "dry-run")
+    cfg = _read_json(os.path.join(out, "config.json")) or {}
+    want = {"stages": PIPELINE["stages"], "clients": PIPELINE["clients"], "rounds": PIPELINE["rounds"],
+            "methods": list(METHODS), "dtype": a.pipeline_dtype, "client_sampling": "official", "embedded": False,
+            "gradient_checkpointing": True, "lm_identity": True}
+    problems += [f"config.json {k}={cfg.get(k)!r}, expected {v!r}" for k, v in want.items() if cfg.get(k) != v]
+    return [("dry-run fcit.py accepts the command (the paper's preset, shortened)", problems)], peaks
+
+
+def check_run(results, records, out, method):
+    """A finished run of `method`: one row per stage scoring exactly the tasks seen by then, every client of every
+    round with a finite loss after at least one step, both adapter formats of every stage. Returns the problems."""
+    r = results.get("methods", {}).get(method)
+    if r is None:
+        return [f"no {method} in results.json"]
+    n_tasks, stages = len(results["tasks"]), PIPELINE["stages"]
+    want = [[k in data.seen_tasks("task-hom", s) for k in range(n_tasks)] for s in range(stages)]
+    problems = [] if [[v is not None for v in row] for row in r["matrix"]] == want else [
+        f"accuracy matrix {r['matrix']}: expected {stages} rows scoring the tasks seen by each stage"]
+    mine = [x for x in records if x.get("method") == method]
+    if len(mine) != stages * PIPELINE["rounds"] * PIPELINE["clients"]:
+        problems.append(f"{len(mine)} client records in the --json-log, expected "
+                        f"{stages * PIPELINE['rounds'] * PIPELINE['clients']}")
+    bad = [x for x in mine if not (x.get("steps") and x.get("loss") is not None and math.isfinite(x["loss"]))]
+    problems += [f"stage {x['stage'] + 1} client {x['client']}: loss {x.get('loss')}, {x.get('steps')} steps"
+                 for x in bad]
+    for s in range(1, stages + 1):
+        d = os.path.join(out, "adapters", method, f"stage{s}")
+        problems += [f"{os.path.relpath(os.path.join(d, f), out)} missing" for f in
+                     ("fcit_adapter.safetensors", "peft/adapter_config.json", "peft/adapter_model.safetensors")
+                     if not os.path.isfile(os.path.join(d, f))]
+    return problems
+
+
+def phase_pipeline(a, work):
+    """Phase 4: the run, every method in one fcit.py process; one check per method."""
+    out, log = os.path.join(work, "run"), os.path.join(work, "run.jsonl")
+    problems, peaks = run_fcit(fcit_args(a, work) + ["--out", out, "--json-log", log], work, "pipeline")
+    results = _read_json(os.path.join(out, "results.json")) or {}
+    records = []
+    if os.path.isfile(log):
+        with open(log) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    return [(f"pipeline {m} train+eval+adapters ({PIPELINE['stages']} stages)",
+             problems + check_run(results, records, out, m)) for m in METHODS], peaks
+
+
+def check_eval(run, ev, method):
+    """--eval-only's row of `method` equals the run's last row (both as results.json rounds them)."""
+    row = run.get("methods", {}).get(method, {}).get("matrix", [None])[-1]
+    got = ev.get("methods", {}).get(method, {}).get("matrix")
+    return [] if row is not None and got == [row] else [f"eval-only row {got} != the run's last row {row}"]
+
+
+def phase_eval(a, work, method):
+    """Phase 5: fcit.py --eval-only on the last stage `method` saved reproduces the run's row."""
+    stage, out = PIPELINE["stages"], os.path.join(work, f"eval-{method}")
+    adapter = os.path.join(work, "run", "adapters", method, f"stage{stage}")
+    problems, peaks = run_fcit(fcit_args(a, work) + ["--eval-only", "--adapters", adapter, "--out", out], work,
+                               f"eval-{method}")
+    run, ev = _read_json(os.path.join(work, "run", "results.json")) or {}, _read_json(os.path.join(out, "results.json"))
+    problems += check_eval(run, ev or {}, method)
+    scores = ", ".join(f"{t} {v}" for t, v in (ev or {}).get("methods", {}).get(method, {})
+                       .get("per_task_last", {}).items())
+    return [(f"eval-only {method} reproduces stage {stage} ({scores or 'no scores'})", problems)], peaks
+
+
+def run_phase(res, name, fn, device):
+    """One phase: fn() -> ([(check, problems)], the child's CUDA peaks or {}); its seconds and peak GPU memory (this
+    process's, or its child's), one PASS/FAIL line per check. An exception fails the phase, naming it."""
+    cuda = device.type == "cuda"
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    try:
+        checks, peaks = fn()
+    except Exception as e:       # reported as this phase's FAIL; the next phases still get their turn or a FAIL
+        traceback.print_exc()
+        checks, peaks = [(name, [f"{type(e).__name__}: {e}"])], {}
+    stats = {"wall_s": time.perf_counter() - t0,
+             "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+             "peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None, **peaks}
+    res["phases"][name] = stats
+    for check, problems in checks:
+        record_check(res, check, problems, name, stats)
+    return all(not p for _, p in checks)
+
+
+def record_check(res, check, problems, phase, stats=None):
+    """Print and keep one check: PASS, or FAIL with its problems; the phase's seconds and GPU peak."""
+    ok = not problems
+    where = "" if stats is None else f"  [{phase}: {stats['wall_s']:.0f} s" + (
+        "]" if stats["peak_allocated_bytes"] is None else f", GPU peak {_gib(stats['peak_allocated_bytes'])} "
+        f"allocated, {_gib(stats['peak_reserved_bytes'])} reserved]")
+    print(f"{'PASS' if ok else 'FAIL'} {check}{'' if ok else ': ' + '; '.join(problems)}{where}", flush=True)
+    res["checks"].append({"check": check, "phase": phase, "pass": ok, "problems": problems})
+
+
+def bench_pipeline(a, device, res):
+    """Phases 1-5 in a fresh folder under --workdir (removed unless --keep); a failed phase ends them, the rest
+    are FAILs "not run"."""
+    os.makedirs(a.workdir, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="gpu-bench-", dir=a.workdir)
+    res["pipeline"] = {"workdir": work, "kept": a.keep, "methods": list(METHODS), **PIPELINE,
+                       "command": ["python", "fcit.py", *fcit_args(a, work), "--out", os.path.join(work, "run")]}
+    print("pipeline: " + " ".join(res["pipeline"]["command"]), flush=True)
+    phases = [("checkpoint", lambda: phase_checkpoint(a, device, work)), ("data", lambda: phase_data(a, work)),
+              ("dry-run", lambda: phase_dry_run(a, work)), ("pipeline", lambda: phase_pipeline(a, work))]
+    phases += [(f"eval-only {m}", lambda m=m: phase_eval(a, work, m)) for m in METHODS]
+    try:
+        for i, (name, fn) in enumerate(phases):
+            if not run_phase(res, name, fn, device):
+                for later, _ in phases[i + 1:]:
+                    record_check(res, f"{later} not run", ["an earlier phase failed"], later)
+                break
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # report
 
 
@@ -358,7 +638,14 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true",
                     help="also time generation with the decode step through torch.compile (CUDA graphs on a GPU)")
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch CPU threads (0: 1 with --tiny on CPU, else torch's default)")
+                    help="torch CPU threads, here and in fcit.py (0: 1 with --tiny on CPU, else torch's default)")
+    ap.add_argument("--skip-pipeline", action="store_true", help="only the measurements (phase 6)")
+    ap.add_argument("--pipeline-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="the checkpoint's and fcit.py's --dtype (default: bfloat16, the paper's, on CPU too)")
+    ap.add_argument("--workdir", default=os.environ.get("FCIT_CACHE", os.path.join(ROOT, ".cache")),
+                    help="where the pipeline's temporary folder goes (needs ~19 GB for the 7B shape; default: "
+                    "$FCIT_CACHE or .cache)")
+    ap.add_argument("--keep", action="store_true", help="keep the pipeline's folder (checkpoint, data, run, logs)")
     for k, v in FULL.items():
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=None,
                         help=f"default {v} ({TINY[k]} with --tiny)")
@@ -379,6 +666,14 @@ def _write_json(path, obj):
         json.dump(obj, f, indent=2)
 
 
+def _read_json(path):
+    """The file's JSON, or None if it is missing."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def _na(v):
     return "n/a" if v is None else v
 
@@ -387,25 +682,39 @@ def _count(n):
     return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
 
-def run(a):
-    """Build both models, then generation, training and the 24 GB recipe; returns the numbers."""
-    device, dtype = torch.device(a.device), getattr(torch, a.dtype)
+def measure(a, device, dtype, res):
+    """Phase 6: build both models, then generation, training and the 24 GB recipe, reported; returns its check."""
     cfg, t0 = model_config(a.tiny), time.perf_counter()
     hf, ours, shared = build_models(cfg, device, dtype)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    res = {"device": name, "dtype": a.dtype, "tiny": a.tiny, "params": sum(p.numel() for p in ours.parameters()),
-           "shared_tensors": shared, "peak_tflops": peak_tflops(name, a.peak_tflops)}
-    print(f"config: {'tiny' if a.tiny else 'LLaVA-1.5-7B'} shape, {_count(res['params'])} params, {a.dtype}, {name};"
-          f" {shared} tensors shared with transformers (built in {time.perf_counter() - t0:.0f} s)", flush=True)
+    res.update(params=sum(p.numel() for p in ours.parameters()), shared_tensors=shared)
+    print(f"config: {'tiny' if a.tiny else 'LLaVA-1.5-7B'} shape, {_count(res['params'])} params, {a.dtype}, "
+          f"{res['device']}; {shared} tensors shared with transformers (built in {time.perf_counter() - t0:.0f} s)",
+          flush=True)
     res["generate"] = bench_generate(hf, ours, cfg, a, device, dtype)
     res["train"] = bench_train(hf, ours, cfg, a, device, dtype, res["peak_tflops"])
     del hf   # the frozen weights stay alive through ours; transformers' adapters and projector go
     res["recipe_24gb"] = bench_recipe(ours, cfg, a, device, dtype)
+    report(res)
+    return [("measurements ran: train step, MFU, peak memory, generation, 24 GB recipe", [])], {}
+
+
+def run(a):
+    """The pipeline (phases 1-5, unless --skip-pipeline), then the measurements; returns the numbers and checks."""
+    device, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    res = {"device": name, "dtype": a.dtype, "tiny": a.tiny, "peak_tflops": peak_tflops(name, a.peak_tflops),
+           "checks": [], "phases": {}}
+    t0 = time.perf_counter()
+    if not a.skip_pipeline:
+        bench_pipeline(a, device, res)
+    run_phase(res, "measurements", lambda: measure(a, device, dtype, res), device)
     res["wall_s"] = time.perf_counter() - t0
+    res["pass"] = all(c["pass"] for c in res["checks"])
     return res
 
 
 def main(argv=None):
+    """Every phase, a PASS/FAIL summary, --json; returns the results (res["pass"]: no check failed)."""
     a = parse_args(argv)
     threads = torch.get_num_threads()
     if a.threads or (a.tiny and a.device == "cpu"):   # toy sizes: more threads only add overhead
@@ -414,7 +723,9 @@ def main(argv=None):
         res = run(a)
     finally:
         torch.set_num_threads(threads)
-    report(res)
+    failed = [c["check"] for c in res["checks"] if not c["pass"]]
+    print(f"{'PASS' if not failed else 'FAIL'}: {len(res['checks']) - len(failed)}/{len(res['checks'])} checks "
+          f"passed" + ("" if not failed else "; failed: " + ", ".join(failed)), flush=True)
     print(f"total {res['wall_s']:.0f} s", flush=True)
     if a.json:
         M.atomic_write(a.json, lambda tmp: _write_json(tmp, res))
@@ -422,4 +733,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--child"]:       # run_fcit's subprocess: fcit.py, then its peak memory
+        sys.exit(child(sys.argv[2], sys.argv[3:]))
+    sys.exit(0 if main()["pass"] else 1)

@@ -124,16 +124,20 @@ def task_hom(world, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("setting,methods,dtype", [
-    ("task-het", FCIT_ALL, "bfloat16"), ("cap-hom", "disco,olora,fedsa", "bfloat16"), ("cap-het", FCIT_ALL, "bfloat16"),
-    ("fedit", "fedit,local,fedsa,mtl", "bfloat16"), ("cap-hom", "disco,moelora", "float16")])
-def test_every_method_of_every_setting_in_half_precision(world, tmp_path, spy, monkeypatch, setting, methods, dtype):
+@pytest.mark.parametrize("setting,methods,dtype,extra", [
+    ("task-het", FCIT_ALL, "bfloat16", ["--aggregator", "fedadam"]),
+    ("cap-hom", "disco,olora,fedsa", "bfloat16", ["--dp-clip", "0.5", "--dp-noise", "0.5", "--client-dropout", "0.2"]),
+    ("cap-het", FCIT_ALL, "bfloat16", ["--image-cache-mb", "64", "--identity", "image"]),
+    ("fedit", "fedit,local,fedsa,mtl", "bfloat16", ["--aggregator", "fedprox"]),
+    ("cap-hom", "disco,moelora", "float16", [])])
+def test_every_method_of_every_setting_in_half_precision(world, tmp_path, spy, monkeypatch, setting, methods, dtype,
+                                                         extra):
     scalers, real = [], torch.amp.GradScaler.__init__
     monkeypatch.setattr(torch.amp.GradScaler, "__init__", lambda self, device, *a, **k: (
         scalers.append(device), real(self, device, *a, **k))[1])
     out = tmp_path / "out"
     stages = 1 if setting == "fedit" else 2
-    assert fcit.main(fcit_args(world, setting, methods, out, "--stages", str(stages), "--dtype", dtype)) == 0
+    assert fcit.main(fcit_args(world, setting, methods, out, "--stages", str(stages), "--dtype", dtype, *extra)) == 0
     check_run(out, setting, methods.split(","), stages)
     half = getattr(torch, dtype)
     want = {(True, half, half, frozenset({torch.float32}), frozenset({torch.float32}), True)}
