@@ -232,10 +232,26 @@ def test_mtl_is_one_joint_training_with_the_federated_budget(tmp_path):
     assert "| mtl |" in md and md.strip().endswith("| – | – |")
 
 
+def test_stages_runs_the_first_stages_only(tmp_path, capsys):
+    """--stages N: N rows, the tasks seen by stage N evaluated, mtl pooling only those stages' data (2 x 30 samples);
+    more stages than the setting has is refused, naming the flag and the setting's count."""
+    out, log = str(tmp_path / "out"), str(tmp_path / "log.jsonl")
+    args = ["--setting", "task-hom", "--methods", "finetune,mtl", "--stages", "2", "--out", out, "--json-log", log]
+    assert fcit.main(args + SMALL) == 0
+    r = json.load(open(os.path.join(out, "results.json")))["methods"]
+    assert [[v is not None for v in row] for row in r["finetune"]["matrix"]] == \
+        [[True] + [False] * 7, [True, True] + [False] * 6]
+    assert [v is not None for v in r["mtl"]["matrix"][0]] == [True, True] + [False] * 6
+    assert [json.loads(line)["n"] for line in open(log) if json.loads(line)["method"] == "mtl"] == [60]
+    capsys.readouterr()
+    assert fcit.main(["--setting", "cap-hom", "--stages", "5", "--dry-run", "--out", str(tmp_path / "c")]) == 2
+    assert "--stages 5: --setting cap-hom has 4 stage(s)" in capsys.readouterr().err
+
+
 def test_bad_values_name_their_flag(capsys):
     for flag, value in [("--rounds", "0"), ("--lr", "-1"), ("--tau", "2"), ("--eval-samples", "0"),
                         ("--subspaces", "0"), ("--batch-size", "0"), ("--warmup-ratio", "1"), ("--mtl-epochs", "0"),
-                        ("--max-length", "0"), ("--clients", "0")]:
+                        ("--max-length", "0"), ("--clients", "0"), ("--stages", "0")]:
         assert fcit.main(["--setting", "task-hom", flag, value, "--dry-run"]) == 2, flag
         assert f"{flag} must be" in capsys.readouterr().err
 
