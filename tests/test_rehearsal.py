@@ -144,6 +144,10 @@ def test_every_method_of_every_setting_in_half_precision(world, tmp_path, spy, m
     assert {(a, d, w, frozenset(lw), frozenset(pj), gc) for _, a, d, w, lw, pj, gc in spy} == want
     assert {s[0] for s in spy} == {"loss", "generate"}
     assert set(scalers) == ({"cpu"} if dtype == "float16" else set())          # fp16 trains with loss scaling
+    if setting == "fedit":                        # the PEFT export, loaded as one LoRA on the bf16 base model
+        peft = os.path.join(out, "adapters", "fedit", "stage1", "peft")
+        assert fcit.main(fcit_args(world, setting, "fedit", tmp_path / "e", "--eval-only", "--adapters", peft)) == 0
+        assert results(tmp_path / "e")["methods"]["peft"]["matrix"] == results(out)["methods"]["fedit"]["matrix"]
 
 
 def test_task_hom_every_method_and_eval_only(world, task_hom, tmp_path):
