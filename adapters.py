@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from checkpoint import canonical_key
+from files import atomic_write
 from lora import (
     NEVER,
     LoRALinear,
@@ -28,7 +29,6 @@ from lora import (
     lora_state,
     set_active,
 )
-from model import atomic_write
 
 # ----------------------------------------------------------------------------------------------------
 # files

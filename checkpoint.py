@@ -17,6 +17,7 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
+from files import atomic_write, read_json
 from model import (
     VLM,
     CLIPTextConfig,
@@ -24,9 +25,7 @@ from model import (
     DecoderConfig,
     VisionConfig,
     VLMConfig,
-    atomic_write,
     image_seq_len,
-    read_json,
 )
 from prompts import Tokenizer
 

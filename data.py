@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model import IGNORE_INDEX, atomic_write, read_json
+from files import atomic_write, read_json
+from model import IGNORE_INDEX
 from prompts import encode_example
 
 log = logging.getLogger("fcit.data")
@@ -662,22 +663,3 @@ class Collator:
             pix = self.image_processor([load_image(e.image) for e in imgs])
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pix}
 
-
-def length_bucketed_batches(lengths, batch_size: int, seed: int = 0, shuffle: bool = True,
-                            megabatch_mult: int = 50) -> list[list[int]]:
-    """Index batches that group similar lengths (HF LengthGroupedSampler style): shuffle, cut into
-    megabatches of megabatch_mult * batch_size, sort each by length (descending), split into batches,
-    then shuffle the batch order. Every index appears exactly once; seeded."""
-    n = len(lengths)
-    rng = random.Random(seed)
-    idx = list(range(n))
-    if shuffle:
-        rng.shuffle(idx)
-    mb = max(1, megabatch_mult) * batch_size
-    batches = []
-    for s in range(0, n, mb):
-        chunk = sorted(idx[s:s + mb], key=lambda i: -lengths[i])
-        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
-    if shuffle:
-        rng.shuffle(batches)
-    return batches

@@ -26,9 +26,9 @@ import checkpoint
 import config
 import data
 import federate
+import files
 import imaging
 import mini
-import model as vlm
 import scoring
 from config import Config, UsageError
 
@@ -162,7 +162,7 @@ def draw_matrix(matrix, tasks, title, path):
             d.rectangle([x, y, x + cell_w - 2, y + cell_h - 2], fill=colour)
             if v is not None:
                 d.text((x + 10, y + 6), f"{v:.1f}", fill="black" if v < 60 else "white", font=font)
-    vlm.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    files.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -267,18 +267,25 @@ def save_state(path, fed, progress):
     """Federation state + experiment progress, atomically (safetensors + JSON; the JSON names the tensors file)."""
     from safetensors.torch import save_file
     tensors, meta = fed.state_dict()
-    vlm.atomic_write(path + ".safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    files.atomic_write(path + ".safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_json(path + ".json", {"federation": meta, "progress": progress})
 
 
+def save_progress(path, fed, progress, t_start, is_main):
+    """After a round: the wall time so far into `progress`, then (on rank 0) the state file."""
+    progress["wall_s"] = time.time() - t_start
+    if is_main:
+        save_state(path, fed, progress)
+
+
 def load_state(path):
+    """(tensors, the saved JSON) of a state file save_state wrote; None when there is none."""
     from safetensors.torch import load_file
     if not os.path.exists(path + ".json"):
-        return None, None
+        return None
     with open(path + ".json") as f:
         st = json.load(f)
-    tensors = load_file(path + ".safetensors") if os.path.exists(path + ".safetensors") else {}
-    return tensors, st
+    return load_file(path + ".safetensors"), st
 
 
 def client_score(fed, bench, k, client, cache=None):
@@ -296,7 +303,7 @@ def evaluate(fed, bench, tasks, cache=None):
     """One row of the accuracy matrix: the scores of `tasks` (None for the others), averaged over the models the
     method evaluates (one, or every client's own for the local and FedSA baselines)."""
     row = [None] * len(bench.tasks)
-    clients = fed.method.eval_clients()
+    clients = fed.eval_clients()
     for k in tasks:
         row[k] = sum(client_score(fed, bench, k, c, cache) for c in clients) / len(clients)
     return row
@@ -307,7 +314,7 @@ def evaluate_personalized(fed, bench, tasks, cache=None):
     among `tasks` it trained on (in Het-FCIT a subset of each stage's), their mean per client and the mean over
     clients; None for a method with one global model."""
     clients = {}
-    for c, dss in fed.method.personal_datasets().items():
+    for c, dss in sorted(fed.method.personal.items()):
         own = [k for k in tasks if set(bench.test_datasets[bench.tasks[k]]) & set(dss)]
         if own:
             scores = {bench.tasks[k]: client_score(fed, bench, k, c, cache) for k in own}
@@ -317,9 +324,12 @@ def evaluate_personalized(fed, bench, tasks, cache=None):
     return {"clients": clients, "mean": sum(v["mean"] for v in clients.values()) / len(clients)}
 
 
-def log_round(rec, fed, progress, t_start, log):
-    """Progress lines (and --json-log records) of one round; its totals into `progress`."""
-    name, stages, rounds = fed.cfg.method, progress["stages"], fed.method.rounds()
+def log_round(rec, fed, progress, t_start, t_round, log):
+    """Progress lines (and --json-log records) of one round that began at t_round; its totals into `progress`."""
+    spent = progress["spent"]
+    spent["train"] += time.time() - t_round
+    spent["local"] += sum(c.get("time_s") or 0.0 for c in rec.get("per_client", []))
+    name, stages, rounds = fed.cfg.method, progress["stages"], fed.method.schedule.rounds
     stage, rnd = rec["stage"], rec["round"]
     for c in rec.get("per_client", []):
         sps = c["steps"] / c["time_s"] if c.get("time_s") else 0.0
@@ -337,9 +347,10 @@ def log_round(rec, fed, progress, t_start, log):
                                                         "epsilon")})
 
 
-def close_stage(fed, model, bench, progress, out, log, is_main, t0):
-    """End of a stage: consolidate, evaluate every task seen so far, save the stage's adapters."""
-    stage, stages = progress["stage"], progress["stages"]
+def close_stage(fed, bench, stage, progress, out, log, is_main, t0):
+    """End of a stage: consolidate, evaluate every task seen so far (a row of the matrix), save the stage's adapters;
+    after the last stage also the routing accuracy and the personalized scores."""
+    stages = progress["stages"]
     fed.end_stage(stage)
     tasks = bench.seen(bench.stages - stages + stage)      # a single joint stage (mtl) sees every task
     cache, t_eval = {}, time.time()
@@ -350,51 +361,59 @@ def close_stage(fed, model, bench, progress, out, log, is_main, t0):
     progress["stage"], progress["round"] = stage + 1, 0
     progress["done"] = stage + 1 == stages
     t_save = time.time()
-    save_adapters(fed, model, out, stage, is_main)
+    save_adapters(fed, fed.model, out, stage, is_main)
     t_done = time.time()
     if progress["done"]:
         progress["routing_accuracy"] = fed.routing_accuracy(bench.examples_by_task(tasks))
         progress["personalized"] = evaluate_personalized(fed, bench, tasks, cache)
-    model.drop_static_cache()                              # --compile's decode cache: training needs the memory
+    fed.model.drop_static_cache()                          # --compile's decode cache: training needs the memory
     spent = progress["spent"]
     spent["eval"] += (t_save - t_eval) + (time.time() - t_done)
     spent["save"] += t_done - t_save
 
 
+def start_progress(fed, bench, state_path, log):
+    """The record saved after every round (where the loop goes on, the matrix so far, the totals): the saved one,
+    with the Federation's state loaded, when the state file exists; else the start of the first stage."""
+    saved = load_state(state_path)
+    if saved is None:
+        return {"stage": 0, "round": 0, "stages": fed.method.schedule.stages(bench.stages), "matrix": [],
+                "comm_bytes": 0, "wall_s": 0.0, "done": False, "rounds": [],
+                "spent": {"train": 0.0, "eval": 0.0, "save": 0.0, "local": 0.0}}
+    tensors, st = saved
+    fed.load_state_dict(tensors, st["federation"])
+    progress = st["progress"]
+    if not progress["done"]:
+        log(f"[{fed.cfg.method}] resuming at stage {progress['stage'] + 1}, round {progress['round'] + 1}")
+    return progress
+
+
 def run_method(cfg: Config, method, bench, out, device, dtype, log, is_main):
-    """Train and evaluate one method through every stage; resumable after any round."""
+    """Train and evaluate one method: every stage's rounds, then its evaluation and adapters. The state is saved after
+    every round; a rerun on the same --out starts the loop where the saved state left off."""
     state_path = os.path.join(out, "state", method)
     model, tokenizer, improc, text_encoder = load_model(cfg, device, dtype)
     fed = federate.Federation(model, tokenizer, improc,
                               dataclasses.replace(cfg, method=method, device=device, dtype=dtype), text_encoder)
-    progress = {"stage": 0, "round": 0, "stages": fed.method.stages(bench.stages), "matrix": [], "comm_bytes": 0,
-                "wall_s": 0.0, "done": False, "rounds": []}
-    tensors, st = load_state(state_path)
-    if st is not None:
-        fed.load_state_dict(tensors, st["federation"])
-        progress = st["progress"]
-        if not progress["done"]:
-            log(f"[{method}] resuming at stage {progress['stage'] + 1}, round {progress['round'] + 1}")
-    spent = progress.setdefault("spent", {"train": 0.0, "eval": 0.0, "save": 0.0})   # older state files lack these
-    spent.setdefault("local", 0.0)
+    progress = start_progress(fed, bench, state_path, log)
+    first_stage, first_round = progress["stage"], progress["round"]
+    stages, rounds = progress["stages"], fed.method.schedule.rounds
     t_start = time.time() - progress["wall_s"]
-    while not progress["done"]:
-        stage, rnd, t0 = progress["stage"], progress["round"], time.time()
-        rec = fed.run_round(stage, rnd, bench.client_data(stage), log=lambda s: log(f"[{method}] {s}"))
-        spent["train"] += time.time() - t0
-        spent["local"] += sum(c.get("time_s") or 0.0 for c in rec.get("per_client", []))
-        log_round(rec, fed, progress, t_start, log)
-        if rnd + 1 < fed.method.rounds():
-            progress["round"] = rnd + 1
-        else:
-            close_stage(fed, model, bench, progress, out, log, is_main, t0)
-        progress["wall_s"] = time.time() - t_start
-        if is_main:
-            save_state(state_path, fed, progress)
+    for stage in range(first_stage, stages):
+        for rnd in range(first_round if stage == first_stage else 0, rounds):
+            t_round = time.time()
+            rec = fed.run_round(stage, rnd, bench.client_data(stage), log=lambda s: log(f"[{method}] {s}"))
+            log_round(rec, fed, progress, t_start, t_round, log)
+            if rnd + 1 < rounds:
+                progress["round"] = rnd + 1
+                save_progress(state_path, fed, progress, t_start, is_main)
+        close_stage(fed, bench, stage, progress, out, log, is_main, t_round)   # evaluate, save the adapters
+        save_progress(state_path, fed, progress, t_start, is_main)
+    spent = progress["spent"]
     log(f"[{method}] {progress['wall_s']:.0f}s: train {spent['train']:.0f}s (clients' local training "
         f"{spent['local']:.1f}s, identity features and aggregation {spent['train'] - spent['local']:.1f}s), eval "
         f"{spent['eval']:.0f}s, save {spent['save']:.0f}s (adapters; the rest: state files)")
-    return summarize(progress, bench, continual=fed.method.continual)
+    return summarize(progress, bench, continual=not fed.method.schedule.centralised)
 
 
 def method_process(cfg: Config, method, bench, out, device, dtype, threads, quiet, json_log):
@@ -472,7 +491,7 @@ def evaluate_saved(cfg: Config, path, bench, device, dtype, log):
     """--eval-only: one row of scores for the tasks the adapter's stage has seen; Last only."""
     t0 = time.time()
     fed, stage, label = load_saved_adapter(cfg, path, bench, device, dtype)
-    tasks = bench.seen(bench.stages - fed.method.stages(bench.stages) + min(stage, bench.stages - 1))
+    tasks = bench.seen(bench.stages - fed.method.schedule.stages(bench.stages) + min(stage, bench.stages - 1))
     row = evaluate(fed, bench, tasks)
     log(f"[{label}] {path}: " + ", ".join(f"{bench.tasks[k]} {row[k]:.1f}" for k in tasks))
     progress = {"matrix": [row], "comm_bytes": 0, "wall_s": time.time() - t0,
@@ -605,7 +624,7 @@ def write_results(results, bench, cfg: Config, out):
     def write_md(tmp):
         with open(tmp, "w") as f:
             f.write(md)
-    vlm.atomic_write(os.path.join(out, "results.md"), write_md)
+    files.atomic_write(os.path.join(out, "results.md"), write_md)
     for name, r in results["methods"].items():
         draw_matrix(r["matrix"], bench.tasks, f"{name} - {cfg.setting}", os.path.join(out, f"matrix_{name}.png"))
     print("\n" + md)

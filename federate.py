@@ -1,6 +1,9 @@
 """The federated engine: one round of a federation, whatever the method (FCIT: Guo et al., ICCV 2025; FedIT:
-Zhang et al. 2023). The method (methods.py) picks the clients and the subspace each trains; every client trains
-from the global state with a fresh optimizer; empty or non-finite clients are screened out; the method aggregates.
+Zhang et al. 2023). The engine samples the clients; the method (methods.py, disco.py) gives each the subspace it
+trains; every client trains from the method's weights with a fresh optimizer; empty or non-finite clients are
+screened out; the method aggregates, through the engine's `aggregate`. Methods use only the engine's public members:
+params, load, batch, aggregate, slot_names, global_state, lora_names, proj_names, K, cfg, model, device, autocast,
+pixels, gather, last.
 """
 from __future__ import annotations
 
@@ -15,11 +18,19 @@ import numpy as np
 import torch
 
 import data
+import disco
 import lora
+import methods
 import privacy
 import server
 from config import Config
-from methods import METHODS
+from methods import Round
+from server import Upload
+
+METHODS = {"finetune": methods.Finetune, "fedit": methods.FedIT, "zeroshot": methods.ZeroShot, "mtl": methods.MTL,
+           "local": methods.Local, "fedsa": methods.FedSA, "ewc": methods.EWC, "olora": methods.OLoRA,
+           "moelora": methods.MoELoRA, "disco": disco.DISCO}     # the one list of method names
+STATE_VERSION = 3                                                  # of state_dict's metadata
 
 logger = logging.getLogger("fcit.federate")
 
@@ -100,11 +111,11 @@ def lr_multiplier(step: int, total: int, warmup: int, kind: str = "cosine") -> f
 # a client's training and accounting (fed: the Federation)
 
 
-def client_penalty(fed, names, ref, slot):
-    """FedProx μ/2‖w − w_global‖² (Li et al. 2020) plus the method's regulariser."""
-    reg = fed.method.penalty(names, slot)
+def client_penalty(fed, names, ref, regularizer):
+    """The method's regulariser (from its `configure`) plus FedProx's μ/2‖w − w_global‖² (Li et al. 2020)."""
+    reg = regularizer() if regularizer is not None else None
     if fed.cfg.aggregator == "fedprox" and fed.cfg.prox_mu > 0:
-        prox = fed.cfg.prox_mu / 2 * sum(((fed._params[n] - ref[n]) ** 2).sum() for n in names)
+        prox = fed.cfg.prox_mu / 2 * sum(((fed.params[n] - ref[n]) ** 2).sum() for n in names)
         reg = prox if reg is None else reg + prox
     return reg
 
@@ -114,34 +125,34 @@ def client_optimizer(fed, names, n_examples):
     per-client HF Trainer; warmup ceil(warmup_ratio · steps). Returns (optim, sched, epoch sizes, steps)."""
     cfg = fed.cfg
     bs, acc = max(1, cfg.batch_size), max(1, cfg.grad_accum)
-    whole, frac = divmod(float(fed.method.local_epochs()), 1.0)   # a fraction: a prefix of the last epoch
+    whole, frac = divmod(float(fed.method.schedule.local_epochs), 1.0)   # a fraction: a prefix of the last epoch
     epochs = [n_examples] * int(whole) + ([max(1, round(frac * n_examples))] if frac > 1e-9 else [])
     steps = math.ceil(sum(math.ceil(sz / bs) for sz in epochs) / acc)
     warm = math.ceil(cfg.warmup_ratio * steps)
     proj = set(fed.proj_names)
-    groups = [{"params": [fed._params[n] for n in names if n not in proj], "lr": cfg.lr},
-              {"params": [fed._params[n] for n in names if n in proj],
+    groups = [{"params": [fed.params[n] for n in names if n not in proj], "lr": cfg.lr},
+              {"params": [fed.params[n] for n in names if n in proj],
                "lr": cfg.lr if cfg.projector_lr is None else cfg.projector_lr}]
     optim = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_multiplier(s, steps, warm, cfg.lr_schedule))
     return optim, sched, epochs, steps
 
 
-def train_epochs(fed, examples, names, slot, optim, sched, epochs, gen):
+def train_epochs(fed, examples, names, regularizer, optim, sched, epochs, gen):
     """The local epochs: gradient accumulation, clipping, autocast (GradScaler for fp16). Returns (losses,
     the first non-finite loss or None)."""
     cfg, bs, acc = fed.cfg, max(1, fed.cfg.batch_size), max(1, fed.cfg.grad_accum)
-    params = [fed._params[n] for n in names]
-    ref = {n: fed._params[n].detach().clone() for n in names} if cfg.aggregator == "fedprox" else None
+    params = [fed.params[n] for n in names]
+    ref = {n: fed.params[n].detach().clone() for n in names} if cfg.aggregator == "fedprox" else None
     scaler = torch.amp.GradScaler(fed.device.type) if cfg.dtype == "float16" else None   # fp16's narrow range
     total_micro, micro, losses = sum(math.ceil(sz / bs) for sz in epochs), 0, []
     for size in epochs:
         perm = torch.randperm(len(examples), generator=gen).tolist()[:size]
         for b in range(math.ceil(size / bs)):
-            batch = fed._collate([examples[i] for i in perm[b * bs:(b + 1) * bs]])
+            batch = fed.batch([examples[i] for i in perm[b * bs:(b + 1) * bs]])
             with fed.autocast():
                 loss = fed.model.loss(**batch)
-            reg = client_penalty(fed, names, ref, slot)
+            reg = client_penalty(fed, names, ref, regularizer)
             total = loss.float() + (reg.float() if reg is not None else 0.0)
             if not torch.isfinite(total):
                 return losses, float(total.detach())
@@ -163,15 +174,15 @@ def train_epochs(fed, examples, names, slot, optim, sched, epochs, gen):
     return losses, None
 
 
-def account(fed, p, u) -> dict:
-    """What a client sent and received: its upload, and the global tensors the method says it downloads."""
+def account(fed, u: Upload, sent: int) -> dict:
+    """What a client sent (its upload, and `sent` bytes to be assigned) and received (what the method's `job` says it
+    downloads, and the projector)."""
     up = down = 0
-    if "state" in u:
-        up = server.nbytes(u["state"]) + server.nbytes(u.get("extra") or {})
-        names = fed.method.downloads(u["slot"]) | set(fed.proj_names)
-        down = server.nbytes({n: fed.global_state[n] for n in names}) + fed.method.download_extra(names)
-    row = {k: u.get(k) for k in ("client", "position", "rank", "n", "slot", "loss", "steps", "trainable_params",
-                                 "time_s")} | {"bytes_up": up + fed.method.upload_extra(p), "bytes_down": down}
+    if u.slot is not None:                           # it trained
+        up = server.nbytes(u.state) + server.nbytes(u.extra)
+        down = server.nbytes(fed.method.job(u.slot).downloads | {n: fed.global_state[n] for n in fed.proj_names})
+    row = {k: getattr(u, k) for k in ("client", "position", "rank", "n", "slot", "loss", "steps", "trainable_params",
+                                      "time_s")} | {"bytes_up": up + sent, "bytes_down": down}
     if row["loss"] is not None and not math.isfinite(row["loss"]):
         row["loss"] = None                           # strict JSON; the reason is in "dropped"
     return row
@@ -192,7 +203,8 @@ def attach_adapters(fed) -> list[str]:
     g = torch.Generator().manual_seed(int(cfg.seed))
     lora.apply_lora(model, cfg.rank, cfg.alpha, targets=tuple(cfg.lora_targets), num_subspaces=fed.K,
                     init=cfg.lora_init, dropout=cfg.dropout, generator=g)
-    fed.method.setup(g)
+    if fed.method.router:
+        lora.set_moe(model, generator=g)
     proj = getattr(model, "projector", None)
     if not cfg.train_projector or proj is None:
         return []
@@ -222,9 +234,9 @@ class ImageStates:
 class Federation:
     """A server and its simulated clients running one method (cfg.method) on one model.
 
-    Clients run one after the other on the same model: each starts from the global state (the method's LoRA
-    subspace(s) and the projector), trains and uploads; the server aggregates. Under torchrun each rank trains
-    the positions p = rank (mod world) and the uploads are all-gathered, so every rank holds the same state."""
+    Clients run one after the other on the same model: each starts from the method's weights (the global state of
+    its LoRA subspace(s) and the projector), trains and uploads; the server aggregates. Under torchrun each rank
+    trains the positions p = rank (mod world) and the uploads are all-gathered, so every rank holds the same state."""
 
     def __init__(self, model, tokenizer, image_processor, cfg: Config, text_encoder=None):
         self.model, self.tok, self.improc, self.cfg = model, tokenizer, image_processor, cfg
@@ -233,12 +245,12 @@ class Federation:
         if cfg.method not in METHODS:
             raise ValueError(f"unknown method {cfg.method!r}; expected one of {', '.join(METHODS)}")
         self.method = METHODS[cfg.method](self)
-        self.K = self.method.num_subspaces()
-        self.has_lora = self.method.has_lora
+        self.K = cfg.subspaces if self.method.subspaces else 1
+        self.has_lora = self.method.trains
         self.proj_names = attach_adapters(self)
-        self._params = dict(model.named_parameters())
+        self.params = dict(model.named_parameters())
         self.lora_names = list(lora.lora_state(model).keys()) if self.has_lora else []
-        self.global_state = {n: self._params[n].detach().to("cpu", copy=True)
+        self.global_state = {n: self.params[n].detach().to("cpu", copy=True)
                              for n in self.lora_names + self.proj_names}
         self.opt = server.ServerOptimizer(cfg.aggregator, cfg.server_lr, cfg.server_momentum, cfg.beta1,
                                           cfg.beta2, cfg.tau_adaptive)
@@ -252,10 +264,11 @@ class Federation:
     def slot_names(self, j: int) -> list[str]:
         return [n for n in self.lora_names if n.endswith((f".A.{j}", f".B.{j}"))]
 
-    def _load(self, state: dict):
+    def load(self, state: dict):
+        """Copy `state` ({name: tensor}) into the model's parameters."""
         with torch.no_grad():
             for n, t in state.items():
-                self._params[n].copy_(t)
+                self.params[n].copy_(t)
 
     def pixels(self, examples):
         if self.improc is None or not any(ex.image for ex in examples):
@@ -264,7 +277,7 @@ class Federation:
             raise ValueError("a batch mixes examples with and without images; batch them separately")
         return self.improc([data.load_image(ex.image) for ex in examples]).to(self.device)
 
-    def _collate(self, examples, with_answer=True):
+    def batch(self, examples, with_answer=True) -> dict:
         """A right-padded training batch (data.Collator) or, with_answer=False, a left-padded prompt batch."""
         key, cached = bool(with_answer), self.cfg.image_cache_mb > 0 and self.improc is not None
         if key not in self._collators:
@@ -287,120 +300,107 @@ class Federation:
         return contextlib.nullcontext()
 
     # ---------------------------------------------------------------- client side
-    def _local_train(self, examples, slot, stage, rnd, position, cid, start: dict | None = None) -> dict:
-        """One client's local training of `slot` from the global state (or `start`); returns its upload."""
+    def _local_train(self, examples, slot, stage, rnd, position, cid, start: dict | None = None) -> Upload:
+        """One client's local training of `slot` from the method's weights for it (or `start`); returns its upload."""
         cfg, model, t0 = self.cfg, self.model, time.perf_counter()
-        self._load(self.global_state)
-        if start is not None:
-            self._load(start)
-        names = self.configure(slot, True)
+        self.load(self.method.weights_for(cid) if start is None else start)
+        job = self.method.job(slot)
+        regularizer = self.method.configure(slot)              # the LoRA modes: job.trained require grad
+        for n in self.proj_names:
+            self.params[n].requires_grad_(True)
+        names = job.trained + self.proj_names
         optim, sched, epochs, steps = client_optimizer(self, names, len(examples))
         gc_before = getattr(model, "gradient_checkpointing", False)
         model.gradient_checkpointing = bool(cfg.gradient_checkpointing)
         model.train()
         try:
             with client_rng(self.device, cfg.seed, stage, rnd, position, cid) as gen:
-                losses, bad = train_epochs(self, examples, names, slot, optim, sched, epochs, gen)
+                losses, bad = train_epochs(self, examples, names, regularizer, optim, sched, epochs, gen)
                 extra = self.method.after_local_train(examples, names, rnd) if bad is None else {}
         finally:
             model.gradient_checkpointing = gc_before
             model.eval()
             optim.zero_grad(set_to_none=True)
             for n in names:
-                self._params[n].requires_grad_(False)
-        shared = self.method.shared(slot)
-        state = {n: self._params[n].detach().to("cpu", copy=True) for n in shared + self.proj_names}
-        kept_local = {n: self._params[n].detach().to("cpu", copy=True)        # what the client keeps (FedSA's B)
-                      for n in set(self.method.trained(slot)) - set(shared)}
-        loss = bad if bad is not None else (float(np.mean(losses)) if losses else float("nan"))
-        return {"state": state, "loss": loss, "steps": steps, "time_s": time.perf_counter() - t0, "extra": extra,
-                "local": kept_local,
-                "trainable_params": sum(self._params[n].numel() for n in names)}
+                self.params[n].requires_grad_(False)
+        copy = lambda ns: {n: self.params[n].detach().to("cpu", copy=True) for n in ns}
+        return Upload(cid, position, len(examples), self.rank, dict(Counter(ex.dataset for ex in examples)), slot,
+                      state=copy(job.shared + self.proj_names), extra=extra,
+                      local=copy(set(job.trained) - set(job.shared)),     # what the client keeps (FedSA's B)
+                      loss=bad if bad is not None else (float(np.mean(losses)) if losses else float("nan")),
+                      steps=steps, time_s=time.perf_counter() - t0,
+                      trainable_params=sum(self.params[n].numel() for n in names))
 
-    def configure(self, slot, train: bool) -> list[str]:
-        """LoRA modes for training `slot` (or for inference) and requires_grad; the names a client trains."""
-        if not self.has_lora:
-            return []
-        self.method.configure(slot, train)
-        for n in self.proj_names:
-            self._params[n].requires_grad_(train)
-        return self.method.trained(slot) + self.proj_names if train else []
+    def _client(self, ctx: Round, p: int, slot: int | None) -> Upload:
+        """One client's part of the round; a client with data but no subspace is screened out as empty."""
+        examples = ctx.data[p]
+        if examples and slot is not None:
+            return self._local_train(examples, slot, ctx.stage, ctx.rnd, p, ctx.clients[p])
+        return Upload(ctx.clients[p], p, 0, self.rank, dict(Counter(ex.dataset for ex in examples)))
 
     # ---------------------------------------------------------------- one communication round
     def run_round(self, stage: int, rnd: int, client_data: Callable, log: Callable | None = None) -> dict:
         """Round `rnd` of `stage` (both 0-based). client_data(position, client) -> [Example] gives a client's data
-        (the position picks the task in Het-FCIT). Returns the round log: clients, per-client accounting,
-        dropped clients with reasons and, for DISCO, the assignments and opened subspaces."""
-        say, t0 = log or logger.info, time.perf_counter()
-        rec = {"stage": stage, "round": rnd, "method": self.cfg.method, "aggregator": self.cfg.aggregator,
+        (the position picks the task in Het-FCIT; (None, None): every stage's pooled data). Returns the round log:
+        clients, per-client accounting, dropped clients with reasons and the method's entries (DISCO: the
+        assignments and opened subspaces)."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        rec = {"stage": stage, "round": rnd, "method": cfg.method, "aggregator": cfg.aggregator,
                "assignments": None, "opened": [], "active_subspaces": None}
         if not self.method.trains:
             self.last = (stage, rnd)
-            return {**rec, "clients": [], "per_client": [], "skipped": f"{self.cfg.method}: no training"}
-        sel = self.method.select(stage, rnd)
-        mine = [p for p in range(len(sel)) if p % self.world == self.rank]
-        failed = server.dropouts(sel, self.cfg.client_dropout, self.cfg.seed, stage, rnd) \
-            if self.method.federated else set()
-        dropped = [{"client": sel[p], "position": p, "reason": "dropped out before its upload"} for p in sorted(failed)]
-        datas = {p: [] if p in failed else list(self.method.client_data(client_data, p, sel[p]) or []) for p in mine}
-        slots = self.method.assign(stage, rnd, sel, datas, dropped, rec, say)
-        uploads = gather_by_position({p: self._client(p, sel[p], datas[p], slots.get(p), stage, rnd) for p in mine})
+            return {**rec, "clients": [], "per_client": [], "skipped": f"{cfg.method}: no training"}
+        central = self.method.schedule.centralised
+        clients = [-1] if central else server.sample_clients(cfg.clients, cfg.clients_per_round, cfg.seed, stage, rnd,
+                                                             cfg.client_sampling)
+        mine = [p for p in range(len(clients)) if p % self.world == self.rank]
+        failed = set() if central else server.dropouts(clients, cfg.client_dropout, cfg.seed, stage, rnd)
+        get = (lambda p: client_data(None, None)) if central else (lambda p: client_data(p, clients[p]))
+        data = {p: [] if p in failed else list(get(p) or []) for p in mine}
+        ctx = Round(stage, rnd, clients, data, log or logger.info)
+        asg = self.method.assign(ctx)
+        rec.update(asg.log)
+        why = {p: "dropped out before its upload" for p in sorted(failed)} | asg.dropped
+        dropped = [{"client": clients[p], "position": p, "reason": reason} for p, reason in why.items()]
+        uploads = gather_by_position({p: self._client(ctx, p, asg.slots.get(p)) for p in mine})
         kept, bad = server.screen_clients(list(uploads.values()))
         dropped += [d for d in bad if not any(d["position"] == x["position"] for x in dropped)]
         for d in dropped:
-            say(f"stage {stage + 1} round {rnd + 1}: client {d['client']} (position {d['position']}) excluded: "
-                f"{d['reason']}")
+            ctx.say(f"client {d['client']} (position {d['position']}) excluded: {d['reason']}")
         self.round_key = (stage, rnd)
-        if self.cfg.dp_clip and self.method.federated:   # every training round spends privacy budget
+        if cfg.dp_clip and not central:                  # every training round spends privacy budget
             self.dp_rounds += 1
             rec["epsilon"] = privacy_spent(self)["epsilon"]
-        if len(kept) < (self.cfg.min_clients if self.method.federated else 1):
-            rec["aggregation_skipped"] = f"{len(kept)} of {len(sel)} clients uploaded (--min-clients " \
-                                         f"{self.cfg.min_clients}): the global model is left unchanged"
-            say(f"stage {stage + 1} round {rnd + 1}: {rec['aggregation_skipped']}")
+        if len(kept) < (1 if central else cfg.min_clients):
+            rec["aggregation_skipped"] = f"{len(kept)} of {len(clients)} clients uploaded (--min-clients " \
+                                         f"{cfg.min_clients}): the global model is left unchanged"
         elif kept:
-            self.method.aggregate(stage, rnd, kept, rec, say)
-        self._load(self.global_state)
+            rec.update(self.method.aggregate(ctx, kept))
+        if "aggregation_skipped" in rec:
+            ctx.say(rec["aggregation_skipped"])
+        self.load(self.global_state)
         self.last = (stage, rnd)
-        per = [account(self, p, u) for p, u in uploads.items()]
-        n_tot = sum(u["n"] for u in kept)
-        rec.update({"clients": [int(c) for c in sel], "per_client": per, "dropped": dropped,
-                    "loss": (sum(u["loss"] * u["n"] for u in kept) / n_tot) if n_tot else None,
+        per = [account(self, u, asg.bytes_up.get(p, 0)) for p, u in uploads.items()]
+        n_tot = sum(u.n for u in kept)
+        rec.update({"clients": [int(c) for c in clients], "per_client": per, "dropped": dropped,
+                    "loss": (sum(u.loss * u.n for u in kept) / n_tot) if n_tot else None,
                     "samples": n_tot, "bytes_up": sum(x["bytes_up"] for x in per),
                     "bytes_down": sum(x["bytes_down"] for x in per), "time_s": time.perf_counter() - t0,
                     "world_size": self.world})
         return rec
 
-    def _client(self, p, cid, examples, slot, stage, rnd) -> dict:
-        """One client's part of the round; a client with data but no subspace is screened out as empty."""
-        u = {"client": cid, "position": p, "n": len(examples), "rank": self.rank,
-             "datasets": dict(Counter(ex.dataset for ex in examples))}
-        if examples and slot is not None:
-            u.update(self._local_train(examples, slot, stage, rnd, p, cid, start=self.method.start_state(cid)))
-            u["slot"] = slot
-        elif examples:
-            u["n"] = 0
-        return u
-
-    def aggregate_uploads(self, kept: list[dict], say) -> bool:
-        """FedAvg (or the server optimizer) of each subspace over the clients that trained it and of the projector
-        over all; applied only when finite. Returns whether it was applied."""
-        groups: dict[int, list] = {}
-        for u in kept:
-            groups.setdefault(u["slot"], []).append(u)
+    def aggregate(self, groups: list[tuple[list[str], list[Upload]]]) -> bool:
+        """The server update, generic: each group's tensors `names` averaged over the group's uploads (FedAvg with
+        weights n_k, or the server optimizer; DP-FedAvg with --dp-clip), written into the global state only when
+        every result is finite. Returns whether it was."""
         if self.cfg.dp_clip:
-            new = dp_aggregate(self, groups, kept)
+            new = dp_aggregate(self, groups)
         else:
             new = {}
-            for j, us in sorted(groups.items()):
-                names = self.method.shared(j)
-                new.update(server.aggregate({n: self.global_state[n] for n in names}, [u["state"] for u in us],
-                                            [u["n"] for u in us], self.opt, self.cfg.lora_avg))
-            if self.proj_names:
-                new.update(server.aggregate({n: self.global_state[n] for n in self.proj_names},
-                                            [u["state"] for u in kept], [u["n"] for u in kept], self.opt, "factors"))
+            for names, us in groups:
+                new.update(server.aggregate({n: self.global_state[n] for n in names}, [u.state for u in us],
+                                            [u.n for u in us], self.opt, self.cfg.lora_avg))
         if not server.finite_state(new):
-            say("aggregated update is not finite; global model kept")
             return False
         self.global_state.update(new)
         return True
@@ -413,6 +413,10 @@ class Federation:
             self.opt.m, self.opt.v = {}, {}
         return {"stage": stage, **self.method.end_stage(stage)}
 
+    def eval_clients(self) -> list:
+        """The models evaluated: every client's own (a personalized method), else the global one (None)."""
+        return sorted(self.method.personal) or [None]
+
     @torch.no_grad()
     def predict(self, examples, batch_size: int | None = None, client: int | None = None,
                 distributed: bool = False) -> list[str]:
@@ -424,14 +428,14 @@ class Federation:
             return sharded(lambda exs: self.predict(exs, batch_size, client), examples, self.rank, self.world)
         if not examples:
             return []
-        self._load(self.method.weights_for(client))
+        self.load(self.method.weights_for(client))
         alpha = self.method.prepare_inference(examples) if self.has_lora else None
         self.model.eval()
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].instruction))   # similar lengths batched:
         out: list[str] = [""] * len(examples)                                               # less left padding
         for b in range(0, len(examples), batch_size):
             idx = order[b:b + batch_size]
-            batch = self._collate([examples[i] for i in idx], with_answer=False)
+            batch = self.batch([examples[i] for i in idx], with_answer=False)
             if alpha is not None:
                 lora.set_routing(self.model, alpha[idx])
             with self.autocast():
@@ -455,13 +459,15 @@ class Federation:
         mt, mmeta = self.method.state()
         t.update({f"method/{k}": v for k, v in mt.items()})
         t = {k: v.detach().cpu().contiguous().clone() for k, v in t.items()}
-        meta = {"version": 2, "method": self.cfg.method, "K": self.K, "last": list(self.last) if self.last else None,
-                "method_state": mmeta, "dp_rounds": self.dp_rounds}
+        meta = {"version": STATE_VERSION, "method": self.cfg.method, "K": self.K,
+                "last": list(self.last) if self.last else None, "method_state": mmeta, "dp_rounds": self.dp_rounds}
         return t, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict):
-        if meta.get("method") != self.cfg.method or meta.get("K") != self.K:
-            raise ValueError(f"checkpoint is for method {meta.get('method')!r} with K={meta.get('K')}, "
+        if meta["version"] != STATE_VERSION:
+            raise ValueError(f"state file version {meta['version']}; this code reads version {STATE_VERSION}")
+        if meta["method"] != self.cfg.method or meta["K"] != self.K:
+            raise ValueError(f"checkpoint is for method {meta['method']!r} with K={meta['K']}, "
                              f"this federation is {self.cfg.method!r} with K={self.K}")
         sub = lambda prefix: {k[len(prefix):]: v.clone() for k, v in tensors.items() if k.startswith(prefix)}
         g = sub("global/")
@@ -470,39 +476,36 @@ class Federation:
             raise ValueError(f"checkpoint lacks {len(missing)} global tensors, e.g. {sorted(missing)[:3]}")
         self.global_state = g
         self.opt.load_state_dict({"m": sub("opt.m/"), "v": sub("opt.v/")})
-        self.method.load_state(sub("method/"), meta.get("method_state", {}))
-        self.last = tuple(meta["last"]) if meta.get("last") else None
-        self.dp_rounds = int(meta.get("dp_rounds", 0))
-        self._load(self.global_state)
+        self.method.load_state(sub("method/"), meta["method_state"])
+        self.last = tuple(meta["last"]) if meta["last"] else None
+        self.dp_rounds = int(meta["dp_rounds"])
+        self.load(self.global_state)
 
 
 def adopt_adapter(fed: Federation, extra: dict, meta: dict):
     """Take the adapter loaded into the model (and the projector saved with it) as the global state, to evaluate
     a saved stage (--eval-only); the method restores what it routes with (DISCO: its identity keys)."""
-    with torch.no_grad():
-        for n in fed.proj_names:
-            if f"param/{n}" in extra:
-                fed._params[n].copy_(extra[f"param/{n}"])
-    fed.global_state = {n: fed._params[n].detach().to("cpu", copy=True)
-                         for n in fed.lora_names + fed.proj_names}
-    fed.last = (int(meta.get("stage", 0)), 0)
+    fed.load({n: extra[f"param/{n}"] for n in fed.proj_names if f"param/{n}" in extra})
+    fed.global_state = {n: fed.params[n].detach().to("cpu", copy=True) for n in fed.lora_names + fed.proj_names}
+    fed.last = (int(meta["stage"]), 0)
     fed.method.restore(extra, meta)
 
 
-def dp_aggregate(fed: Federation, groups: dict, kept: list[dict]) -> dict:
+def dp_aggregate(fed: Federation, groups: list[tuple[list[str], list[Upload]]]) -> dict:
     """DP-FedAvg (McMahan et al. 2018): each client's update (what it uploads minus what it downloaded) clipped to
-    L2 norm C jointly; per tensor, the sum over its clients plus N(0, (σC)²), divided by the clients per round (a fixed
-    denominator); then FedAvg's step or the server optimizer's."""
+    L2 norm C jointly; per tensor, the sum over its group's clients plus N(0, (σC)²), divided by the clients per
+    round (a fixed denominator); then FedAvg's step or the server optimizer's."""
     c, (stage, rnd) = fed.cfg, fed.round_key
-    clipped = {u["position"]: privacy.clip({n: u["state"][n].float() - fed.global_state[n].float() for n in u["state"]},
-                                           c.dp_clip)[0] for u in kept}
+    clipped = {}
+    for u in (u for _, us in groups for u in us):
+        if u.position not in clipped:
+            clipped[u.position] = privacy.clip({n: t.float() - fed.global_state[n].float() for n, t in u.state.items()},
+                                               c.dp_clip)[0]
     gen = privacy.noise_generator(c.seed, stage, rnd, 0xD1)
-    jobs = [(n, us) for j, us in sorted(groups.items()) for n in fed.method.shared(j)]
-    jobs += [(n, kept) for n in fed.proj_names]
     new = {}
-    for n, us in jobs:
+    for n, us in [(n, us) for names, us in groups for n in names]:
         x = fed.global_state[n]
-        d = (sum(clipped[u["position"]][n] for u in us) + privacy.gaussian(x.shape, c.dp_noise * c.dp_clip, gen)) \
+        d = (sum(clipped[u.position][n] for u in us) + privacy.gaussian(x.shape, c.dp_noise * c.dp_clip, gen)) \
             / c.clients_per_round
         new[n] = (x.float() + d).to(x.dtype) if fed.opt.kind in ("fedavg", "fedprox") else fed.opt.step(n, x, d)
     return new

@@ -1,8 +1,10 @@
-"""LoRA with task subspaces: the layer, injection and modes, state, orthogonalization and routing.
+"""LoRA with task subspaces: the layer, injection and modes, state, orthogonalization, then the fast paths.
 
 One layer carries every flavour the project needs: DISCO's K subspaces per layer (train one with `set_active`, mix
-all per sample with `route` / `set_routing`), plain LoRA (K = 1), O-LoRA's penalty and hard orthogonalization, and
-CoIN's MoELoRA gate (`set_moe`). Imports only torch; adapters.py reads and writes adapter files.
+all per sample with `set_routing`), plain LoRA (K = 1), O-LoRA's penalty and hard orthogonalization, and CoIN's
+MoELoRA gate (`set_moe`). `LoRALinear.forward` reads as the formula of each mode; the fast paths it hands over to
+(in-place fused adds, a hand-written backward, cached weights, cheaper dropout masks) are in the last section, each
+tested equal to the formula. Imports only torch; adapters.py reads and writes adapter files.
 """
 import math
 import re
@@ -20,108 +22,7 @@ MODES = ("single", "routed", "moe", "merged", "off")
 
 
 # ----------------------------------------------------------------------------------------------------
-# the layer
-
-
-def dropout_mask(x, p):
-    """Inverted-dropout multipliers shaped like x: 0 with probability p' = round(65536 p) / 65536, else 1 / (1 - p').
-    Each element compares a 16-bit uniform draw; four come from one 64-bit draw of torch's generator, which on a
-    CPU costs a fifth of bernoulli_'s one draw per element (the LoRA step's largest non-matmul cost)."""
-    cut = round(p * 65536)
-    if not 0 <= cut < 65536:
-        raise ValueError(f"dropout probability {p} must be in [0, 1)")
-    n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
-    u = bits.view(torch.int16)[:n].view(x.shape).float()                  # uniform over -32768..32767, exact
-    keep = torch.ge(u, cut - 32768, out=torch.empty_like(u))              # 1.0 / 0.0
-    return keep.mul_(65536 / (65536 - cut)).to(x.dtype)
-
-
-class _SharedDropout:
-    """Input dropout shared by the LoRA layers of one parent module, one mask per distinct input (gate_proj and up_proj
-    read the same `x`; down_proj draws its own). A plain attribute; a forward hook on the parent clears it after each
-    call. Non-reentrant checkpointing recomputes with the preserved RNG state, so the masks repeat."""
-
-    def __init__(self, p):
-        self.p = float(p)
-        self._x = None        # the input tensor object seen last (strong ref, only during the parent forward)
-        self._version = None
-        self._out = None
-
-    def __call__(self, x, training):
-        if self.p <= 0.0 or not training:
-            return x
-        if self._x is x and self._version == x._version:
-            return self._out
-        out = x * dropout_mask(x, self.p)
-        self._x, self._version, self._out = x, x._version, out
-        return out
-
-    def clear(self, *args):  # also the parent's forward hook: (module, inputs, output)
-        self._x = self._version = self._out = None
-
-    def __getstate__(self):
-        return {"p": self.p, "_x": None, "_version": None, "_out": None}
-
-    def __deepcopy__(self, memo):
-        new = _SharedDropout(self.p)
-        memo[id(self)] = new
-        return new
-
-
-class _ParentHook:
-    """Forward hook object clearing a _SharedDropout cache (deep-copies with it)."""
-
-    def __init__(self, drop):
-        self.drop = drop
-
-    def __call__(self, module, inputs, output):
-        self.drop.clear()
-
-
-class _LoRAAdd(torch.autograd.Function):
-    """base + s (x Aᵀ) Bᵀ, accumulated in place into base (..., out), the output of the frozen layer. The backward
-    forms the rank-r products as (hᵀ g)ᵀ and (Bᵀ gᵀ)ᵀ rather than autograd's gᵀ h and g B: the same values, which
-    MKL's CPU kernels compute 4-7x faster when r is much smaller than the layer width; s scales the r-wide results."""
-
-    @staticmethod
-    def forward(ctx, base, x, A, B, s):
-        x2 = x.reshape(-1, x.shape[-1])                                  # (N, in)
-        h = x2 @ A.t()                                                   # (N, r)
-        _add_lowrank(base, h, B, s)
-        ctx.mark_dirty(base)
-        ctx.save_for_backward(x2, h, A, B)
-        ctx.s, ctx.x_shape = s, x.shape
-        return base
-
-    @staticmethod
-    def backward(ctx, g):
-        x2, h, A, B = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])                                  # (N, out)
-        dh = (B.t() @ g2.t()).mul_(ctx.s).t()                            # (N, r)
-        dA = dh.t() @ x2 if ctx.needs_input_grad[2] else None
-        dB = (h.t() @ g2).mul_(ctx.s).t() if ctx.needs_input_grad[3] else None
-        dx = (dh @ A).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
-        return g, dx, dA, dB, None
-
-
-def _add_lowrank(base, h, B, s=1.0):
-    """base (..., out) += s h Bᵀ in place, h (..., r): one addmm_ into the frozen layer's output."""
-    base.view(-1, base.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
-    return base
-
-
-def product_dtype(t, weight_dtype):
-    """The dtype a matrix product of t with weights of `weight_dtype` yields: autocast's when it is on for t's device
-    (mixed precision: fp32 LoRA weights, bf16/fp16 compute), else the weights' dtype."""
-    dev = t.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight_dtype
-
-
-def _fusable(base, x, weight_dtype):
-    """Whether the rank-r product can be added in place into `base`: the frozen output, the product and the LoRA
-    weights share one dtype (an in-place addmm_ is not autocast), and base is contiguous."""
-    return base.dtype == weight_dtype == product_dtype(x, weight_dtype) and base.is_contiguous()
+# the layer: each mode's formula (the fast paths it hands over to are in the last section)
 
 
 def _per_sample(a, x):
@@ -136,8 +37,8 @@ def _per_sample(a, x):
 class LoRALinear(nn.Module):
     """A frozen nn.Linear (weight and bias kept under their names) plus K LoRA subspaces of rank r = rank // K
     (DISCO, Guo et al. 2025); scaling "fcit" alpha / rank or "peft" alpha / r, B = 0 at init, branch in the LoRA dtype.
-    `mode`: "single" y = W x + s B_j A_j drop(x) (j = active), "routed" y = W x + s B_cat diag(alpha) A_cat drop(x),
-    "moe" CoIN's per-token softmax gate over the subspaces, "merged" (folded into W) or "off" (y = W x).
+    `mode` (formulas in `forward`): "single" (subspace `active`), "routed" (a weight per subspace, per sample), "moe"
+    (CoIN's per-token softmax gate over the subspaces), "merged" (folded into W) or "off" (y = W x).
     """
 
     def __init__(self, base, rank, alpha, num_subspaces=1, scaling="fcit", init="fcit", dropout=0.0,
@@ -177,8 +78,8 @@ class LoRALinear(nn.Module):
         self.train(base.training)                     # inherit train/eval from the replaced layer
         self.alpha = None                             # routing weights (K,) or (B, K), fp32
         self._merged = None                           # (original weight copy, previous mode) while merged
-        self._cache = None                            # (key, A_cat, s*B_cat) when no gradient is needed
-        self._rcache = None                           # (key, (A_sel, s*B_sel, gates)) for routed inference
+        self._cache = None                            # _cached_cat: (key, A_cat, s*B_cat), no gradient
+        self._rcache = None                           # _routed_weights: (key, (A_sel, s*B_sel, gates)), no gradient
         self._route_id = 0                            # bumped by set_routing
         self.min_weight = 0.0                         # set_routing: skip subspaces with alpha <= this
 
@@ -199,52 +100,66 @@ class LoRALinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, K={self.num_subspaces}, r={self.r}, "
                 f"scaling={self.scaling:g} ({self.scaling_mode}), mode={self.mode}")
 
-    # ---- helpers
+    # ---- the formula
+    def forward(self, x):
+        """y = W x + b + Δ, where x' = drop(x) in the LoRA dtype, s = self.scaling and diag(·) repeats each subspace's
+        weight over its r channels:
+          single   Δ = s B_j A_j x'                     (j = self.active)
+          routed   Δ = (s B_cat) diag(α) A_cat x'        (α = self.alpha: (K,), or (B, K) per sample)
+          moe      Δ = (s B_cat) diag(g) A_cat x'        (g = softmax(router(x)) per token, top-k renormalised)
+          off      Δ = 0;   merged: Δ is folded into W.
+        Where a fast path applies (`_fast_forward`, last section) it returns the same numbers instead."""
+        y = F.linear(x, self.weight, self.bias)                       # W x + b, frozen
+        if self.mode in ("off", "merged"):
+            return y
+        xd = self.drop(x, self.training).to(self.A[0].dtype)          # x' (inverted dropout: `_SharedDropout`)
+        fast = _fast_forward(self, y, xd)
+        if fast is not None:
+            return fast
+        if self.mode == "single":
+            j = self.active
+            delta = F.linear(F.linear(xd, self.A[j]), self.B[j]) * self.scaling
+        elif self.mode == "routed":
+            if self.alpha is None:
+                raise RuntimeError("routed mode without routing weights: call set_routing(model, alpha)")
+            A, sB = self._cat()
+            delta = F.linear(F.linear(xd, A) * self._route_gates(xd), sB)
+        elif self.mode == "moe":
+            A, sB = self._cat()
+            delta = F.linear(F.linear(xd, A) * self._moe_gates(x), sB)      # the gate reads x, not x'
+        else:
+            raise ValueError(f"unknown LoRA mode {self.mode!r}")
+        return (y + delta).to(y.dtype)
+
     def _cat(self):
-        """A_cat (K r, in), s * B_cat (out, K r). Cached when no gradient is needed."""
-        need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._ab())
-        if need_grad:
-            return torch.cat(list(self.A), 0), torch.cat(list(self.B), 1) * self.scaling
-        if torch.compiler.is_compiling():                            # built by the eager prefill, as in _routed
-            return self._cache[1], self._cache[2]
-        key = tuple([(p.data_ptr(), p._version) for p in self._ab()])
-        if self._cache is None or self._cache[0] != key:
-            with torch.inference_mode(False), torch.no_grad():   # plain tensors, even when built inside generate
-                self._cache = (key, torch.cat(list(self.A), 0), torch.cat(list(self.B), 1) * self.scaling)
-        return self._cache[1], self._cache[2]
+        """A_cat (K r, in) and s B_cat (out, K r): the subspaces side by side (without gradient: `_cached_cat`)."""
+        if not self._needs_grad():
+            return _cached_cat(self)
+        return torch.cat(list(self.A), 0), torch.cat(list(self.B), 1) * self.scaling
+
+    def _route_gates(self, x):
+        """diag(α) of routed mode: α (K,) or (B, K) over the K r channels, broadcastable to x' (..., K r)."""
+        a = self.alpha.to(device=x.device, dtype=self.A[0].dtype).repeat_interleave(self.r, dim=-1)
+        return _per_sample(a, x)
+
+    def _moe_gates(self, x):
+        """diag(g) of moe mode (CoIN's gate): g = softmax(router(x)) per token (..., K), optionally only the top k
+        (renormalised), over the K r channels."""
+        g = torch.softmax(self.router(x.to(self.router.weight.dtype)).float(), dim=-1)  # (..., K)
+        if self.moe_top_k is not None and self.moe_top_k < self.num_subspaces:
+            v, i = g.topk(self.moe_top_k, dim=-1)
+            g = torch.zeros_like(g).scatter(-1, i, v / v.sum(-1, keepdim=True))
+        return g.to(self.A[0].dtype).repeat_interleave(self.r, dim=-1)
+
+    def _needs_grad(self):
+        """Whether this forward must be differentiable in some LoRA weight."""
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self._ab())
 
     def _ab(self):
         """(A_0..A_{K-1}, B_0..B_{K-1}) read straight from the ParameterLists' dicts (fast; hot path)."""
         return tuple(self.A._parameters.values()) + tuple(self.B._parameters.values())
 
-    def _routed(self):
-        """No-grad routed inference: (A_sel, s B_sel, gates) restricted to the subspaces that can contribute
-        (B_j not all zero -- e.g. DISCO's empty slots -- and some alpha_j != 0); None if none can. Exact:
-        the skipped terms are exact zeros. Cached on parameter versions and the routing call; compiled code (the
-        decode step of generate(compile=True)) reads the cache its eager prefill built."""
-        if torch.compiler.is_compiling():
-            return self._rcache[1]
-        dtype = product_dtype(self.A[0], self.A[0].dtype)    # built in the dtype the products run in (autocast's)
-        key = (tuple([(p.data_ptr(), p._version) for p in self._ab()]), self._route_id, dtype)
-        if self._rcache is None or self._rcache[0] != key:
-            with torch.inference_mode(False), torch.no_grad():
-                a = self.alpha
-                used = (a.abs().amax(0) if a.dim() == 2 else a.abs()) > self.min_weight
-                sel = [j for j in range(self.num_subspaces) if bool(used[j]) and bool(self.B[j].any())]
-                if not sel:
-                    val = None
-                else:
-                    A = torch.cat([self.A[j] for j in sel], 0).to(dtype)
-                    Bs = (torch.cat([self.B[j] for j in sel], 1) * self.scaling).to(dtype)
-                    g = a[..., sel].to(device=A.device, dtype=dtype).repeat_interleave(self.r, dim=-1)
-                    val = (A, Bs, g.contiguous())
-            self._rcache = (key, val)
-        return self._rcache[1]
-
-    def _gates(self, alpha, x):
-        """alpha (K,) or (B, K) -> multiplier over the K r LoRA channels, broadcastable to (..., K r)."""
-        return _per_sample(alpha.to(device=x.device, dtype=self.A[0].dtype).repeat_interleave(self.r, dim=-1), x)
-
+    # ---- merging
     def delta_weight(self, alpha=None):
         """s * B_cat diag(alpha) A_cat (out, in) in the LoRA dtype; alpha (K,) (default: what the current
         single/routed mode computes)."""
@@ -264,53 +179,6 @@ class LoRALinear(nn.Module):
         if self.mode == "off":
             return torch.zeros(self.num_subspaces)
         raise ValueError(f"no fixed alpha in mode {self.mode!r} (per-sample or token-routed): pass alpha explicitly")
-
-    # ---- forward
-    def forward(self, x):
-        base = F.linear(x, self.weight, self.bias)
-        mode = self.mode
-        if mode in ("off", "merged"):
-            return base
-        xl = self.drop(x, self.training)
-        A0 = self.A[0]
-        if xl.dtype != A0.dtype:
-            xl = xl.to(A0.dtype)
-        if mode == "single":
-            j = self.active
-            if _fusable(base, xl, A0.dtype):
-                if not torch.is_grad_enabled():                      # no autograd.Function: traceable when compiled
-                    return _add_lowrank(base, F.linear(xl, self.A[j]), self.B[j], self.scaling)
-                return _LoRAAdd.apply(base, xl, self.A[j], self.B[j], self.scaling)
-            return (base + F.linear(F.linear(xl, self.A[j]), self.B[j]) * self.scaling).to(base.dtype)  # LoRA dtype
-        if mode == "routed":
-            if self.alpha is None:
-                raise RuntimeError("routed mode without routing weights: call set_routing(model, alpha)")
-            if torch.is_grad_enabled() and any(p.requires_grad for p in self._ab()):
-                A, Bs = self._cat()
-                h = F.linear(xl, A) * self._gates(self.alpha, xl)    # (..., K r)
-                out = F.linear(h, Bs)
-            else:                                                    # inference: skip dead subspaces, fuse
-                sel = self._routed()
-                if sel is None:
-                    return base
-                A, Bs, a = sel
-                h = F.linear(xl, A).mul_(_per_sample(a, xl))          # (..., K' r)
-                if _fusable(base, xl, A.dtype):
-                    return _add_lowrank(base, h, Bs)
-                out = F.linear(h, Bs)
-        elif mode == "moe":
-            A, Bs = self._cat()
-            g = torch.softmax(self.router(x.to(self.router.weight.dtype)).float(), dim=-1)  # (..., K)
-            if self.moe_top_k is not None and self.moe_top_k < self.num_subspaces:
-                v, i = g.topk(self.moe_top_k, dim=-1)
-                g = torch.zeros_like(g).scatter(-1, i, v / v.sum(-1, keepdim=True))
-            h = F.linear(xl, A) * g.to(A.dtype).repeat_interleave(self.r, dim=-1)
-            out = F.linear(h, Bs)
-        else:
-            raise ValueError(f"unknown LoRA mode {mode!r}")
-        if out.dtype == base.dtype:
-            return base + out
-        return (base + out).to(base.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -334,23 +202,6 @@ def _get_parent(model, name):
         parent_name, child = name.rsplit(".", 1)
         return model.get_submodule(parent_name), parent_name, child
     return model, "", name
-
-
-def _share_dropout(model, names, p):
-    """One _SharedDropout per parent module for the wrapped layers `names`."""
-    groups = {}
-    for n in names:
-        groups.setdefault(_get_parent(model, n)[1], []).append(n)
-    for parent_name, children in groups.items():
-        parent = model.get_submodule(parent_name) if parent_name else model
-        drop = None
-        for c in children:
-            layer = model.get_submodule(c)
-            if drop is None:
-                drop = layer.drop if layer.drop.p == p else _SharedDropout(p)
-            layer.drop = drop
-        if not any(isinstance(h, _ParentHook) and h.drop is drop for h in parent._forward_hooks.values()):
-            parent.register_forward_hook(_ParentHook(drop))
 
 
 def _freeze_all(model):
@@ -639,31 +490,203 @@ def subspace_overlap(model, reduce="mean"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# routing (DISCO's subspace selective activation and the paper's ablation variants)
+# fast paths (CPU/GPU speed; each gives the numbers of the formula in LoRALinear.forward and names its test)
 
 
-def route(features, keys, mode="softmax", temperature=0.05, valid=None):
-    """Routing weights (B, K) in fp32 from identity features (B, D) or (D,) and keys (K, D), s = cos(features, keys):
-    "softmax" softmax(s / temperature) (DISCO's subspace selective activation), "argmax" one-hot, "concat" all ones,
-    "cosine" s. Slots outside `valid` (K,) get 0 (all zeros if none is valid); a zero key gives s = 0."""
-    f = torch.as_tensor(features).float()
-    if f.dim() == 1:
-        f = f[None]
-    k = torch.as_tensor(keys).float().to(f.device)
-    Bn, K = f.shape[0], k.shape[0]
-    if f.shape[-1] != k.shape[-1]:
-        raise ValueError(f"feature dim {f.shape[-1]} != key dim {k.shape[-1]}")
-    v = torch.ones(K, dtype=torch.bool, device=f.device) if valid is None else \
-        torch.as_tensor(valid, dtype=torch.bool, device=f.device)
-    s = F.normalize(f, dim=-1) @ F.normalize(k, dim=-1).t()         # (B, K)
-    if mode == "concat":
-        return v.float().expand(Bn, K).clone()
-    if mode == "cosine":
-        return s * v.float()
-    if not bool(v.any()):
-        return torch.zeros(Bn, K, device=f.device)
-    if mode == "softmax":
-        return torch.softmax((s / temperature).masked_fill(~v, float("-inf")), dim=-1)
-    if mode == "argmax":
-        return F.one_hot(s.masked_fill(~v, float("-inf")).argmax(-1), K).float()
-    raise ValueError(f"unknown routing mode {mode!r} (softmax|argmax|concat|cosine)")
+def _fast_forward(m, y, x):
+    """LoRALinear.forward's y + Δ by a fast path, or None where none applies (the formula then runs); y = W x + b,
+    x = x' (dropped out, in the LoRA dtype).
+    - single, when `_fusable`: Δ added in place into y, by `_add_lowrank` without gradient (traceable when compiled),
+      else by `_LoRAAdd` (a backward in MKL's fast layouts);
+    - routed without gradient: only the subspaces that can contribute (`_routed_weights`, cached), added in place
+      when `_fusable`.
+    Tested equal to the formula by test_fast_paths_match_the_formula (every mode, fp32 and bf16 autocast, with and
+    without gradient), test_lora_add_backward_matches_autograd and
+    test_routed_fast_path_skips_exactly_and_matches_grad_path."""
+    if m.mode == "single" and _fusable(y, x, x.dtype):
+        A, B = m.A[m.active], m.B[m.active]
+        if not torch.is_grad_enabled():                      # no autograd.Function: traceable when compiled
+            return _add_lowrank(y, F.linear(x, A), B, m.scaling)
+        return _LoRAAdd.apply(y, x, A, B, m.scaling)
+    if m.mode == "routed" and m.alpha is not None and not m._needs_grad():
+        sel = _routed_weights(m)
+        if sel is None:                                              # no subspace can contribute: Δ = 0 exactly
+            return y
+        A, sB, a = sel
+        h = F.linear(x, A).mul_(_per_sample(a, x))                    # (..., K' r)
+        if _fusable(y, x, A.dtype):
+            return _add_lowrank(y, h, sB)
+        return (y + F.linear(h, sB)).to(y.dtype)
+    return None
+
+
+# ---- in-place fused adds
+
+
+def _add_lowrank(base, h, B, s=1.0):
+    """base (..., out) += s h Bᵀ in place, h (..., r): one addmm_ into the frozen layer's output."""
+    base.view(-1, base.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
+    return base
+
+
+class _LoRAAdd(torch.autograd.Function):
+    """base + s (x Aᵀ) Bᵀ, accumulated in place into base (..., out), the output of the frozen layer. The backward
+    forms the rank-r products as (hᵀ g)ᵀ and (Bᵀ gᵀ)ᵀ rather than autograd's gᵀ h and g B: the same values, which
+    MKL's CPU kernels compute 4-7x faster when r is much smaller than the layer width; s scales the r-wide results.
+    Tested: test_lora_add_backward_matches_autograd (against autograd of the formula; gradcheck in float64)."""
+
+    @staticmethod
+    def forward(ctx, base, x, A, B, s):
+        x2 = x.reshape(-1, x.shape[-1])                                  # (N, in)
+        h = x2 @ A.t()                                                   # (N, r)
+        _add_lowrank(base, h, B, s)
+        ctx.mark_dirty(base)
+        ctx.save_for_backward(x2, h, A, B)
+        ctx.s, ctx.x_shape = s, x.shape
+        return base
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, h, A, B = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])                                  # (N, out)
+        dh = (B.t() @ g2.t()).mul_(ctx.s).t()                            # (N, r)
+        dA = dh.t() @ x2 if ctx.needs_input_grad[2] else None
+        dB = (h.t() @ g2).mul_(ctx.s).t() if ctx.needs_input_grad[3] else None
+        dx = (dh @ A).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
+        return g, dx, dA, dB, None
+
+
+def product_dtype(t, weight_dtype):
+    """The dtype a matrix product of t with weights of `weight_dtype` yields: autocast's when it is on for t's device
+    (mixed precision: fp32 LoRA weights, bf16/fp16 compute), else the weights' dtype."""
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight_dtype
+
+
+def _fusable(base, x, weight_dtype):
+    """Whether the rank-r product can be added in place into `base`: the frozen output, the product and the LoRA
+    weights share one dtype (an in-place addmm_ is not autocast), and base is contiguous. Tested:
+    test_every_mode_under_cpu_autocast, test_fast_paths_match_the_formula (bf16 autocast)."""
+    return base.dtype == weight_dtype == product_dtype(x, weight_dtype) and base.is_contiguous()
+
+
+# ---- cached weights (no gradient)
+
+
+def _cached_cat(m):
+    """LoRALinear._cat without gradient: A_cat and s B_cat built once per parameter version, as plain tensors even when
+    built under inference mode (inside generate); compiled code (the decode step of generate(compile=True)) reads what
+    its eager prefill built. Tested: test_fast_paths_match_the_formula (moe),
+    test_compiled_decode_with_lora_modes_matches_eager."""
+    if torch.compiler.is_compiling():                            # built by the eager prefill, as in _routed_weights
+        return m._cache[1], m._cache[2]
+    key = tuple([(p.data_ptr(), p._version) for p in m._ab()])
+    if m._cache is None or m._cache[0] != key:
+        with torch.inference_mode(False), torch.no_grad():   # plain tensors, even when built inside generate
+            m._cache = (key, torch.cat(list(m.A), 0), torch.cat(list(m.B), 1) * m.scaling)
+    return m._cache[1], m._cache[2]
+
+
+def _routed_weights(m):
+    """Routed mode without gradient: (A_sel, s B_sel, gates) restricted to the subspaces that can contribute (B_j not
+    all zero -- e.g. DISCO's empty slots -- and some α_j above m.min_weight, 0 unless set_routing says otherwise), in
+    the dtype the products run in (autocast's); None if none can. Exact: the skipped terms are exact zeros. Cached on
+    parameter versions and the routing call; compiled code (the decode step of generate(compile=True)) reads the
+    cache its eager prefill built. Tested: test_routed_fast_path_skips_exactly_and_matches_grad_path,
+    test_caches_built_under_inference_mode_are_plain_tensors, test_fast_paths_match_the_formula."""
+    if torch.compiler.is_compiling():
+        return m._rcache[1]
+    dtype = product_dtype(m.A[0], m.A[0].dtype)          # built in the dtype the products run in (autocast's)
+    key = (tuple([(p.data_ptr(), p._version) for p in m._ab()]), m._route_id, dtype)
+    if m._rcache is None or m._rcache[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            a = m.alpha
+            used = (a.abs().amax(0) if a.dim() == 2 else a.abs()) > m.min_weight
+            sel = [j for j in range(m.num_subspaces) if bool(used[j]) and bool(m.B[j].any())]
+            if not sel:
+                val = None
+            else:
+                A = torch.cat([m.A[j] for j in sel], 0).to(dtype)
+                Bs = (torch.cat([m.B[j] for j in sel], 1) * m.scaling).to(dtype)
+                g = a[..., sel].to(device=A.device, dtype=dtype).repeat_interleave(m.r, dim=-1)
+                val = (A, Bs, g.contiguous())
+        m._rcache = (key, val)
+    return m._rcache[1]
+
+
+# ---- dropout: 16-bit masks, one per input shared by the layers that read it
+
+
+def dropout_mask(x, p):
+    """Inverted-dropout multipliers shaped like x: 0 with probability p' = round(65536 p) / 65536, else 1 / (1 - p').
+    Each element compares a 16-bit uniform draw; four come from one 64-bit draw of torch's generator, which on a
+    CPU costs a fifth of bernoulli_'s one draw per element (the LoRA step's largest non-matmul cost). Tested:
+    test_dropout_mask_is_inverted_bernoulli."""
+    cut = round(p * 65536)
+    if not 0 <= cut < 65536:
+        raise ValueError(f"dropout probability {p} must be in [0, 1)")
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
+    u = bits.view(torch.int16)[:n].view(x.shape).float()                  # uniform over -32768..32767, exact
+    keep = torch.ge(u, cut - 32768, out=torch.empty_like(u))              # 1.0 / 0.0
+    return keep.mul_(65536 / (65536 - cut)).to(x.dtype)
+
+
+class _SharedDropout:
+    """Input dropout shared by the LoRA layers of one parent module, one mask per distinct input (gate_proj and up_proj
+    read the same `x`; down_proj draws its own). A plain attribute; a forward hook on the parent clears it after each
+    call. Non-reentrant checkpointing recomputes with the preserved RNG state, so the masks repeat. Tested:
+    test_dropout_shared_between_gate_and_up, test_dropout_with_gradient_checkpointing_matches."""
+
+    def __init__(self, p):
+        self.p = float(p)
+        self._x = None        # the input tensor object seen last (strong ref, only during the parent forward)
+        self._version = None
+        self._out = None
+
+    def __call__(self, x, training):
+        if self.p <= 0.0 or not training:
+            return x
+        if self._x is x and self._version == x._version:
+            return self._out
+        out = x * dropout_mask(x, self.p)
+        self._x, self._version, self._out = x, x._version, out
+        return out
+
+    def clear(self, *args):  # also the parent's forward hook: (module, inputs, output)
+        self._x = self._version = self._out = None
+
+    def __getstate__(self):
+        return {"p": self.p, "_x": None, "_version": None, "_out": None}
+
+    def __deepcopy__(self, memo):
+        new = _SharedDropout(self.p)
+        memo[id(self)] = new
+        return new
+
+
+class _ParentHook:
+    """Forward hook object clearing a _SharedDropout cache (deep-copies with it)."""
+
+    def __init__(self, drop):
+        self.drop = drop
+
+    def __call__(self, module, inputs, output):
+        self.drop.clear()
+
+
+def _share_dropout(model, names, p):
+    """One _SharedDropout per parent module for the wrapped layers `names`."""
+    groups = {}
+    for n in names:
+        groups.setdefault(_get_parent(model, n)[1], []).append(n)
+    for parent_name, children in groups.items():
+        parent = model.get_submodule(parent_name) if parent_name else model
+        drop = None
+        for c in children:
+            layer = model.get_submodule(c)
+            if drop is None:
+                drop = layer.drop if layer.drop.p == p else _SharedDropout(p)
+            layer.drop = drop
+        if not any(isinstance(h, _ParentHook) and h.drop is drop for h in parent._forward_hooks.values()):
+            parent.register_forward_hook(_ParentHook(drop))

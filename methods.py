@@ -1,117 +1,155 @@
-"""The continual methods, each a small unit of hooks the engine (federate.Federation) calls. Finetune defines
-every hook; the others override only where they differ from it. METHODS is the one list of names."""
+"""The method protocol and the baseline methods. A method is a unit of hooks that the engine (federate.Federation)
+calls; Finetune defines every hook, and each other method overrides only where it differs. What crosses the boundary
+is typed: the engine hands a method a `Round`; `assign` answers with an `Assignment`, `job` with a `Job`; clients send
+a server.Upload. What a method is and how long it trains are data (class attributes and a `Schedule`), not hooks.
+DISCO, the paper's method, is in disco.py, built on Finetune; federate.METHODS lists them all.
+
+The 13 hooks, in the order a run calls them:
+  a round     assign, weights_for, job, configure, after_local_train, aggregate
+  a stage     end_stage
+  inference   (weights_for,) prepare_inference, routing_accuracy
+  saving      export, restore, state, load_state
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 
 import lora
-import privacy
-import server
-from identity import identity_features
+from server import Upload
+
+NOT_FINITE = "the aggregated update is not finite: the global model is left unchanged"
+
+
+class CapacityError(RuntimeError):
+    """A method needs more LoRA subspaces than the model has (O-LoRA: one per stage; DISCO: one per task). The official
+    code crashes with an index error or silently drops keys; we stop with this message instead."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a method trains: `rounds` per stage and `local_epochs` per client and round. centralised (MTL): one client,
+    -1, holding every stage's pooled data, in one stage, without client sampling, dropout or privacy (Last only)."""
+    rounds: int
+    local_epochs: float
+    centralised: bool = False
+
+    def stages(self, n_stages: int) -> int:
+        """The stages it trains of a benchmark of n_stages."""
+        return 1 if self.centralised else n_stages
+
+
+@dataclass
+class Round:
+    """One communication round as the engine hands it to a method: clients[p] is the client at position p (in
+    Het-FCIT the position picks the task), data[p] its examples, for the positions this rank trains."""
+    stage: int
+    rnd: int
+    clients: list[int]
+    data: dict[int, list]
+    log: Callable[[str], None]
+
+    def say(self, msg: str):
+        self.log(f"stage {self.stage + 1} round {self.rnd + 1}: {msg}")
+
+
+@dataclass
+class Assignment:
+    """`assign`'s answer: the subspace each position trains; the positions it excludes, with the reason; the bytes a
+    position sent to be assigned (DISCO's identity token); entries for the round log."""
+    slots: dict[int, int]
+    dropped: dict[int, str] = field(default_factory=dict)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    log: dict = field(default_factory=dict)
+
+
+@dataclass
+class Job:
+    """`job`'s answer: the LoRA tensors a client of one subspace trains, those it uploads for the server to aggregate
+    (the rest stay on the client: FedSA's B), and the tensors it downloads (with the projector, for bytes_down)."""
+    trained: list[str]
+    shared: list[str]
+    downloads: dict[str, torch.Tensor]
+
+
+def tally(counts: dict[str, int], more: dict[str, int]):
+    """counts += more, per dataset, in place."""
+    for ds, c in more.items():
+        counts[ds] = counts.get(ds, 0) + c
 
 
 class Finetune:
     """One LoRA trained sequentially through the stages, FedAvg'ed each round (FCIT's Finetune row)."""
-    has_lora, trains, continual, federated = True, True, True, True
-    releases_identity = False            # DISCO uploads an identity token (private data under DP)
+    trains = True                 # False: the base model only, no adapters and no rounds (ZeroShot)
+    subspaces = False             # K = cfg.subspaces LoRA subspaces per layer, else one
+    router = False                # a token-level router per layer (MoELoRA)
+    releases_identity = False     # uploads an identity token (DISCO), noised under DP
 
     def __init__(self, fed):
         self.fed, self.cfg = fed, fed.cfg
+        self.schedule = Schedule(fed.cfg.rounds, fed.cfg.local_epochs)
+        self.personal: dict[int, dict[str, int]] = {}   # personalized methods: {client: {dataset: samples trained}}
 
-    def num_subspaces(self) -> int:
-        return 1
-
-    def setup(self, generator):
-        """After the LoRA layers are built (MoELoRA adds its routers)."""
-
-    def stages(self, n_stages: int) -> int:
-        return n_stages
-
-    def rounds(self) -> int:
-        return self.cfg.rounds
-
-    def local_epochs(self) -> float:
-        return self.cfg.local_epochs
-
-    def select(self, stage, rnd) -> list[int]:
-        return server.sample_clients(self.cfg.clients, self.cfg.clients_per_round, self.cfg.seed, stage, rnd,
-                                     self.cfg.client_sampling)
-
-    def client_data(self, get, position, client):
-        return get(position, client)
-
-    def assign(self, stage, rnd, sel, datas, dropped, rec, say) -> dict[int, int]:
+    # ---- a round
+    def assign(self, ctx: Round) -> Assignment:
         """The subspace each position trains this round."""
-        return {p: 0 for p in range(len(sel))}
+        return Assignment({p: 0 for p in range(len(ctx.clients))})
 
-    def trained(self, slot) -> list[str]:
-        """The LoRA tensors a client of `slot` trains and uploads."""
-        return self.fed.slot_names(slot)
-
-    def shared(self, slot) -> list[str]:
-        """The trained LoRA tensors a client uploads and the server aggregates (the rest it keeps)."""
-        return self.trained(slot)
-
-    def downloads(self, slot) -> set[str]:
-        """The LoRA tensors a client of `slot` needs from the server."""
-        return set(self.shared(slot))
-
-    def upload_extra(self, position) -> int:
-        return 0
-
-    def download_extra(self, names) -> int:
-        return 0
-
-    def configure(self, slot, train: bool):
-        lora.set_active(self.fed.model, slot if train else None)
-
-    def penalty(self, names, slot):
-        return None
-
-    def start_state(self, client):
-        return None
-
-    def after_local_train(self, examples, names, rnd) -> dict:
-        """Extra tensors a client uploads after training, {name: tensor}."""
-        return {}
-
-    def aggregate(self, stage, rnd, kept, rec, say):
-        if not self.fed.aggregate_uploads(kept, lambda s: say(f"stage {stage + 1} round {rnd + 1}: {s}")):
-            rec["aggregation_skipped"] = "non-finite aggregate"
-
-    def end_stage(self, stage) -> dict:
-        return {}
-
-    def eval_clients(self) -> list:
-        return [None]
-
-    def weights_for(self, client) -> dict:
+    def weights_for(self, client: int | None) -> dict[str, torch.Tensor]:
+        """The weights a client trains from and is evaluated with (None: the global model)."""
         return self.fed.global_state
 
-    def personal_datasets(self) -> dict[int, dict[str, int]]:
-        """Personalized methods: {client: {dataset: samples it trained on}}, so that each client's own model is also
-        scored on its own tasks; empty for a method with one global model."""
+    def job(self, slot: int) -> Job:
+        """What a client of subspace `slot` trains, uploads and downloads."""
+        names = self.fed.slot_names(slot)
+        return Job(names, names, {n: self.fed.global_state[n] for n in names})
+
+    def configure(self, slot: int) -> Callable[[], torch.Tensor] | None:
+        """Set the LoRA layers to train `slot`; return the method's regulariser of the client's loss, or None."""
+        lora.set_active(self.fed.model, slot)
+        return None
+
+    def after_local_train(self, examples, names: list[str], rnd: int) -> dict[str, torch.Tensor]:
+        """Extra tensors a client uploads after its training."""
         return {}
 
-    def prepare_inference(self, examples):
-        """Put the LoRA layers in inference mode; per-example routing weights, or None."""
-        self.configure(None, False)
+    def aggregate(self, ctx: Round, kept: list[Upload]) -> dict:
+        """The server's update from the screened uploads; returns entries for the round log. Every client trained
+        the same subspace: FedAvg of it and of the projector over all of them."""
+        if self.fed.aggregate([(self.job(kept[0].slot).shared, kept), (self.fed.proj_names, kept)]):
+            return {}
+        return {"aggregation_skipped": NOT_FINITE}
+
+    # ---- a stage
+    def end_stage(self, stage: int) -> dict:
+        """Consolidate at the end of a stage; returns what to log."""
+        return {}
+
+    # ---- inference (from weights_for(client))
+    def prepare_inference(self, examples) -> torch.Tensor | None:
+        """Put the LoRA layers in inference mode; per-example routing weights (B, K), or None."""
+        lora.set_active(self.fed.model, None)
         return None
 
-    def routing_accuracy(self, examples_by_task):
+    def routing_accuracy(self, examples_by_task: dict) -> float | None:
+        """How often inference routes a test example to the subspace that learned its task (None: no routing)."""
         return None
 
-    def export(self):
+    # ---- saving
+    def export(self) -> tuple[dict, torch.Tensor | None] | None:
         """(extra tensors, PEFT routing α or None) of the stage adapter, or None when there is nothing to save."""
         return {}, (torch.ones(self.fed.K) / self.fed.K if self.fed.K > 1 else None)
 
     def restore(self, extra: dict, meta: dict):
         """What inference needs from a saved stage adapter (`export`'s extra tensors and its metadata)."""
 
-    def state(self) -> tuple[dict, dict]:
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON metadata) to resume exactly after a round."""
         return {}, {}
 
-    def load_state(self, tensors: dict, meta: dict):
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict):
         pass
 
 
@@ -121,37 +159,20 @@ class FedIT(Finetune):
 
 class ZeroShot(Finetune):
     """The base model, no training."""
-    has_lora, trains = False, False
+    trains = False
 
-    def rounds(self):
-        return 1
-
-    def prepare_inference(self, examples):
-        return None
-
-    def export(self):
-        return None
+    def __init__(self, fed):
+        super().__init__(fed)
+        self.schedule = replace(self.schedule, rounds=1)
 
 
 class MTL(Finetune):
-    """The centralised upper bound: one joint training on every stage's pooled data, as one client for
-    mtl_epochs (the federated methods' budget), evaluated once (Last only)."""
-    continual, federated = False, False
+    """The centralised upper bound: one joint training on every stage's pooled data, as one client for mtl_epochs
+    (the federated methods' budget), evaluated once (Last only)."""
 
-    def stages(self, n_stages):
-        return 1
-
-    def rounds(self):
-        return 1
-
-    def local_epochs(self):
-        return self.cfg.mtl_epochs
-
-    def select(self, stage, rnd):
-        return [-1]
-
-    def client_data(self, get, position, client):
-        return get(None, None)
+    def __init__(self, fed):
+        super().__init__(fed)
+        self.schedule = Schedule(rounds=1, local_epochs=fed.cfg.mtl_epochs, centralised=True)
 
 
 class Local(Finetune):
@@ -160,44 +181,33 @@ class Local(Finetune):
 
     def __init__(self, fed):
         super().__init__(fed)
-        self.states: dict[int, dict[str, torch.Tensor]] = {}
-        self.trained_on: dict[int, dict[str, int]] = {}              # client -> {dataset: samples trained}
+        self.states: dict[int, dict[str, torch.Tensor]] = {}          # client -> the tensors it keeps
 
-    def start_state(self, client):
-        return self.states.get(client)
-
-    def keep(self, u, state):
+    def keep(self, u: Upload, state: dict[str, torch.Tensor]):
         """Client u keeps `state` (its own tensors) and counts the datasets it has trained on."""
-        self.states[u["client"]] = state
-        seen = self.trained_on.setdefault(u["client"], {})
-        for ds, c in u["datasets"].items():
-            seen[ds] = seen.get(ds, 0) + c
+        self.states[u.client] = state
+        tally(self.personal.setdefault(u.client, {}), u.datasets)
 
-    def aggregate(self, stage, rnd, kept, rec, say):
+    def aggregate(self, ctx, kept):
         for u in kept:
-            self.keep(u, u["state"])
-
-    def eval_clients(self):
-        return sorted(self.states)
+            self.keep(u, u.state)
+        return {}
 
     def weights_for(self, client):
         if client is None:
             raise ValueError("method 'local' evaluates one client at a time: predict(..., client=id)")
-        return self.states.get(client, self.fed.global_state)
-
-    def personal_datasets(self):
-        return {c: dict(d) for c, d in sorted(self.trained_on.items())}
+        return {**self.fed.global_state, **self.states.get(client, {})}
 
     def export(self):
         return None
 
     def state(self):
         return ({f"{c}/{n}": v for c, st in self.states.items() for n, v in st.items()},
-                {"trained_on": {str(c): d for c, d in self.trained_on.items()}})
+                {"personal": {str(c): d for c, d in self.personal.items()}})
 
     def load_state(self, tensors, meta):
         self.states = {}
-        self.trained_on = {int(c): dict(d) for c, d in meta.get("trained_on", {}).items()}
+        self.personal = {int(c): dict(d) for c, d in meta["personal"].items()}
         for k, v in tensors.items():
             c, n = k.split("/", 1)
             self.states.setdefault(int(c), {})[n] = v
@@ -208,16 +218,16 @@ class FedSA(Local):
     a client trains from the global A and its own B. Evaluation averages over the clients' models (global A + own
     B) on the global test sets, and scores each client's model on its own tasks."""
 
-    def shared(self, slot):
-        return [n for n in self.trained(slot) if ".A." in n]
+    def job(self, slot):
+        names = self.fed.slot_names(slot)
+        shared = [n for n in names if ".A." in n]
+        return Job(names, shared, {n: self.fed.global_state[n] for n in shared})
 
-    def aggregate(self, stage, rnd, kept, rec, say):
-        Finetune.aggregate(self, stage, rnd, kept, rec, say)
+    def aggregate(self, ctx, kept):
+        log = Finetune.aggregate(self, ctx, kept)
         for u in kept:
-            self.keep(u, u["local"])
-
-    def weights_for(self, client):
-        return {**self.fed.global_state, **super().weights_for(client)}
+            self.keep(u, u.local)
+        return log
 
 
 class EWC(Finetune):
@@ -226,50 +236,52 @@ class EWC(Finetune):
 
     def __init__(self, fed):
         super().__init__(fed)
-        self.F, self.star, self.stage_fisher, self._on_device = {}, {}, {}, None
+        self.F, self.star, self.stage_fisher = {}, {}, {}
 
-    def penalty(self, names, slot):
+    def job(self, slot):
+        j = super().job(slot)     # a client also downloads F and w* (the projector's too)
+        return replace(j, downloads=j.downloads | {f"F/{n}": f for n, f in self.F.items()}
+                       | {f"star/{n}": w for n, w in self.star.items()})
+
+    def configure(self, slot):
+        super().configure(slot)
         if not self.F or self.cfg.ewc_lambda <= 0:
             return None
-        if self._on_device is None:
-            self._on_device = {n: (self.F[n].to(self.fed.device), self.star[n].to(self.fed.device)) for n in self.F}
-        p = self.fed._params
-        return self.cfg.ewc_lambda / 2 * sum((f * (p[n] - w) ** 2).sum()
-                                             for n, (f, w) in self._on_device.items() if n in names)
+        p, dev = self.fed.params, self.fed.device
+        anchor = {n: (self.F[n].to(dev), self.star[n].to(dev)) for n in self.F}
+        return lambda: self.cfg.ewc_lambda / 2 * sum((f * (p[n] - w) ** 2).sum() for n, (f, w) in anchor.items())
 
     def after_local_train(self, examples, names, rnd):
-        return self.fisher(examples, names) if rnd == self.rounds() - 1 else {}
+        return self.fisher(examples, names) if rnd == self.schedule.rounds - 1 else {}
 
     def fisher(self, examples, names) -> dict[str, torch.Tensor]:
         """F = (1/N) Σ_i (∂ℓ_i/∂w)², ℓ_i the mean token loss of sample i alone, at the client's final weights,
         dropout off (an exact batch-of-1 loop; a batch-mean gradient would underestimate it)."""
-        fed, model = self.fed, self.fed.model
+        fed, model, p = self.fed, self.fed.model, self.fed.params
         lora.set_active(model, 0)
         for n in names:
-            fed._params[n].requires_grad_(True)
-        out = {n: torch.zeros_like(fed._params[n], dtype=torch.float32) for n in names}
+            p[n].requires_grad_(True)
+        out = {n: torch.zeros_like(p[n], dtype=torch.float32) for n in names}
         model.eval()
         for ex in examples:
             model.zero_grad(set_to_none=True)
             with fed.autocast():
-                loss = model.loss(**fed._collate([ex]))
+                loss = model.loss(**fed.batch([ex]))
             loss.float().backward()
             for n in names:
-                if fed._params[n].grad is not None:
-                    out[n] += fed._params[n].grad.detach().float() ** 2
+                if p[n].grad is not None:
+                    out[n] += p[n].grad.detach().float() ** 2
         model.zero_grad(set_to_none=True)
         return {n: (f / max(1, len(examples))).cpu() for n, f in out.items()}
 
-    def download_extra(self, names):
-        return 2 * server.nbytes({n: t for n, t in self.F.items() if n in names})
-
-    def aggregate(self, stage, rnd, kept, rec, say):
-        super().aggregate(stage, rnd, kept, rec, say)
-        with_f = [u for u in kept if u["extra"]]            # the stage's last round uploads a Fisher
-        tot = sum(u["n"] for u in with_f)
+    def aggregate(self, ctx, kept):
+        log = super().aggregate(ctx, kept)
+        with_f = [u for u in kept if u.extra]            # the stage's last round uploads a Fisher
+        tot = sum(u.n for u in with_f)
         for u in with_f:
-            for n, f in u["extra"].items():
-                self.stage_fisher[n] = self.stage_fisher.get(n, 0) + f * (u["n"] / tot)
+            for n, f in u.extra.items():
+                self.stage_fisher[n] = self.stage_fisher.get(n, 0) + f * (u.n / tot)
+        return log
 
     def end_stage(self, stage):
         if not self.stage_fisher:
@@ -277,7 +289,7 @@ class EWC(Finetune):
         for n, f in self.stage_fisher.items():
             self.F[n] = self.F.get(n, torch.zeros_like(f)) + f
             self.star[n] = self.fed.global_state[n].clone().float()
-        self.stage_fisher, self._on_device = {}, None
+        self.stage_fisher = {}
         return {"fisher_mean": float(torch.cat([f.flatten() for f in self.F.values()]).mean())}
 
     def state(self):
@@ -286,237 +298,53 @@ class EWC(Finetune):
 
     def load_state(self, tensors, meta):
         sub = lambda p: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
-        self.F, self.star, self.stage_fisher, self._on_device = sub("F/"), sub("star/"), sub("stage/"), None
+        self.F, self.star, self.stage_fisher = sub("F/"), sub("star/"), sub("stage/")
 
 
 class OLoRA(Finetune):
     """A new subspace per stage, trained with the frozen earlier ones in the forward pass and the penalty
     λ1 Σ |A_old A_newᵀ| (Wang et al. 2023); inference sums the subspaces used so far."""
+    subspaces = True
 
-    def __init__(self, fed):
-        super().__init__(fed)
-        self.stage_slot: dict[int, int] = {}
+    def assign(self, ctx):
+        if ctx.stage >= self.fed.K:
+            raise CapacityError(f"O-LoRA opens one subspace per stage; stage {ctx.stage + 1} needs "
+                                f"{ctx.stage + 1} > K={self.fed.K} subspaces (raise --subspaces)")
+        return Assignment({p: ctx.stage for p in range(len(ctx.clients))})
 
-    def num_subspaces(self):
-        return self.cfg.subspaces
+    def job(self, slot):
+        j = super().job(slot)     # the frozen old subspaces are in the client's forward pass
+        old = [n for o in range(slot) for n in self.fed.slot_names(o)]
+        return replace(j, downloads=j.downloads | {n: self.fed.global_state[n] for n in old})
 
-    def slot(self, stage):
-        if stage >= self.fed.K:
-            raise server.CapacityError(f"O-LoRA opens one subspace per stage; stage {stage + 1} needs "
-                                       f"{stage + 1} > K={self.fed.K} subspaces (raise --subspaces)")
-        return stage
-
-    def assign(self, stage, rnd, sel, datas, dropped, rec, say):
-        return {p: self.slot(stage) for p in range(len(sel))}
-
-    def downloads(self, slot):
-        return set(self.trained(slot)).union(*[self.fed.slot_names(o) for o in range(slot)])
-
-    def configure(self, slot, train):
-        super().configure(slot, train)
-        if slot and slot > 0:
-            lora.set_routing(self.fed.model, torch.tensor([1.0] * (slot + 1) + [0.0] * (self.fed.K - slot - 1)))
-
-    def penalty(self, names, slot):
-        if slot == 0 or self.cfg.olora_lambda <= 0:
+    def configure(self, slot):
+        super().configure(slot)
+        if slot == 0:
             return None
-        return lora.olora_penalty(self.fed.model, slot, list(range(slot)), weight=self.cfg.olora_lambda)
-
-    def end_stage(self, stage):
-        self.stage_slot[stage] = self.slot(stage)
-        return {}
+        lora.set_routing(self.fed.model, torch.tensor([1.0] * (slot + 1) + [0.0] * (self.fed.K - slot - 1)))
+        if self.cfg.olora_lambda <= 0:
+            return None
+        return lambda: lora.olora_penalty(self.fed.model, slot, list(range(slot)), weight=self.cfg.olora_lambda)
 
     def prepare_inference(self, examples):
-        last = {self.slot(self.fed.last[0])} if self.fed.last else set()
-        used = set(self.stage_slot.values()) | last
-        lora.set_routing(self.fed.model, torch.tensor([1.0 if j in used else 0.0 for j in range(self.fed.K)]))
+        used = self.fed.last[0] + 1 if self.fed.last else 0          # stage s trained subspace s
+        lora.set_routing(self.fed.model, torch.tensor([1.0 if j < used else 0.0 for j in range(self.fed.K)]))
         return None
-
-    def restore(self, extra, meta):
-        self.stage_slot = {s: self.slot(s) for s in range(int(meta.get("stage", 0)) + 1)}
-
-    def state(self):
-        return {}, {"stage_slot": {str(k): v for k, v in self.stage_slot.items()}}
-
-    def load_state(self, tensors, meta):
-        self.stage_slot = {int(k): v for k, v in meta.get("stage_slot", {}).items()}
 
 
 class MoELoRA(Finetune):
     """CoIN's rank-split experts with a trainable token router; all experts and routers trained and averaged
     (Chen et al. 2024)."""
+    subspaces, router = True, True
 
-    def num_subspaces(self):
-        return self.cfg.subspaces
+    def job(self, slot):
+        names = list(self.fed.lora_names)
+        return Job(names, names, {n: self.fed.global_state[n] for n in names})
 
-    def setup(self, generator):
-        lora.set_moe(self.fed.model, generator=generator)
-
-    def trained(self, slot):
-        return list(self.fed.lora_names)
-
-    def configure(self, slot, train):
-        lora.set_moe(self.fed.model, trainable=train)
-
-
-class DISCO(Finetune):
-    """DISCO (Guo et al. 2025). DKO: a client's identity token μ_k (its mean instruction feature) is matched
-    against the global keys (cos ≥ τ); a miss opens a new subspace; each subspace is FedAvg'ed over its own
-    clients and key_j ← (size_j·key_j + Σ n_k μ_k)/(size_j + Σ n_k). SSA: y = Wx + s Σ_j α_j B_j A_j x with
-    α = softmax(cos(f(x), keys) / 0.05) per sample."""
-    releases_identity = True
-
-    def __init__(self, fed):
-        super().__init__(fed)
-        self.keys: torch.Tensor | None = None                       # (K, D) identity keys
-        self.sizes = torch.zeros(self.cfg.subspaces, dtype=torch.float64)   # samples behind each key
-        self.mus: dict[int, tuple] = {}                             # this round: position -> (μ, n)
-        self.pos_slot: dict = {}                                    # assign="round0": position -> subspace
-        self.open_order: list[int] = []
-        self.slot_data: dict[int, dict[str, float]] = {}            # subspace -> {dataset: samples trained}
-
-    def num_subspaces(self):
-        return self.cfg.subspaces
-
-    def assign(self, stage, rnd, sel, datas, dropped, rec, say):
-        """Identity tokens up, a subspace down, before training: the positions with no subspace yet are matched
-        (round 0 of a stage with assign="round0", the official schedule; every round with "every_round")."""
-        fed = self.fed
-        local = {p: (self._token(datas[p], stage, rnd, sel[p]), len(datas[p])) for p in datas if datas[p]}
-        self.mus = fed.gather(local)
-        for p in [p for p in self.mus if not bool(torch.isfinite(self.mus[p][0]).all())]:
-            dropped.append({"client": sel[p], "position": p, "reason": "non-finite identity feature"})
-            del self.mus[p]
-        if rnd == 0 or self.pos_slot.get("stage") != stage:
-            self.pos_slot = {"stage": stage}
-        slots = {p: self.pos_slot[str(p)] for p in self.mus if str(p) in self.pos_slot} \
-            if self.cfg.assign == "round0" and rnd > 0 else {}
-        pos = [p for p in self.mus if p not in slots]
-        if pos:
-            slots.update(self._match(pos, stage, rnd, rec, say))
-        rec["assignments"] = {str(p): s for p, s in sorted(slots.items())}
-        rec["active_subspaces"] = [j for j in range(self.fed.K) if float(self.sizes[j]) > 0]
-        return dict(sorted(slots.items()))
-
-    def _token(self, examples, stage, rnd, client) -> torch.Tensor:
-        """A client's identity token μ_k, the mean feature of its instructions; under DP clipped to unit norm and
-        noised on the client (its own noise multiplier, counted by the accountant)."""
-        mu = identity_features(self.fed, examples, max(1, self.cfg.batch_size)).mean(0)
-        if self.cfg.dp_clip:
-            sigma = self.cfg.dp_identity_noise if self.cfg.dp_identity_noise is not None else self.cfg.dp_noise
-            mu = mu / max(1.0, float(mu.norm())) + privacy.gaussian(
-                mu.shape, sigma, privacy.noise_generator(self.cfg.seed, stage, rnd, client, 0xD2))
-        return mu
-
-    def _match(self, pos, stage, rnd, rec, say) -> dict[int, int]:
-        mu = torch.stack([self.mus[p][0] for p in pos]).float()
-        if self.keys is None:
-            self.keys = torch.zeros(self.fed.K, mu.shape[1])
-        info = {}
-        asg, opened = server.organize(mu, [self.mus[p][1] for p in pos], self.keys, self.sizes, self.cfg.tau,
-                                      self.cfg.small_client, self.cfg.on_full, info)
-        if info.get("merged_on_full"):
-            rec["merged_on_full"] = [dict(d, clients=[pos[i] for i in d["clients"]]) for d in info["merged_on_full"]]
-            say(f"stage {stage + 1} round {rnd + 1}: no free subspace; positions joined the nearest: "
-                f"{rec['merged_on_full']}")
-        slots = dict(zip(pos, asg))
-        for p in pos:
-            self.pos_slot.setdefault(str(p), slots[p])
-        for j in opened:
-            old = [o for o in self.open_order if o != j]
-            if self.cfg.orthogonal_subspaces and old:
-                self._orthogonalize(j, old)
-            say(f"stage {stage + 1} round {rnd + 1}: DISCO opened subspace {j} for positions "
-                f"{[p for p in pos if slots[p] == j]}")
-        rec["opened"] = opened
-        return slots
-
-    def upload_extra(self, position):
-        return self.mus[position][0].numel() * 4 if position in self.mus else 0   # the identity token (fp32)
-
-    def aggregate(self, stage, rnd, kept, rec, say):
-        super().aggregate(stage, rnd, kept, rec, say)
-        if "aggregation_skipped" not in rec:
-            pos = [u["position"] for u in kept]
-            server.update_keys(self.keys, self.sizes, [u["slot"] for u in kept],
-                               torch.stack([self.mus[p][0] for p in pos]).float(), [self.mus[p][1] for p in pos])
-            for j in rec["opened"] + [u["slot"] for u in kept]:     # a subspace opens when it is first trained
-                if float(self.sizes[j]) > 0 and j not in self.open_order:
-                    self.open_order.append(j)
-            if self.cfg.orthogonal_subspaces:
-                for j in sorted({u["slot"] for u in kept}):
-                    old = self.open_order[:self.open_order.index(j)] if j in self.open_order else []
-                    if old:
-                        self._orthogonalize(j, old)
-        for u in kept:
-            sd = self.slot_data.setdefault(u["slot"], {})
-            for ds, c in u["datasets"].items():
-                sd[ds] = sd.get(ds, 0) + c
-        rec["active_subspaces"] = [j for j in range(self.fed.K) if float(self.sizes[j]) > 0]
-
-    def _orthogonalize(self, j: int, old: list[int]):
-        """Hard-orthogonalise subspace j's A against the old subspaces' A, in the model and the global state."""
-        fed = self.fed
-        fed._load({n: fed.global_state[n] for n in fed.lora_names})
-        lora.orthogonalize_subspace(fed.model, j, old)
-        for n in fed.slot_names(j):
-            fed.global_state[n] = fed._params[n].detach().to("cpu", copy=True)
-
-    def end_stage(self, stage):
-        return {"keys_used": [j for j in range(self.fed.K) if float(self.sizes[j]) > 0],
-                "slot_data": {str(k): v for k, v in self.slot_data.items()}}
-
-    def routing_weights(self, features: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        """SSA weights α (B, K) in fp32 over the used subspaces; empty ones get exactly 0 (the official code
-        gives them an e⁰ share). Ablations: argmax | concat | cosine."""
-        if self.keys is None:
-            return torch.zeros(features.shape[0], self.fed.K)
-        return lora.route(features, self.keys, mode or self.cfg.routing, self.cfg.temperature, valid=self.sizes > 0)
+    def configure(self, slot):
+        lora.set_moe(self.fed.model, trainable=True)
+        return None
 
     def prepare_inference(self, examples):
-        return self.routing_weights(identity_features(self.fed, examples, batch_size=32))
-
-    def routing_accuracy(self, examples_by_task: dict) -> float | None:
-        """The fraction of test examples whose argmax α is the subspace that trained most of their dataset."""
-        if self.keys is None or not self.slot_data:
-            return None
-        owner = {}
-        for j, d in self.slot_data.items():
-            for ds, c in d.items():
-                if c > owner.get(ds, (-1, 0))[1]:
-                    owner[ds] = (j, c)
-        hit = tot = 0
-        self.per_task = {}
-        for task, exs in examples_by_task.items():
-            exs = [e for e in exs if e.dataset in owner]
-            if exs:
-                got = self.routing_weights(identity_features(self.fed, exs), mode="softmax").argmax(-1).tolist()
-                h = sum(int(g == owner[e.dataset][0]) for g, e in zip(got, exs))
-                self.per_task[str(task)] = h / len(exs)
-                hit, tot = hit + h, tot + len(exs)
-        return hit / tot if tot else None
-
-    def export(self):
-        extra = {} if self.keys is None else {"identity_keys": self.keys, "identity_sizes": self.sizes.float()}
-        used = (self.sizes > 0).float()
-        return extra, (used / used.sum().clamp(min=1) if self.fed.K > 1 else None)
-
-    def restore(self, extra, meta):
-        self.keys = extra["identity_keys"].float().clone()
-        self.sizes = extra["identity_sizes"].double().clone()
-
-    def state(self):
-        t = {"sizes": self.sizes} | ({"keys": self.keys} if self.keys is not None else {})
-        return t, {"open_order": self.open_order, "pos_slot": self.pos_slot,
-                   "slot_data": {str(k): v for k, v in self.slot_data.items()}}
-
-    def load_state(self, tensors, meta):
-        self.keys = tensors["keys"].clone() if "keys" in tensors else None
-        self.sizes = tensors["sizes"].clone().double()
-        self.open_order = list(meta.get("open_order", []))
-        self.pos_slot = dict(meta.get("pos_slot", {}))
-        self.slot_data = {int(k): v for k, v in meta.get("slot_data", {}).items()}
-
-
-METHODS = {"finetune": Finetune, "fedit": FedIT, "zeroshot": ZeroShot, "mtl": MTL, "local": Local, "fedsa": FedSA,
-           "ewc": EWC, "olora": OLoRA, "moelora": MoELoRA, "disco": DISCO}
+        lora.set_moe(self.fed.model, trainable=False)
+        return None

@@ -21,7 +21,7 @@ from data import (
     FCITDataError,
     atomic_write_json,
 )
-from model import atomic_write, read_json
+from files import atomic_write, read_json
 
 log = logging.getLogger("fcit.data")
 

@@ -1,14 +1,15 @@
 """LLaVA-style vision-language model in plain PyTorch: the frozen MLLM that FCIT's LoRA adapts.
 
 Configs, the LLaMA / Qwen2 decoder (RoPE, GQA, KV cache), CLIP / SigLIP vision tower, projector, VLM (forward, loss,
-generate), the CLIP text tower for DISCO's task identities. Module names below `lm.` / `vision.` equal transformers';
-prompts.py tokenizes and templates, imaging.py pre-processes images, checkpoint.py reads and writes checkpoint files.
+generate), the CLIP text tower for DISCO's task identities, then the fast paths (RMSNorm's written-out backward,
+generate's decode step, the compiled step's static cache), each tested equal to the plain computation it replaces.
+Module names below `lm.` / `vision.` equal transformers'; prompts.py tokenizes and templates, imaging.py pre-processes
+images, checkpoint.py reads and writes checkpoint files.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -17,39 +18,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-_REQUIRED = object()
-
-
-def atomic_write(path, write):
-    """Write through a temporary file in the same folder (write(tmp)), then os.replace: a reader or a crash never
-    sees a half-written file. The one writer every file of the project goes through."""
-    path = str(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def read_json(path, default=_REQUIRED, error=ValueError):
-    """json.load with `error`s naming the file (line and column for malformed JSON); a missing file gives `default`
-    when one is given."""
-    path = str(path)
-    if not os.path.exists(path):
-        if default is not _REQUIRED:
-            return default
-        raise error(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,37 +128,18 @@ def _act(name: str):
     return _ACT[name]
 
 
-class _RMSNormFn(torch.autograd.Function):
-    """w * x * rsqrt(mean(x²) + eps) for float32 x, with the backward written out: dx = r (gw - x̂ mean(gw x̂)),
-    gw = g w, x̂ = x r. Autograd's graph of the same formula takes about twice as long on a CPU."""
-
-    @staticmethod
-    def forward(ctx, x, w, eps):
-        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)             # (..., 1)
-        xn = x * r
-        ctx.save_for_backward(xn, r, w)
-        return w * xn
-
-    @staticmethod
-    def backward(ctx, g):
-        xn, r, w = ctx.saved_tensors
-        gw = g * w
-        dx = (gw - xn * (gw * xn).mean(-1, keepdim=True)).mul_(r) if ctx.needs_input_grad[0] else None
-        dw = (g * xn).sum(tuple(range(g.dim() - 1))) if ctx.needs_input_grad[1] else None
-        return dx, dw, None
-
-
 class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm as transformers computes it: w * x / sqrt(mean(x²) + eps), the statistics in fp32 and the
+    normalised x cast back to x's dtype before the weight."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):   # fp32 statistics, cast back BEFORE the weight
-        if x.dtype == torch.float32 == self.weight.dtype:       # the same formula, fewer kernels
-            if torch.is_grad_enabled():
-                return _RMSNormFn.apply(x, self.weight, self.eps)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+    def forward(self, x):
+        if x.dtype == torch.float32 == self.weight.dtype:
+            return _rms_norm_fp32(x, self.weight, self.eps)       # the same formula, fewer kernels (fast paths)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -214,7 +163,8 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """Preallocated per-layer cache: keys stored transposed, kt (B, n_kv, d, T_max), so that a decode step's q @ kᵀ
-    reads plain row-major matrices (3x faster on CPU than a slice of (B, n_kv, T_max, d)); v (B, n_kv, T_max, d)."""
+    reads plain row-major matrices (3x faster on CPU than a slice of (B, n_kv, T_max, d)); v (B, n_kv, T_max, d).
+    generate's decode step writes one position at a time with `_cache_append` (fast paths)."""
 
     def __init__(self, B, n_kv, t_max, d, dtype, device):
         self.kt = torch.zeros(B, n_kv, d, t_max, dtype=dtype, device=device)
@@ -229,17 +179,6 @@ class KVCache:
         if start == 0:
             return k, v
         return self.kt[..., :end].transpose(-1, -2), self.v[:, :, :end]
-
-    def append(self, slot, k, v):
-        """k, v (B, n_kv, d) written at `slot` -> kᵀ (B, n_kv, d, S), v (B, n_kv, S, d): S = slot + 1, or the whole
-        buffer for a 0-d tensor slot (fixed shapes for torch.compile; a bias masks the rest)."""
-        if torch.is_tensor(slot):
-            self.kt.index_copy_(3, slot.view(1), k[..., None])
-            self.v.index_copy_(2, slot.view(1), v[:, :, None])
-            return self.kt, self.v
-        self.kt[..., slot] = k
-        self.v[:, :, slot] = v
-        return self.kt[..., :slot + 1], self.v[:, :, :slot + 1]
 
 
 def _sdpa(q, k, v, mask):
@@ -275,19 +214,6 @@ class Attention(nn.Module):
         y = _sdpa(q, k, v, mask)                                    # (B, nH, Tq, d)
         return self.o_proj(y.transpose(1, 2).reshape(B, Tq, self.nh * self.d))
 
-    def decode(self, x, cos, sin, bias, cache: KVCache, slot):
-        """x (B, C), one new position per row; bias (B, 1, 1, S): 0 or -inf per cached slot, or None -> (B, C). Plain
-        attention (at one query SDPA's fixed cost dominates); GQA views q as (n_kv, n_rep): no copy of the cache."""
-        B = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(B, self.nh, self.d), cos, sin)
-        k = apply_rope(self.k_proj(x).view(B, self.nkv, self.d), cos, sin)
-        kt, v = cache.append(slot, k, self.v_proj(x).view(B, self.nkv, self.d))
-        att = (q.view(B, self.nkv, -1, self.d) @ kt).mul_(self.d ** -0.5)      # (B, n_kv, n_rep, S)
-        if bias is not None:
-            att.add_(bias)
-        y = torch.softmax(att, dim=-1) @ v                                      # (B, n_kv, n_rep, d)
-        return self.o_proj(y.view(B, self.nh * self.d))
-
 
 class MLP(nn.Module):
     def __init__(self, c: DecoderConfig):
@@ -310,11 +236,6 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache=None, start=0, q_from=0):
         x = x[:, q_from:] + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, q_from)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-    def decode(self, x, cos, sin, bias, cache, slot):
-        """forward for one new position per row, x (B, C) (Attention.decode)."""
-        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, bias, cache, slot)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -594,7 +515,7 @@ class VLM(nn.Module):
         """Batched greedy decoding with a KV cache; rows are LEFT-padded (attention_mask 0 on the left). Returns the
         new tokens of each row, stopping before the first EOS (EOS itself not included). compile=True: the decode
         step goes through torch.compile (the cache rounded up to 64 slots, so that few shapes occur; CUDA graphs on
-        a GPU), gpt-fast's approach."""
+        a GPU), gpt-fast's approach. The decode step (`_decode_step`) and the static cache are in the fast paths."""
         B, T = input_ids.shape
         dev = input_ids.device
         am = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev).long()
@@ -603,17 +524,14 @@ class VLM(nn.Module):
         t = self.config.text
         t_max = -(-(T + max_new_tokens) // 64) * 64 if compile else T + max_new_tokens
         x = self.embed(input_ids, pixel_values, image_states)
-        caches = (self._static_cache if compile else self._new_cache)(B, t_max, x.dtype, dev)
+        caches = _static_cache(self, B, t_max, x.dtype, dev) if compile else self._new_cache(B, t_max, x.dtype, dev)
         pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)
         padded = not bool(am.all())
         last = (T - 1, _padding_mask(am, 1, T - 1))             # the last layer: only the last position's output
         logits = self.lm_head(self.lm(x, pos, _padding_mask(am, T, 0) if padded else None, caches, 0, last)[:, -1])
-        bias = x.new_zeros(B, t_max)                                               # (B, T_max): padding -inf
-        bias[:, :T].masked_fill_(am == 0, float("-inf"))
+        bias, cos, sin = _decode_tables(t, am, t_max, x.dtype)          # (B, T_max): padding -inf; (T_max, d)
         bias = bias if padded or compile else None
-        cos, sin = (c[0, 0] for c in rope_cos_sin(torch.arange(t_max, device=dev)[None], t.head_dim, t.rope_theta,
-                                                  x.dtype))                          # (T_max, d)
-        step_fn = _compiled(self._decode_step, dev) if compile else self._decode_step
+        step_fn = _compiled(_decode_step, dev) if compile else _decode_step
         out, done, nxt = [[] for _ in range(B)], [False] * B, pos[:, -1] + 1
         for step in range(max_new_tokens):
             tok = logits.argmax(-1)
@@ -626,7 +544,7 @@ class VLM(nn.Module):
             if all(done) or step == max_new_tokens - 1:
                 break
             slot = torch.tensor(T + step, device=dev) if compile else T + step
-            logits = step_fn(tok, nxt, slot, bias, caches, cos, sin)
+            logits = step_fn(self, tok, nxt, slot, bias, caches, cos, sin)
             nxt = nxt + 1
         return out
 
@@ -635,55 +553,9 @@ class VLM(nn.Module):
         t = self.config.text
         return [KVCache(B, t.num_key_value_heads, t_max, t.head_dim, dtype, dev) for _ in range(t.num_hidden_layers)]
 
-    def _static_cache(self, B, t_max, dtype, dev):
-        """gpt-fast's static KV cache for the compiled step: the same buffers, zeroed, while the shape holds. The step
-        writes into them, and CUDA graphs replay a written input only if its address never changes."""
-        key = (B, t_max, dtype, dev)
-        if self._kv is not None and self._kv[0] == key:
-            for c in self._kv[1]:
-                c.kt.zero_()
-                c.v.zero_()
-            return self._kv[1]
-        self._kv = None
-        caches = self._new_cache(B, t_max, dtype, dev)
-        for c in caches:
-            torch._dynamo.mark_static_address(c.kt)
-            torch._dynamo.mark_static_address(c.v)
-        self._kv = (key, caches)
-        return caches
-
     def drop_static_cache(self):
-        """Free the compiled step's KV cache (evaluation over, training needs the memory)."""
+        """Free the compiled step's KV cache (`_static_cache`; evaluation over, training needs the memory)."""
         self._kv = None
-
-    def _decode_step(self, tok, pos, slot, bias, caches, cos, sin):
-        """One decode step: tokens (B,) at positions pos (B,) written to cache slot `slot` -> logits (B, V). bias
-        (B, T_max): 0 for a valid slot, -inf for padding (or None: all valid). An int slot attends to the slots up to
-        it; a 0-d tensor slot keeps every shape fixed for torch.compile: the whole cache, -inf beyond the slot."""
-        if torch.is_tensor(slot):
-            bias = bias.masked_fill(torch.arange(bias.shape[1], device=tok.device) > slot, float("-inf"))[:, None, None]
-        elif bias is not None:
-            bias = bias[:, None, None, :slot + 1]                                  # (B, 1, 1, S)
-        x, cos, sin = self.lm.embed_tokens(tok), cos[pos][:, None], sin[pos][:, None]   # (B, C), (B, 1, d)
-        for layer, cache in zip(self.lm.layers, caches):
-            x = layer.decode(x, cos, sin, bias, cache, slot)
-        return self.lm_head(self.lm.norm(x))
-
-
-def _compiled(fn, dev):
-    """fn through torch.compile as one graph (CUDA graphs on a GPU); a shape met again is compiled as dynamic. Up to
-    64 graphs per process (LoRA modes, shapes); past that, fn runs eagerly for the rest of the call."""
-    c = torch.compile(fn, fullgraph=True, mode="reduce-overhead" if dev.type == "cuda" else None)
-
-    def step(*args):
-        nonlocal c
-        try:
-            with torch._dynamo.config.patch(recompile_limit=64):
-                return c(*args)
-        except torch._dynamo.exc.FailOnRecompileLimitHit:
-            c = fn
-            return fn(*args)
-    return step
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -733,3 +605,157 @@ class CLIPTextTower(nn.Module):
         ids = torch.tensor([r + [tokenizer.pad_id] * (S - len(r)) for r in rows], device=dev)
         am = torch.tensor([[1] * len(r) + [0] * (S - len(r)) for r in rows], device=dev)
         return self(ids, am)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fast paths (CPU/GPU speed; each gives the numbers of the plain computation above and names its test)
+
+class _RMSNormFn(torch.autograd.Function):
+    """w * x * rsqrt(mean(x²) + eps) for float32 x, with the backward written out: dx = r (gw - x̂ mean(gw x̂)),
+    gw = g w, x̂ = x r. Autograd's graph of the same formula takes about twice as long on a CPU. Tested:
+    test_rms_norm_fast_paths_match_the_formula, test_loss_matches_transformers_and_checkpointing."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)             # (..., 1)
+        xn = x * r
+        ctx.save_for_backward(xn, r, w)
+        return w * xn
+
+    @staticmethod
+    def backward(ctx, g):
+        xn, r, w = ctx.saved_tensors
+        gw = g * w
+        dx = (gw - xn * (gw * xn).mean(-1, keepdim=True)).mul_(r) if ctx.needs_input_grad[0] else None
+        dw = (g * xn).sum(tuple(range(g.dim() - 1))) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def _rms_norm_fp32(x, w, eps):
+    """RMSNorm.forward for float32 x and weight, in fewer kernels: `_RMSNormFn` with gradient, F.rms_norm (one kernel)
+    without. Tested: test_rms_norm_fast_paths_match_the_formula."""
+    if torch.is_grad_enabled():
+        return _RMSNormFn.apply(x, w, eps)
+    return F.rms_norm(x, w.shape, w, eps)
+
+
+# ---- generate's decode step: one new position per row as (B, C) rows, one padding bias shared by the layers, plain
+# attention over the cache (at one query the fused SDPA kernel's fixed cost dominates). Tested against the forward by
+# test_decode_step_matches_the_forward, against transformers' generate by test_vlm_generate_left_padding.
+
+def _decode_tables(t: DecoderConfig, am, t_max: int, dtype):
+    """What every step of a generate call shares: the padding bias (B, T_max), -inf at the left padding of am (B, T)
+    and 0 elsewhere, and the RoPE tables cos, ±sin (T_max, d) that a step indexes by position."""
+    B, T = am.shape
+    bias = torch.zeros(B, t_max, dtype=dtype, device=am.device)
+    bias[:, :T].masked_fill_(am == 0, float("-inf"))
+    cos, sin = (c[0, 0] for c in rope_cos_sin(torch.arange(t_max, device=am.device)[None], t.head_dim, t.rope_theta,
+                                              dtype))
+    return bias, cos, sin
+
+
+def _decode_step(vlm: VLM, tok, pos, slot, bias, caches, cos, sin):
+    """VLM.forward for one new token per row, against the KV cache: tokens (B,) at positions pos (B,) written to cache
+    slot `slot` -> logits (B, V). bias (B, T_max): 0 for a valid slot, -inf for padding (or None: all valid). An int
+    slot attends to the slots up to it; a 0-d tensor slot keeps every shape fixed for torch.compile: the whole cache,
+    -inf beyond the slot."""
+    if torch.is_tensor(slot):
+        bias = bias.masked_fill(torch.arange(bias.shape[1], device=tok.device) > slot, float("-inf"))[:, None, None]
+    elif bias is not None:
+        bias = bias[:, None, None, :slot + 1]                                      # (B, 1, 1, S)
+    x, cos, sin = vlm.lm.embed_tokens(tok), cos[pos][:, None], sin[pos][:, None]   # (B, C), (B, 1, d)
+    for layer, cache in zip(vlm.lm.layers, caches):
+        x = _layer_step(layer, x, cos, sin, bias, cache, slot)
+    return vlm.lm_head(vlm.lm.norm(x))
+
+
+def _layer_step(layer: DecoderLayer, x, cos, sin, bias, cache: KVCache, slot):
+    """DecoderLayer.forward for one new position per row, x (B, C)."""
+    x = x + _attention_step(layer.self_attn, layer.input_layernorm(x), cos, sin, bias, cache, slot)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def _attention_step(attn: Attention, x, cos, sin, bias, cache: KVCache, slot):
+    """Attention.forward for one new position per row: x (B, C); bias (B, 1, 1, S): 0 or -inf per cached slot, or None
+    -> (B, C). Plain attention; GQA views q as (n_kv, n_rep): no copy of the cache."""
+    B = x.shape[0]
+    q = apply_rope(attn.q_proj(x).view(B, attn.nh, attn.d), cos, sin)
+    k = apply_rope(attn.k_proj(x).view(B, attn.nkv, attn.d), cos, sin)
+    kt, v = _cache_append(cache, slot, k, attn.v_proj(x).view(B, attn.nkv, attn.d))
+    att = (q.view(B, attn.nkv, -1, attn.d) @ kt).mul_(attn.d ** -0.5)          # (B, n_kv, n_rep, S)
+    if bias is not None:
+        att.add_(bias)
+    y = torch.softmax(att, dim=-1) @ v                                          # (B, n_kv, n_rep, d)
+    return attn.o_proj(y.view(B, attn.nh * attn.d))
+
+
+def _cache_append(cache: KVCache, slot, k, v):
+    """KVCache.update for one position: k, v (B, n_kv, d) written at `slot` -> kᵀ (B, n_kv, d, S), v (B, n_kv, S, d):
+    S = slot + 1, or the whole buffer for a 0-d tensor slot (fixed shapes for torch.compile; a bias masks the rest)."""
+    if torch.is_tensor(slot):
+        cache.kt.index_copy_(3, slot.view(1), k[..., None])
+        cache.v.index_copy_(2, slot.view(1), v[:, :, None])
+        return cache.kt, cache.v
+    cache.kt[..., slot] = k
+    cache.v[:, :, slot] = v
+    return cache.kt[..., :slot + 1], cache.v[:, :, :slot + 1]
+
+
+# ---- generate(compile=True), gpt-fast's approach: the decode step through torch.compile over a static cache. Tested:
+# test_compiled_decode_step_gives_the_same_tokens, test_compile_without_the_dynamo_api_decodes_eagerly,
+# test_decode_step_matches_the_forward; in test_lora.py test_compiled_decode_with_lora_modes_matches_eager,
+# test_compiled_decode_falls_back_to_eager_past_the_recompile_limit, test_static_cache_is_reused_zeroed_and_dropped.
+
+def _static_cache(vlm: VLM, B, t_max, dtype, dev):
+    """The KV cache of the compiled step: the same buffers, zeroed, while the shape holds (freed by
+    VLM.drop_static_cache). The step writes into them, and CUDA graphs replay a written input only if its address
+    never changes."""
+    key = (B, t_max, dtype, dev)
+    if vlm._kv is not None and vlm._kv[0] == key:
+        for c in vlm._kv[1]:
+            c.kt.zero_()
+            c.v.zero_()
+        return vlm._kv[1]
+    vlm._kv = None
+    caches = vlm._new_cache(B, t_max, dtype, dev)
+    for c in caches:
+        torch._dynamo.mark_static_address(c.kt)
+        torch._dynamo.mark_static_address(c.v)
+    vlm._kv = (key, caches)
+    return caches
+
+
+def _compiled(fn, dev):
+    """fn through torch.compile as one graph (CUDA graphs on a GPU); a shape met again is compiled as dynamic. Up to
+    64 graphs per process (LoRA modes, shapes); past that, or on a torch before 2.7, fn runs eagerly."""
+    if _missing_dynamo_api():
+        return fn
+    c = torch.compile(fn, fullgraph=True, mode="reduce-overhead" if dev.type == "cuda" else None)
+
+    def step(*args):
+        nonlocal c
+        try:
+            with torch._dynamo.config.patch(recompile_limit=64):
+                return c(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            c = fn
+            return fn(*args)
+    return step
+
+
+_eager_warned = False       # _missing_dynamo_api has warned
+
+
+def _missing_dynamo_api():
+    """What _compiled needs from torch._dynamo (there from torch 2.7 on) and this torch lacks; the first time, one
+    warning says so, naming the version, and that decoding runs eagerly."""
+    global _eager_warned
+    d = torch._dynamo
+    missing = [n for n, ok in [("torch._dynamo.config.recompile_limit", hasattr(d.config, "recompile_limit")),
+                               ("torch._dynamo.exc.FailOnRecompileLimitHit", hasattr(d.exc, "FailOnRecompileLimitHit"))]
+               if not ok]
+    if missing and not _eager_warned:
+        _eager_warned = True
+        warnings.warn(f"torch {torch.__version__} lacks {' and '.join(missing)} (both there from torch 2.7 on): "
+                      "compile=True (--compile) decodes eagerly", stacklevel=3)
+    return missing

@@ -1,23 +1,39 @@
-"""The server side of a federation: client sampling, aggregation (FedAvg and the server optimizers of Reddi
-et al. 2021) and DISCO's knowledge organisation: identity keys matched and updated, subspaces opened."""
+"""The server side of a federation: client sampling and dropout, what a client uploads and its screening, and
+aggregation (FedAvg and the server optimizers of Reddi et al. 2021). The aggregators' names are config.AGGREGATORS,
+the one list the command line offers (config imports nothing of the federation)."""
 from __future__ import annotations
 
 import logging
 import math
 import re
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from config import AGGREGATORS
 
 logger = logging.getLogger("fcit.server")
 
-AGGREGATORS = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 
-
-class CapacityError(RuntimeError):
-    """More task clusters arrived than the model has LoRA subspaces (the official code crashes with an
-    index error or silently drops keys; we stop with this message instead)."""
+@dataclass
+class Upload:
+    """What one client sends back after a round: its sample count n (the FedAvg weight; 0 = nothing to aggregate)
+    and, if it trained `slot`, the tensors the server aggregates (`state`: its shared LoRA tensors and the projector),
+    the method's extra tensors (EWC's Fisher), what it keeps (`local`: FedSA's B) and its training statistics."""
+    client: int
+    position: int
+    n: int
+    rank: int
+    datasets: dict[str, int]                  # {dataset: samples}
+    slot: int | None = None
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    local: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss: float | None = None
+    steps: int | None = None
+    time_s: float | None = None
+    trainable_params: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,17 +187,12 @@ def product_average(As: list[torch.Tensor], Bs: list[torch.Tensor], p: list[floa
 
 
 def aggregate(global_state: dict[str, torch.Tensor], client_states: list[dict[str, torch.Tensor]],
-              n: list[float], opt: ServerOptimizer, lora_avg: str = "factors", prefix: str = "",
-              base_states: list[dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+              n: list[float], opt: ServerOptimizer, lora_avg: str = "factors") -> dict[str, torch.Tensor]:
     """Aggregate the clients' parameters for the names of global_state; returns the new global values.
 
     n: client sample counts (FedAvg weights: the client's number of samples).
-    base_states[k][name]: the value client k started from (default: global_state[name]); it differs from the
-        global value of the *same* name only when a client trained a different slot than the one it is written
-        to (not the case in our DISCO, kept for generality).
-    prefix: namespace for the server optimizer state (e.g. the DISCO slot).
     fedavg/fedprox compute Σ p_k w_k directly (bit-exact with a hand-computed weighted mean); the other
-    aggregators go through ServerOptimizer.step with Δ = Σ p_k (w_k − base_k)."""
+    aggregators go through ServerOptimizer.step with Δ = Σ p_k (w_k − x)."""
     if not client_states:
         return {k: v.clone() for k, v in global_state.items()}
     p = _weights(n)
@@ -198,147 +209,26 @@ def aggregate(global_state: dict[str, torch.Tensor], client_states: list[dict[st
         if opt.kind in ("fedavg", "fedprox"):
             out[name] = sum(pk * c[name].double() for pk, c in zip(p, client_states)).to(g.dtype)
         else:
-            bases = [b[name] for b in base_states] if base_states else [g] * len(client_states)
-            delta = sum(pk * (c[name].double() - b.double()) for pk, c, b in zip(p, client_states, bases))
-            out[name] = opt.step(prefix + name, g, delta.float())
+            delta = sum(pk * (c[name].double() - g.double()) for pk, c in zip(p, client_states))
+            out[name] = opt.step(name, g, delta.float())
     return out
 
 
-def screen_clients(updates: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Drop clients with no data or non-finite parameters / loss ; returns (kept, dropped)
-    where dropped entries carry a `reason`. Weights are renormalised by aggregate() over the kept ones."""
+def screen_clients(uploads: list[Upload]) -> tuple[list[Upload], list[dict]]:
+    """Drop clients with no data or non-finite parameters / loss; returns (kept, dropped) where dropped entries
+    carry a `reason`. Weights are renormalised by aggregate() over the kept ones."""
     kept, dropped = [], []
-    for u in updates:
+    for u in uploads:
         reason = None
-        if u.get("n", 0) <= 0:
+        if u.n <= 0:
             reason = "empty client data"
-        elif u.get("loss") is not None and not math.isfinite(u["loss"]):
-            reason = f"non-finite training loss ({u['loss']})"
-        elif not finite_state(u.get("state", {})):
+        elif u.loss is not None and not math.isfinite(u.loss):
+            reason = f"non-finite training loss ({u.loss})"
+        elif not finite_state(u.state):
             reason = "non-finite parameters after local training"
-        elif u.get("mu") is not None and not bool(torch.isfinite(u["mu"]).all()):
-            reason = "non-finite identity feature"
         if reason:
-            logger.warning("client %s excluded from aggregation: %s", u.get("client"), reason)
-            dropped.append({"client": u.get("client"), "position": u.get("position"), "reason": reason})
+            logger.warning("client %s excluded from aggregation: %s", u.client, reason)
+            dropped.append({"client": u.client, "position": u.position, "reason": reason})
         else:
             kept.append(u)
     return kept, dropped
-
-
-# ----------------------------------------------------------------------------------------------------
-# DISCO server: identity keys and dynamic knowledge organisation (DKO)
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity matrix (Na, Nb) in float64."""
-    a = F.normalize(a.double(), dim=-1, eps=1e-12)
-    b = F.normalize(b.double(), dim=-1, eps=1e-12)
-    return a @ b.T
-
-
-THRESH_EPS = 1e-6   # cos is compared as cos >= tau - 1e-6 so that "exactly tau" matches despite rounding
-
-
-def _centroid(mu: torch.Tensor, n: list[float], members: list[int]) -> torch.Tensor:
-    """Sample-weighted mean of the members' identity tokens, float64."""
-    w = torch.tensor([float(n[k]) for k in members], dtype=torch.float64)
-    return (w[:, None] * mu[members].double()).sum(0) / w.sum()
-
-
-def _greedy_clusters(members: list[int], sim: torch.Tensor, tau: float) -> list[list[int]]:
-    """Client i opens a cluster with every not-yet-clustered j with cos(μ_i, μ_j) ≥ τ, in client order (the
-    official code does not skip clustered j, so its clusters can overlap)."""
-    clusters, visited = [], set()
-    for i in members:
-        if i not in visited:
-            c = [i] + [j for j in members if j != i and j not in visited and float(sim[i, j]) >= tau - THRESH_EPS]
-            visited |= set(c)
-            clusters.append(c)
-    return clusters
-
-
-def _nearest(target: torch.Tensor, candidates: list[tuple]) -> tuple[object, float]:
-    """(label, cos) of the candidate (label, vector) most similar to target."""
-    sims = _cos(target[None], torch.stack([v.double() for _, v in candidates]))[0]
-    return candidates[int(sims.argmax())][0], float(sims.max())
-
-
-def organize(mu: torch.Tensor, n: list[float], keys: torch.Tensor, sizes: torch.Tensor, tau: float = 0.9,
-             small_client: float = 1e-3, on_full: str = "error", info: dict | None = None):
-    """DKO: assign the round's clients (identity tokens mu (N, D), sample counts n) to subspaces, given the global
-    keys (K, D) and sizes (K,) (a slot is empty iff its size is 0). A client takes the key it matches (cos ≥ τ);
-    the others cluster among themselves and each cluster opens an empty subspace; a client below `small_client`
-    of the round's samples joins the nearest key or cluster instead. More clusters than free subspaces: a
-    CapacityError, or with on_full="nearest" the largest open them and the rest join their nearest (logged in
-    info["merged_on_full"]). Returns (subspace per client, subspaces opened in order)."""
-    used = [j for j in range(keys.shape[0]) if float(sizes[j]) > 0]
-    slot = [-1] * mu.shape[0]
-    if used:
-        best, arg = _cos(mu, keys[used]).max(dim=1)                  # (N,) against the global keys
-        slot = [used[int(a)] if float(b) >= tau - THRESH_EPS else -1 for b, a in zip(best, arg)]
-    tot = float(sum(n))
-    unmatched = [i for i in range(mu.shape[0]) if slot[i] < 0]
-    small = [i for i in unmatched if tot > 0 and n[i] / tot < small_client]
-    sim = _cos(mu, mu)
-    small_set = set(small)
-    clusters = _greedy_clusters([i for i in unmatched if i not in small_set], sim, tau)
-    cands = [(("key", j), keys[j]) for j in used] + [(("cluster", c), _centroid(mu, n, m))
-                                                    for c, m in enumerate(clusters)]
-    joined = {}                        # small client -> ("key", slot) or ("cluster", index)
-    for i in small:
-        if cands:
-            joined[i] = _nearest(mu[i].double(), cands)[0]
-    clusters += _greedy_clusters([i for i in small if i not in joined], sim, tau)
-    cslot, opened, merged = _open_subspaces(clusters, mu, n, keys, sizes, used, tau, on_full)
-    for c, members in enumerate(clusters):
-        for i in members:
-            slot[i] = cslot[c]
-    for i, (kind, idx) in joined.items():
-        slot[i] = idx if kind == "key" else cslot[idx]
-    if merged:
-        logger.warning("DISCO: no free subspace for %d cluster(s); joined the nearest: %s", len(merged), merged)
-    if info is not None:
-        info["merged_on_full"] = merged
-    return slot, opened
-
-
-def _open_subspaces(clusters, mu, n, keys, sizes, used, tau, on_full):
-    """Each new cluster opens the next empty subspace; the overflow raises or joins its nearest (on_full).
-    Returns (subspace per cluster, opened, merges)."""
-    free = [j for j in range(keys.shape[0]) if float(sizes[j]) <= 0]
-    keep, overflow = list(range(len(clusters))), []
-    if len(clusters) > len(free):
-        if on_full != "nearest":
-            raise CapacityError(
-                f"DISCO needs {len(clusters)} new subspace(s) this round but only {len(free)} of "
-                f"K={keys.shape[0]} are free (tau={tau}). More distinct tasks arrived than subspaces: raise "
-                f"--subspaces (and --rank with it), lower --tau, or let overflowing clusters join their nearest "
-                f"subspace (--on-full nearest).")
-        order = sorted(range(len(clusters)), key=lambda c: -sum(n[i] for i in clusters[c]))
-        keep, overflow = sorted(order[:len(free)]), order[len(free):]
-    cslot = dict(zip(keep, free))
-    opened = [cslot[c] for c in keep]
-    merged = []
-    for c in overflow:
-        cands = [(j, keys[j]) for j in used] + [(cslot[k], _centroid(mu, n, clusters[k])) for k in keep]
-        cslot[c], cos = _nearest(_centroid(mu, n, clusters[c]), cands)
-        merged.append({"clients": list(clusters[c]), "slot": cslot[c], "cos": round(cos, 4)})
-    return cslot, opened, merged
-
-
-def update_keys(keys: torch.Tensor, sizes: torch.Tensor, slot: list[int], mu: torch.Tensor, n: list[float]):
-    """Sample-weighted running mean of the identity keys, in place (DKO):
-    key_j ← (size_j · key_j + Σ_{k→j} n_k μ_k) / (size_j + Σ_{k→j} n_k),  size_j += Σ_{k→j} n_k."""
-    for j in sorted(set(slot)):
-        if j < 0:
-            continue
-        idx = [i for i, s in enumerate(slot) if s == j]
-        w = torch.tensor([float(n[i]) for i in idx], dtype=torch.float64)
-        tot = float(w.sum())
-        if tot <= 0:
-            continue
-        s = (w[:, None] * mu[idx].double()).sum(0)
-        old = float(sizes[j])
-        keys[j] = ((old * keys[j].double() + s) / (old + tot)).to(keys.dtype)
-        sizes[j] = old + tot

@@ -5,9 +5,9 @@
       tiny VLM, a DISCO Federation with the embedded task preset and --per-round clients per round) and runs
       --rounds round(s) of stage 1. It reports its peak RSS (getrusage ru_maxrss) after each phase and the bytes of
       the tensors alive after the rounds. Target: peak(N) / peak(first N) ~ 1 (only a round's clients train).
-  (b) server time vs clients per round K: Federation.aggregate_uploads (server.aggregate of one LoRA subspace and
+  (b) server time vs clients per round K: disco.aggregate_subspaces (server.aggregate of one LoRA subspace and
       of the projector, as after a DISCO round) of K uploads (random tensors of the tiny model's shapes) with
-      fedavg and fedadam, and DISCO's knowledge organisation (server.organize + update_keys) of K identity tokens
+      fedavg and fedadam, and DISCO's knowledge organisation (disco.organize + update_keys) of K identity tokens
       drawn around 8 task centres; median of repeats. Target: linear in K: time per client ~ constant, marginal
       cost per client (between consecutive K) ~ constant, R^2 of a linear fit ~ 1.
 
@@ -37,6 +37,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import data  # noqa: E402
+import disco  # noqa: E402
 import fcit  # noqa: E402
 import federate  # noqa: E402
 import mini  # noqa: E402
@@ -138,13 +139,13 @@ def measure_memory(clients: list[int], root: str, n_train: int, per_round: int =
 # (b) server time vs clients per round
 
 
-def fake_uploads(fed, k: int, seed: int = 0) -> list[dict]:
+def fake_uploads(fed, k: int, seed: int = 0) -> list[server.Upload]:
     """k uploads of subspace 0 (+ projector) as the round's kept clients: the global state plus noise."""
     g = torch.Generator().manual_seed(seed)
-    names = fed.method.trained(0) + fed.proj_names
-    return [{"slot": 0, "n": int(torch.randint(1, 100, (1,), generator=g)),
-             "state": {n: fed.global_state[n] + 0.01 * torch.randn(fed.global_state[n].shape, generator=g)
-                       for n in names}} for _ in range(k)]
+    names = fed.method.job(0).shared + fed.proj_names
+    return [server.Upload(i, i, int(torch.randint(1, 100, (1,), generator=g)), 0, {}, 0,
+                          state={n: fed.global_state[n] + 0.01 * torch.randn(fed.global_state[n].shape, generator=g)
+                                 for n in names}) for i in range(k)]
 
 
 def time_call(fn, repeats: int) -> float:
@@ -158,14 +159,14 @@ def time_call(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def aggregation_fn(fed, kept: list[dict], kind: str):
+def aggregation_fn(fed, kept: list[server.Upload], kind: str):
     """One aggregation of `kept` with a fresh server optimizer of `kind`, from the same global state every call."""
     base = dict(fed.global_state)
 
     def run():
         fed.global_state = dict(base)
         fed.opt = server.ServerOptimizer(kind)
-        if not fed.aggregate_uploads(kept, print):
+        if not disco.aggregate_subspaces(fed, kept):
             raise RuntimeError("aggregate not finite")
     return run
 
@@ -181,8 +182,8 @@ def organize_fn(fed, k: int, seed: int = 0):
 
     def run():
         keys, sizes = torch.zeros(fed.K, dim), torch.zeros(fed.K, dtype=torch.float64)
-        slot, _ = server.organize(mu, n, keys, sizes, cfg.tau, cfg.small_client, "nearest")
-        server.update_keys(keys, sizes, slot, mu, n)
+        slot, _ = disco.organize(mu, n, keys, sizes, cfg.tau, cfg.small_client, "nearest")
+        disco.update_keys(keys, sizes, slot, mu, n)
     return run
 
 
@@ -196,7 +197,7 @@ def measure_aggregation(ks: list[int], kinds=("fedavg", "fedadam", "disco-dko"),
             fn = organize_fn(fed, k) if kind == "disco-dko" else aggregation_fn(fed, uploads[:k], kind)
             t = time_call(fn, repeats)
             rows.append({"kind": kind, "k": k, "median_s": t, "per_client_us": t / k * 1e6})
-    params = sum(t.numel() for t in uploads[0]["state"].values())
+    params = sum(t.numel() for t in uploads[0].state.values())
     return {"rows": rows, "fits": [linear_fit([r for r in rows if r["kind"] == kind]) for kind in kinds],
             "upload_params": params, "repeats": repeats}
 

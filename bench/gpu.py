@@ -77,6 +77,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 import data  # noqa: E402
+import files  # noqa: E402
 import imaging  # noqa: E402
 import lora  # noqa: E402
 import mini  # noqa: E402
@@ -365,7 +366,7 @@ def write_preprocessor(folder, size):
          "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
          "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(imaging.OPENAI_CLIP_MEAN),
          "image_std": list(imaging.OPENAI_CLIP_STD), "resample": 3, "do_convert_rgb": True}
-    M.atomic_write(os.path.join(folder, "preprocessor_config.json"), lambda tmp: _write_json(tmp, p))
+    files.atomic_write(os.path.join(folder, "preprocessor_config.json"), lambda tmp: _write_json(tmp, p))
 
 
 def write_checkpoint(cfg: M.VLMConfig, tok, folder, device, dtype) -> int:
@@ -431,7 +432,7 @@ def child(peak_json, argv):
     device = torch.device(argv[argv.index("--device") + 1]) if cuda and "--device" in argv else None
     rec = {"rc": rc, "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
            "peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None}
-    M.atomic_write(peak_json, lambda tmp: _write_json(tmp, rec))
+    files.atomic_write(peak_json, lambda tmp: _write_json(tmp, rec))
     return rc
 
 
@@ -728,7 +729,7 @@ def main(argv=None):
           f"passed" + ("" if not failed else "; failed: " + ", ".join(failed)), flush=True)
     print(f"total {res['wall_s']:.0f} s", flush=True)
     if a.json:
-        M.atomic_write(a.json, lambda tmp: _write_json(tmp, res))
+        files.atomic_write(a.json, lambda tmp: _write_json(tmp, res))
     return res
 
 

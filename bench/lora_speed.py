@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint  # noqa: E402
+import disco  # noqa: E402
 import lora  # noqa: E402
 import model as vlm  # noqa: E402
 
@@ -168,7 +169,7 @@ def bench_disco_routing(mk, mm, ids, args):
     <= 1e-4 (approximate) keeps only the subspaces that matter for the batch."""
     keys = torch.randn(args.K, 64)
     feats = keys[1] + 0.3 * torch.randn(args.batch, 64)
-    a_disco = lora.route(feats, keys, "softmax", 0.05)
+    a_disco = disco.route(feats, keys, "softmax", 0.05)
     lora.set_routing(mk, a_disco, min_weight=1e-4)
     with torch.no_grad():
         pruned = mk(ids)

@@ -744,17 +744,6 @@ def test_fedit_alpaca_prompt_with_and_without_input(tiny_tok):
         assert (ref[-1] == 2) == (cutoff > n)
 
 
-def test_length_bucketed_batches():
-    lengths = [(i * 37) % 101 for i in range(230)]
-    bs = data.length_bucketed_batches(lengths, 8, seed=1, megabatch_mult=4)
-    assert sorted(i for b in bs for i in b) == list(range(230))
-    assert all(len(b) <= 8 for b in bs)
-    assert bs == data.length_bucketed_batches(lengths, 8, seed=1, megabatch_mult=4)
-    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in bs])
-    rand = np.mean([np.ptp([lengths[i] for i in range(k, min(k + 8, 230))]) for k in range(0, 230, 8)])
-    assert spread < rand / 3
-
-
 def test_regenerated_fcit_mini_drops_stale_partitions(tmp_path):
     """Partitions copy the records, so regenerating FCIT-mini (other parameters) must not keep old client files."""
     root = str(tmp_path / "mini")

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import test_federate as tf  # noqa: E402
+import toy as tf  # noqa: E402
 
 import checkpoint  # noqa: E402
 import federate as fd  # noqa: E402
@@ -60,7 +60,7 @@ def _worker(rank, port, base_dir, out_dir, methods):
         for method in methods:
             fed = fd.Federation(tf.copy.deepcopy(base), tok, None, _cfg(method))
             tensors, meta = _run(fed, method)
-            client = fed.method.eval_clients()[0]                            # FedSA: a client's own model
+            client = fed.eval_clients()[0]                                   # FedSA: a client's own model
             preds = fed.predict(_eval_set(), batch_size=4, client=client, distributed=True)   # sharded evaluation
             if rank == 0:       # rank 0 writes (safetensors + JSON: nothing is unpickled)
                 save_file(tensors, os.path.join(out_dir, f"{method}.safetensors"))
@@ -104,7 +104,7 @@ def test_two_gloo_processes_match_single_process():
                 with open(os.path.join(d, f"{method}.json")) as f:
                     saved = json.load(f)
                 meta2, preds = saved["meta"], saved["preds"]
-                assert preds == fed.predict(_eval_set(), batch_size=4, client=fed.method.eval_clients()[0])
+                assert preds == fed.predict(_eval_set(), batch_size=4, client=fed.eval_clients()[0])
                 assert set(single) == set(multi)
                 for k in single:
                     assert torch.allclose(single[k].double(), multi[k].double(), atol=1e-6, rtol=1e-5), (method, k)
@@ -115,7 +115,7 @@ def test_two_gloo_processes_match_single_process():
                     assert 0 < len(dropped) < 12 and meta1["dp_rounds"] == 4
                     assert meta1["rounds"][-1][1] == fd.privacy_spent(fed)["epsilon"] > 0
                 if method == "fedsa-dp":
-                    assert len(meta1["method_state"]["trained_on"]) >= 2
+                    assert len(meta1["method_state"]["personal"]) >= 2
                 if method == "disco":
                     assert meta1["method_state"]["open_order"] == [0, 1]
                     assert meta1["method_state"]["slot_data"] == meta2["method_state"]["slot_data"]

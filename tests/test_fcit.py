@@ -10,7 +10,6 @@ from PIL import Image
 import data
 import fcit
 import federate
-import methods
 import server
 
 SMALL = ["--clients", "5", "--clients-per-round", "5", "--rounds", "1", "--batch-size", "8", "--eval-samples", "2",
@@ -123,7 +122,7 @@ def test_fedsa_scores_each_client_on_its_own_tasks(tmp_path, monkeypatch):
 
     def predict(self, examples, batch_size=8, client=None, distributed=False):
         real(self, examples[:1], client=client)                    # loads the model `client` is evaluated with
-        cur = {n: self._params[n] for n in self.lora_names}
+        cur = {n: self.params[n] for n in self.lora_names}
         assert all(torch.equal(cur[n], self.global_state[n]) for n in cur if ".A." in n)
         whose = [c for c, st in self.method.states.items() if all(torch.equal(cur[n], v) for n, v in st.items())]
         mine = owned[whose[0]] if whose else set()
@@ -303,8 +302,8 @@ def test_protocol_defaults(tmp_path):
     assert (task.lr, task.projector_lr, task.client_sampling, task.server_state) == (2e-4, None, "official", "reset")
     assert task.mtl_epochs == 1.0 and task.caption_metric == "average"
     assert task.projector_lr is None and task.lr == 2e-4   # the projector trains at the LoRA lr, as the paper's did
-    mtl = methods.METHODS["mtl"](type("Fed", (), {"cfg": task})())
-    assert (mtl.stages(8), mtl.rounds(), mtl.local_epochs()) == (1, 1, 1.0)
+    mtl = federate.METHODS["mtl"](type("Fed", (), {"cfg": task})())
+    assert (mtl.schedule.stages(8), mtl.schedule.rounds, mtl.schedule.local_epochs) == (1, 1, 1.0)
     emb = resolve("--setting", "task-hom")
     assert (emb.client_sampling, emb.lm_identity, emb.image_aspect) == ("seeded", True, "pad")
 

@@ -1,29 +1,35 @@
 """Tests for federate.py: hand-computed aggregators, DISCO key updates / clustering, SSA weights, client sampling,
 bad-client screening, and the end-to-end mechanism test on a tiny model (DISCO keeps stage-1 accuracy and
 routes each task to its own subspace; Finetune forgets)."""
+import copy
 import math
 import random
+import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from toy import (  # noqa: F401 (_one_thread: a fixture)
+    _one_thread,
+    accuracy,
+    client_data_for,
+    make_tokenizer,
+    run_two_tasks,
+    task_examples,
+    tiny_cfg,
+    tiny_model,
+)
 
+import data
+import disco
 import federate as fd
-import identity
 import imaging
+import lora
+import methods
+import model as vlm
 import server
 from config import Config
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Toy-sized matmuls gain nothing from threads, and oversubscribed threads on a busy 2-core runner cost ~30x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ----------------------------------------------------------------------------------------------------
 # client sampling
@@ -121,10 +127,10 @@ def test_yogi_sign_branch():
     assert torch.allclose(opt.v["w"], torch.tensor([2.875]))
 
 
-def test_aggregate_prefix_keeps_separate_state():
+def test_aggregate_keeps_separate_state_per_name():
     opt = server.ServerOptimizer("fedavgm", lr=1.0, momentum=0.9)
-    server.aggregate(G, C, N, opt, prefix="s0/")
-    server.aggregate(G, C, N, opt, prefix="s1/")
+    for s in ("s0/w", "s1/w"):
+        server.aggregate({s: G["w"]}, [{s: c["w"]} for c in C], N, opt)
     assert set(opt.m) == {"s0/w", "s1/w"}
     sd = opt.state_dict()
     opt2 = server.ServerOptimizer("fedavgm", lr=1.0, momentum=0.9)
@@ -153,12 +159,13 @@ def test_product_average_vs_factor_average():
 
 
 def test_screen_clients_drops_nan_and_empty():
-    ok = {"client": 1, "n": 4, "loss": 0.5, "state": {"w": torch.ones(2)}}
-    bad = {"client": 2, "n": 4, "loss": 0.5, "state": {"w": torch.tensor([1.0, float("nan")])}}
-    inf = {"client": 3, "n": 4, "loss": float("inf"), "state": {"w": torch.ones(2)}}
-    empty = {"client": 4, "n": 0, "loss": None, "state": {}}
+    up = lambda c, n, loss, state: server.Upload(c, c, n, 0, {}, 0, state=state, loss=loss)
+    ok = up(1, 4, 0.5, {"w": torch.ones(2)})
+    bad = up(2, 4, 0.5, {"w": torch.tensor([1.0, float("nan")])})
+    inf = up(3, 4, float("inf"), {"w": torch.ones(2)})
+    empty = up(4, 0, None, {})
     kept, dropped = server.screen_clients([ok, bad, inf, empty])
-    assert [u["client"] for u in kept] == [1]
+    assert [u.client for u in kept] == [1]
     assert {d["client"]: d["reason"] for d in dropped} == {
         2: "non-finite parameters after local training", 3: "non-finite training loss (inf)", 4: "empty client data"}
 
@@ -175,7 +182,7 @@ def test_update_keys_running_mean_not_precedence_bug():
     keys, sizes = torch.zeros(3, 2), torch.zeros(3, dtype=torch.float64)
     keys[0], sizes[0] = _unit(1.0, 0.0), 2
     mu = torch.stack([_unit(0.0, 1.0), _unit(0.0, 3.0), _unit(5.0, 5.0)])
-    server.update_keys(keys, sizes, [0, 0, 1], mu, [2, 1, 4])
+    disco.update_keys(keys, sizes, [0, 0, 1], mu, [2, 1, 4])
     # slot 0: (2*[1,0] + 2*[0,1] + 1*[0,3]) / (2+3) = [0.4, 1.0]; the official bug gives [2, 1]
     assert torch.allclose(keys[0], _unit(0.4, 1.0)) and float(sizes[0]) == 5
     assert torch.allclose(keys[1], _unit(5.0, 5.0)) and float(sizes[1]) == 4       # new slot: weighted mean
@@ -185,7 +192,7 @@ def test_update_keys_running_mean_not_precedence_bug():
 def test_organize_first_round_clusters_among_clients():
     keys, sizes = torch.zeros(4, 3), torch.zeros(4, dtype=torch.float64)
     mu = torch.stack([_unit(1, 0, 0), _unit(2, 0.1, 0), _unit(0, 1, 0), _unit(0, 0, 1), _unit(0, 1.1, 0.05)])
-    slot, opened = server.organize(mu, [10, 10, 10, 10, 10], keys, sizes, tau=0.9)
+    slot, opened = disco.organize(mu, [10, 10, 10, 10, 10], keys, sizes, tau=0.9)
     assert slot == [0, 0, 1, 2, 1] and opened == [0, 1, 2]
 
 
@@ -193,7 +200,7 @@ def test_organize_matches_global_keys_and_opens_on_miss():
     keys, sizes = torch.zeros(4, 2), torch.zeros(4, dtype=torch.float64)
     keys[1], sizes[1] = _unit(1.0, 0.0), 100         # slot 0 empty, slot 1 used
     mu = torch.stack([_unit(1.0, 0.05), _unit(0.0, 1.0), _unit(0.02, 1.0)])
-    slot, opened = server.organize(mu, [5, 5, 5], keys, sizes, tau=0.9)
+    slot, opened = disco.organize(mu, [5, 5, 5], keys, sizes, tau=0.9)
     assert slot == [1, 0, 0] and opened == [0]       # first empty slot is reused
 
 
@@ -202,19 +209,19 @@ def test_organize_exact_threshold():
     keys[0], sizes[0] = _unit(1.0, 0.0), 10
     at = _unit(0.9, math.sqrt(1 - 0.81))                 # cos = 0.9 exactly (up to rounding) -> match
     below = _unit(0.8999, math.sqrt(1 - 0.8999 ** 2))    # cos = 0.8999 -> miss
-    assert server.organize(at[None], [5], keys, sizes, tau=0.9) == ([0], [])
-    assert server.organize(below[None], [5], keys, sizes, tau=0.9) == ([1], [1])
+    assert disco.organize(at[None], [5], keys, sizes, tau=0.9) == ([0], [])
+    assert disco.organize(below[None], [5], keys, sizes, tau=0.9) == ([1], [1])
     # same edge between clients of one round
     keys2, sizes2 = torch.zeros(3, 2), torch.zeros(3, dtype=torch.float64)
-    assert server.organize(torch.stack([_unit(1, 0), at]), [5, 5], keys2, sizes2, 0.9)[0] == [0, 0]
-    assert server.organize(torch.stack([_unit(1, 0), below]), [5, 5], keys2, sizes2, 0.9)[0] == [0, 1]
+    assert disco.organize(torch.stack([_unit(1, 0), at]), [5, 5], keys2, sizes2, 0.9)[0] == [0, 0]
+    assert disco.organize(torch.stack([_unit(1, 0), below]), [5, 5], keys2, sizes2, 0.9)[0] == [0, 1]
 
 
 def test_organize_no_overlapping_clusters():
     # cos(0,1) >= τ, cos(1,2) >= τ, cos(0,2) < τ: the official code yields overlapping [0,1] and [2,1]
     a = math.radians(20)
     mu = torch.stack([_unit(1, 0), _unit(math.cos(a), math.sin(a)), _unit(math.cos(2 * a), math.sin(2 * a))])
-    slot, opened = server.organize(mu, [1, 1, 1], torch.zeros(3, 2), torch.zeros(3, dtype=torch.float64), 0.9)
+    slot, opened = disco.organize(mu, [1, 1, 1], torch.zeros(3, 2), torch.zeros(3, dtype=torch.float64), 0.9)
     assert slot == [0, 0, 1] and opened == [0, 1]
 
 
@@ -222,144 +229,31 @@ def test_small_client_joins_nearest_even_when_first():
     keys, sizes = torch.zeros(4, 3), torch.zeros(4, dtype=torch.float64)
     mu = torch.stack([_unit(0.3, 0.1, 1.0), _unit(1, 0, 0), _unit(0, 1, 0)])
     n = [1, 1000, 1000]                                  # 1/2001 < 1e-3, and it comes first
-    slot, opened = server.organize(mu, n, keys, sizes, tau=0.9, small_client=1e-3)
+    slot, opened = disco.organize(mu, n, keys, sizes, tau=0.9, small_client=1e-3)
     assert opened == [0, 1] and slot == [0, 0, 1]       # joined client 1's cluster (nearest), no own slot
     # not small (2/2002 > 1e-3): opens its own subspace
-    slot, opened = server.organize(mu, [3, 1000, 1000], keys, sizes, tau=0.9, small_client=1e-3)
+    slot, opened = disco.organize(mu, [3, 1000, 1000], keys, sizes, tau=0.9, small_client=1e-3)
     assert opened == [0, 1, 2] and slot == [0, 1, 2]
     # small client nearest to an existing key joins that key
     keys[3], sizes[3] = _unit(0.0, 0.2, 1.0), 50
-    slot, opened = server.organize(mu, n, keys, sizes, tau=0.99, small_client=1e-3)
+    slot, opened = disco.organize(mu, n, keys, sizes, tau=0.99, small_client=1e-3)
     assert slot == [3, 0, 1] and opened == [0, 1]
     # every client small (share 1/3 < 0.5) and no key in use: nothing to join, so they cluster normally (the two
     # alike ones together) instead of being dropped
     mu3 = torch.stack([_unit(1, 0, 0), _unit(0, 0, 1), _unit(1, 0.05, 0)])
-    slot, opened = server.organize(mu3, [1, 1, 1], torch.zeros(3, 3), torch.zeros(3, dtype=torch.float64), 0.9, 0.5)
+    slot, opened = disco.organize(mu3, [1, 1, 1], torch.zeros(3, 3), torch.zeros(3, dtype=torch.float64), 0.9, 0.5)
     assert slot == [0, 1, 0] and opened == [0, 1]
 
 
 def test_organize_capacity_error():
     keys, sizes = torch.zeros(2, 2), torch.zeros(2, dtype=torch.float64)
     mu = torch.stack([_unit(1, 0), _unit(0, 1), _unit(-1, 0)])
-    with pytest.raises(server.CapacityError, match="raise --subspaces"):
-        server.organize(mu, [5, 5, 5], keys, sizes, tau=0.9)
+    with pytest.raises(disco.CapacityError, match="raise --subspaces"):
+        disco.organize(mu, [5, 5, 5], keys, sizes, tau=0.9)
     keys[0], keys[1], sizes[:] = _unit(1, 0), _unit(0, 1), 5
-    assert server.organize(mu[:2], [5, 5], keys, sizes, 0.9) == ([0, 1], [])     # full but matched: fine
-    with pytest.raises(server.CapacityError):
-        server.organize(mu[2:], [5], keys, sizes, 0.9)
-
-
-# ----------------------------------------------------------------------------------------------------
-# tiny model + two synthetic tasks (shared with tests/test_distributed.py)
-
-import copy
-import time
-
-import data
-import lora
-import model as vlm
-import prompts
-
-FRUITS = ["apple", "banana", "cherry", "grape", "lemon", "lime", "plum", "peach"]
-COLORS = ["red", "yellow", "red", "purple", "yellow", "green", "purple", "orange"]
-TEMPLATE_A = "please tell me the color of this fruit : {x}"          # task A: fruit -> colour
-TEMPLATE_B = "spell out only the first letter of the word {x} now"   # task B: fruit -> first letter
-prompts.TEMPLATES.setdefault("tiny", ("USER: {instruction} ASSISTANT:", " ", "</s>"))   # short prompts, fast tests
-
-
-def make_tokenizer():
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    pre = pre_tokenizers.Whitespace()
-    words = set()
-    for t in ("USER: ASSISTANT: repeat the word say echo this : copy", TEMPLATE_A, TEMPLATE_B,
-              " ".join(FRUITS + COLORS + [f[0] for f in FRUITS])) + identity.REFERENCE_TEXTS:   # no <unk> in the centre
-        words |= {w for w, _ in pre.pre_tokenize_str(t)}
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + sorted(words))}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
-    return prompts.Tokenizer(tok, bos_id=1, eos_id=2, pad_id=3, add_bos=True)
-
-
-def task_examples(task, n, seed):
-    r = random.Random(seed)
-    out = []
-    for i in range(n):
-        k = r.randrange(len(FRUITS))
-        if task == "A":
-            out.append(data.Example("A", TEMPLATE_A.format(x=FRUITS[k]), COLORS[k], qid=i))
-        else:
-            out.append(data.Example("B", TEMPLATE_B.format(x=FRUITS[k]), FRUITS[k][0], qid=i))
-    return out
-
-
-_BASE = {}
-
-
-def tiny_model(steps=100):
-    """A 2-layer LLaMA (hidden 64) built from model.py's config classes, briefly pretrained (full fine-tuning,
-    ~1-2 s) on a generic copy task ("repeat the word X" -> X) so that attention fetches the word: the two tasks
-    then need only a LoRA-sized lookup, learnable in a few steps. Cached; returns a fresh deep copy."""
-    if "m" not in _BASE:
-        tok = make_tokenizer()
-        text = vlm.DecoderConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-                                 pad_token_id=3)
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            m = vlm.VLM(vlm.VLMConfig(text=text, vision=None, image_token_index=4))
-            with torch.no_grad():   # a usable logit scale for a from-scratch toy
-                m.lm_head.weight.normal_(0, 0.3)
-                m.lm.embed_tokens.weight.normal_(0, 1.0)
-            words = FRUITS + sorted(set(COLORS)) + sorted({f[0] for f in FRUITS})
-            r = random.Random(0)
-            fed = fd.Federation(m, tok, None, Config(method="zeroshot", template="tiny"))
-            opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-            for p in m.parameters():
-                p.requires_grad_(True)
-            m.train()
-            for _ in range(steps):
-                exs = [data.Example("copy", f"{r.choice(['repeat the word', 'say', 'echo this :', 'copy'])} {w}", w)
-                       for w in (r.choice(words) for _ in range(32))]
-                loss = m.loss(**{k: v for k, v in fed._collate(exs).items() if k != "pixel_values"})
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
-        _BASE["m"], _BASE["tok"] = m, tok
-    return copy.deepcopy(_BASE["m"]), _BASE["tok"]
-
-
-def tiny_cfg(**kw):
-    base = dict(method="disco", clients=4, clients_per_round=2, rounds=2, local_epochs=5, lr=1e-2, batch_size=8,
-                rank=16, alpha=32, subspaces=2, dropout=0.0, template="tiny", max_new_tokens=3,
-                lora_targets=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"), seed=0)
-    base.update(kw)
-    return Config(**base)
-
-
-def client_data_for(task, stage, rnd, n=32):
-    return lambda pos, cid: task_examples(task, n, 1000 * stage + 10 * (cid if cid is not None else 99) + rnd)
-
-
-def accuracy(fed, exs):
-    preds = fed.predict(exs, batch_size=32)
-    return sum(p == e.answer for p, e in zip(preds, exs)) / len(exs)
-
-
-def run_two_tasks(fed, tasks=("A", "B"), tests=None):
-    """Stage s trains task tasks[s]; returns {stage: {task: acc}} and the round logs."""
-    tests = tests or {t: task_examples(t, 32, 7 + i) for i, t in enumerate(tasks)}
-    accs, logs = {}, []
-    for s, t in enumerate(tasks):
-        for r in range(fed.cfg.rounds):
-            logs.append(fed.run_round(s, r, client_data_for(t, s, r)))
-        fed.end_stage(s)
-        accs[s] = {t2: accuracy(fed, tests[t2]) for t2 in tasks[:s + 1]}
-    return accs, logs, tests
+    assert disco.organize(mu[:2], [5, 5], keys, sizes, 0.9) == ([0, 1], [])     # full but matched: fine
+    with pytest.raises(disco.CapacityError):
+        disco.organize(mu[2:], [5], keys, sizes, 0.9)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -408,6 +302,28 @@ def test_ssa_weights_hand_computed():
     assert torch.equal(fed.method.routing_weights(f), torch.zeros(2, 4))            # before training: base model
 
 
+def test_route_variants():
+    keys = torch.tensor([[1.0, 0, 0], [0, 2.0, 0], [0, 0, 0], [1, 1, 0]])
+    f = torch.tensor([[3.0, 0, 0], [0, 1.0, 1.0]])
+    cos = torch.tensor([[1, 0, 0, 1 / math.sqrt(2)], [0, 1 / math.sqrt(2), 0, 0.5]])
+    torch.testing.assert_close(disco.route(f, keys, "cosine"), cos)
+    torch.testing.assert_close(disco.route(f, keys, "softmax", 0.05), torch.softmax(cos / 0.05, -1))
+    torch.testing.assert_close(disco.route(f, keys, "argmax"), torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0]]))
+    torch.testing.assert_close(disco.route(f, keys, "concat"), torch.ones(2, 4))
+    valid = torch.tensor([False, True, False, True])
+    sv = disco.route(f, keys, "softmax", 0.05, valid=valid)
+    assert float(sv[:, ~valid].abs().max()) == 0
+    torch.testing.assert_close(sv[:, valid], torch.softmax(cos[:, valid] / 0.05, -1))
+    torch.testing.assert_close(disco.route(f, keys, "argmax", valid=valid),
+                               torch.tensor([[0.0, 0, 0, 1], [0, 1, 0, 0]]))
+    torch.testing.assert_close(disco.route(f, keys, "concat", valid=valid), valid.float().expand(2, 4))
+    assert disco.route(f[0], keys).shape == (1, 4)
+    assert disco.route(f.half(), keys.bfloat16()).dtype == torch.float32
+    assert float(disco.route(f, keys, valid=torch.zeros(4, dtype=torch.bool)).abs().sum()) == 0
+    with pytest.raises(ValueError, match="routing mode"):
+        disco.route(f, keys, "topk")
+
+
 # ----------------------------------------------------------------------------------------------------
 # engine behaviour: accounting, bad clients, resume, aggregators, methods
 
@@ -444,7 +360,7 @@ def test_bad_clients_excluded_and_renormalised(monkeypatch):
     assert rec["dropped"] == [{"client": sel[0], "position": 0, "reason": "empty client data"}]
     alone = fd.Federation(*tiny_model(), None, tiny_cfg(method="finetune", local_epochs=1))
     u = alone._local_train(good, 0, 0, 0, 1, sel[1])
-    for n, t in u["state"].items():
+    for n, t in u.state.items():
         assert torch.allclose(fed.global_state[n], t, atol=1e-7)
     # a NaN loss: excluded with its reason, the global model stays finite and unchanged by it
     before = {k: v.clone() for k, v in fed.global_state.items()}
@@ -502,7 +418,7 @@ def test_fedprox_pulls_towards_global():
         fed = fd.Federation(*tiny_model(), None,
                             tiny_cfg(method="fedit", aggregator="fedprox", prox_mu=mu, local_epochs=2))
         u = fed._local_train(ex, 0, 0, 0, 0, 0)
-        far.append(sum(float((u["state"][n] - fed.global_state[n]).norm() ** 2) for n in u["state"]))
+        far.append(sum(float((u.state[n] - fed.global_state[n]).norm() ** 2) for n in u.state))
     assert far[1] < far[0]
 
 
@@ -511,9 +427,10 @@ def test_olora_one_subspace_per_stage_and_penalty():
     fed = fd.Federation(*tiny_model(), None, cfg)
     accs, logs, _ = run_two_tasks(fed)
     assert [c["slot"] for c in logs[0]["per_client"]] == [0, 0] and [c["slot"] for c in logs[1]["per_client"]] == [1, 1]
-    assert fed.method.stage_slot == {0: 0, 1: 1}
+    fed.method.prepare_inference([])                                  # inference sums the subspaces of both stages
+    assert all(m.alpha.tolist() == [1.0, 1.0] for m in lora.lora_modules(fed.model).values())
     assert logs[1]["per_client"][0]["bytes_down"] == 2 * lora.subspace_bytes(fed.model, 0)   # old one is needed
-    with pytest.raises(server.CapacityError):
+    with pytest.raises(methods.CapacityError):
         fed.run_round(2, 0, client_data_for("A", 2, 0))
     # the penalty is what lowers the overlap: the same run (same seed, data, init) without it overlaps more
     free = fd.Federation(*tiny_model(), None, tiny_cfg(method="olora", rounds=1, local_epochs=2, olora_lambda=0.0))
@@ -527,10 +444,10 @@ def _hand_fisher(fed, state, exs):
     """Independent diagonal empirical Fisher at `state`: one padded batch, each sample's own mean token loss
     written out by hand, its gradient taken alone; F = mean over samples of the squared gradients."""
     names = fed.slot_names(0)
-    fed._load(state)
+    fed.load(state)
     lora.set_active(fed.model, 0)
-    params = [fed._params[n] for n in names]
-    b = fed._collate(exs)
+    params = [fed.params[n] for n in names]
+    b = fed.batch(exs)
     h = fed.model.hidden_states(b["input_ids"], None, b["attention_mask"])[:, :-1]
     tgt = b["labels"][:, 1:]
     ce = F.cross_entropy(fed.model.lm_head(h).float().transpose(1, 2), tgt.clamp_min(0), reduction="none")
@@ -542,7 +459,7 @@ def _hand_fisher(fed, state, exs):
             fis[n] += g.detach() ** 2 / len(exs)
     for p in params:
         p.requires_grad_(False)
-    fed._load(fed.global_state)
+    fed.load(fed.global_state)
     return fis
 
 
@@ -562,7 +479,7 @@ def test_ewc_fisher_per_sample_and_online_consolidation():
         want = {n: torch.zeros_like(v) for n, v in g0.items()}
         for p in (0, 1):                                       # the client's final weights, then its Fisher by hand
             u = fed._local_train(data(p, sel[p]), 0, stage, 0, p, sel[p], start=g0)
-            for n, f in _hand_fisher(fed, u["state"], data(p, sel[p])).items():
+            for n, f in _hand_fisher(fed, u.state, data(p, sel[p])).items():
                 want[n] += f * n_at[p] / 16
         assert max(float(f.max()) for f in want.values()) > 1e-8
         for n in want:
@@ -581,8 +498,8 @@ def test_ewc_fisher_per_sample_and_online_consolidation():
     names = fed.slot_names(0)
     g = torch.Generator().manual_seed(0)
     w = {n: anchors[1][n] + 0.01 * torch.randn(anchors[1][n].shape, generator=g) for n in names}
-    fed._load(w)
-    got = float(fd.client_penalty(fed, names, None, 0))
+    fed.load(w)
+    got = float(fd.client_penalty(fed, names, None, fed.method.configure(0)).detach())
     want_pen = lam / 2 * sum(float((expected_F[n] * (w[n] - anchors[1][n]) ** 2).sum()) for n in names)
     assert got == pytest.approx(want_pen, rel=1e-3) and want_pen > 0
 
@@ -621,9 +538,9 @@ def test_zeroshot_mtl_local():
     loc = fd.Federation(*tiny_model(), None, tiny_cfg(method="local", local_epochs=2))
     g0 = {k: v.clone() for k, v in loc.global_state.items()}
     rec = loc.run_round(0, 0, client_data_for("A", 0, 0, n=8))
-    assert loc.method.eval_clients() == sorted(rec["clients"])
+    assert loc.eval_clients() == sorted(rec["clients"])
     assert all(torch.equal(g0[k], loc.global_state[k]) for k in g0)      # nothing is aggregated
-    c0, c1 = loc.method.eval_clients()
+    c0, c1 = loc.eval_clients()
     assert not torch.equal(loc.method.states[c0][loc.slot_names(0)[1]], loc.method.states[c1][loc.slot_names(0)[1]])
     assert len(loc.predict(task_examples("A", 2, 0), client=c0)) == 2
     with pytest.raises(ValueError):
@@ -652,7 +569,7 @@ def test_disco_with_clip_text_encoder():
         torch.manual_seed(0)
         tower = vlm.CLIPTextTower(ccfg).eval()
     fed = fd.Federation(m, tok, None, tiny_cfg(method="disco", rounds=1, local_epochs=1), text_encoder=(tower, ctok))
-    f = identity.identity_features(fed, task_examples("A", 3, 0) + task_examples("B", 3, 0))
+    f = disco.identity_features(fed, task_examples("A", 3, 0) + task_examples("B", 3, 0))
     assert f.shape == (6, 48)                                  # pooled, unprojected (as FCIT uses CLIP)
     _, logs, tests = run_two_tasks(fed)
     assert fed.method.keys.shape == (2, 48) and fed.method.open_order == [0, 1]
@@ -697,8 +614,8 @@ def test_grad_accumulation_and_checkpointing_are_equivalent():
         fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="fedit", local_epochs=2, max_grad_norm=0.0, **kw))
         # the same permutation: two micro-batches of 4 hold the batch of 8 (equal supervised tokens each)
         u = fed._local_train(ex, 0, 0, 0, 0, 0)
-        assert u["steps"] == 4 and not fed.model.gradient_checkpointing
-        states.append(u["state"])
+        assert u.steps == 4 and not fed.model.gradient_checkpointing
+        states.append(u.state)
     for s in states[1:]:
         for n in s:
             assert torch.allclose(s[n], states[0][n], atol=1e-5), n
@@ -709,13 +626,13 @@ def test_organize_on_full_nearest():
     keys[0], sizes[0] = _unit(1, 0), 10
     mu = torch.stack([_unit(0, 1), _unit(-1, 0.2), _unit(0.7, -1)])   # three new clusters, one free slot
     info = {}
-    slot, opened = server.organize(mu, [5, 50, 5], keys, sizes, 0.9, on_full="nearest", info=info)
+    slot, opened = disco.organize(mu, [5, 50, 5], keys, sizes, 0.9, on_full="nearest", info=info)
     # the biggest cluster (client 1) opens slot 1; client 0 is nearer to client 1 (cos .19) than to key 0 (0);
     # client 2 is nearer to key 0 (cos .57)
     assert opened == [1] and slot == [1, 1, 0]
     assert [d["clients"] for d in info["merged_on_full"]] == [[0], [2]]
-    with pytest.raises(server.CapacityError, match="--on-full nearest"):
-        server.organize(mu, [5, 50, 5], keys, sizes, 0.9)
+    with pytest.raises(disco.CapacityError, match="--on-full nearest"):
+        disco.organize(mu, [5, 50, 5], keys, sizes, 0.9)
 
 
 def test_disco_het_round_opens_one_subspace_per_task_and_aggregates_separately():
@@ -729,7 +646,7 @@ def test_disco_het_round_opens_one_subspace_per_task_and_aggregates_separately()
     sel = rec["clients"]
     ups = [fed._local_train(task_examples("A", 16, 10 * p + sel[p]), 0, 0, 0, p, sel[p], start=g0) for p in (0, 2)]
     for n in fed.slot_names(0):
-        assert torch.allclose(fed.global_state[n], 0.5 * ups[0]["state"][n] + 0.5 * ups[1]["state"][n], atol=1e-6)
+        assert torch.allclose(fed.global_state[n], 0.5 * ups[0].state[n] + 0.5 * ups[1].state[n], atol=1e-6)
     assert fed.routing_accuracy({"A": task_examples("A", 8, 1), "B": task_examples("B", 8, 2)}) == 1.0
 
 
@@ -737,7 +654,7 @@ def test_fedit_alpaca_train_on_inputs():
     fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="fedit", template="alpaca", train_on_inputs=True,
                                                       local_epochs=2, lora_targets=("q_proj", "k_proj", "v_proj",
                                                                                     "o_proj")))
-    b = fed._collate(task_examples("A", 2, 0))
+    b = fed.batch(task_examples("A", 2, 0))
     assert int((b["labels"] != -100).sum()) > 10                 # the prompt is supervised too
     rec = fed.run_round(0, 0, client_data_for("A", 0, 0, n=16))
     assert not rec["dropped"] and rec["per_client"][0]["trainable_params"] == sum(
@@ -751,7 +668,7 @@ def test_identity_center_option():
     @torch.no_grad()
     def states(text):                         # (T, C) final hidden states of one unpadded text
         return base.hidden_states(torch.tensor([tok.encode(text)]))[0].float()
-    ref = torch.cat([states(t) for t in identity.REFERENCE_TEXTS]).mean(0)           # mean over all reference tokens
+    ref = torch.cat([states(t) for t in disco.REFERENCE_TEXTS]).mean(0)           # mean over all reference tokens
     want_plain = torch.stack([states(e.instruction).mean(0) for e in exs])
     want_cen = torch.stack([F.normalize(states(e.instruction) - ref, dim=-1).mean(0) for e in exs])
     feats = {}
@@ -759,8 +676,8 @@ def test_identity_center_option():
         fed = fd.Federation(*tiny_model(), None, tiny_cfg(identity_center=center))
         with torch.no_grad():                 # non-zero adapters: the identity must still come from the base LM
             for n in fed.lora_names:
-                fed._params[n].normal_(0, 0.5)
-        feats[center] = identity.identity_features(fed, exs, batch_size=3)      # padded batches of mixed lengths
+                fed.params[n].normal_(0, 0.5)
+        feats[center] = disco.identity_features(fed, exs, batch_size=3)      # padded batches of mixed lengths
     assert feats[True].shape == (8, 64)
     assert torch.allclose(feats[False], want_plain, atol=1e-4)
     assert torch.allclose(feats[True], want_cen, atol=1e-4)
@@ -802,22 +719,23 @@ def test_fedsa_shares_a_and_keeps_b_on_each_client():
     a_names = [n for n in fed.lora_names if ".A." in n]
     b_names = [n for n in fed.lora_names if ".B." in n]
     for n in a_names:                                   # A: FedAvg over the clients, weights 6 : 10
-        want = (6 * ups[0]["state"][n].double() + 10 * ups[1]["state"][n].double()) / 16
+        want = (6 * ups[0].state[n].double() + 10 * ups[1].state[n].double()) / 16
         assert torch.allclose(fed.global_state[n].double(), want, atol=1e-6)
     for n in b_names:                                   # B: the global one never moves, each client keeps its own
         assert torch.equal(fed.global_state[n], g0[n])
         for p in (0, 1):
-            assert torch.equal(fed.method.states[sel[p]][n], ups[p]["state"][n])
+            assert torch.equal(fed.method.states[sel[p]][n], ups[p].state[n])
     a_bytes = sum(fed.global_state[n].numel() * 4 for n in a_names)
     assert all(c["bytes_up"] == a_bytes == c["bytes_down"] for c in rec["per_client"])   # only A travels
     w = fed.method.weights_for(sel[0])
-    assert torch.equal(w[b_names[0]], ups[0]["state"][b_names[0]]) and torch.equal(w[a_names[0]],
+    assert torch.equal(w[b_names[0]], ups[0].state[b_names[0]]) and torch.equal(w[a_names[0]],
                                                                                     fed.global_state[a_names[0]])
-    assert fed.method.start_state(sel[1]) is fed.method.states[sel[1]] and fed.method.eval_clients() == sorted(sel)
-    assert fed.method.personal_datasets() == {sel[0]: {"A": 6}, sel[1]: {"A": 10}}     # what each client trained on
+    start = fed.method.weights_for(sel[1])                                               # it trains from its own B
+    assert all(start[n] is fed.method.states[sel[1]][n] for n in b_names) and fed.eval_clients() == sorted(sel)
+    assert fed.method.personal == {sel[0]: {"A": 6}, sel[1]: {"A": 10}}                 # what each client trained on
     back = fd.Federation(*tiny_model(), None, tiny_cfg(method="fedsa", local_epochs=1, train_projector=False))
     back.load_state_dict(*fed.state_dict())                                              # resume keeps it
-    assert back.method.personal_datasets() == fed.method.personal_datasets()
+    assert back.method.personal == fed.method.personal
     assert all(torch.equal(back.method.states[c][n], fed.method.states[c][n]) for c in sel for n in b_names)
 
 

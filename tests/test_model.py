@@ -262,6 +262,78 @@ def test_compiled_decode_step_gives_the_same_tokens(llava_llama, monkeypatch):
         assert m.generate(ids, am, px, max_new_tokens=10, eos_token_id=5, compile=True) == want
 
 
+def tiny_text_vlm(pads):
+    """A small text-only VLM (LLaMA, GQA 4/2) and a batch of 7-token prompts, row b left-padded by pads[b] tokens."""
+    t = M.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    m = M.VLM(M.VLMConfig(text=t, vision=None)).eval()
+    ids = torch.randint(5, 64, (len(pads), 7), generator=torch.Generator().manual_seed(0))
+    am = torch.ones_like(ids)
+    for b, n in enumerate(pads):
+        am[b, :n] = 0
+    return m, ids.masked_fill(am == 0, 0), am
+
+
+def test_compile_without_the_dynamo_api_decodes_eagerly(monkeypatch):
+    """A torch before 2.7 (no dynamo recompile_limit, no FailOnRecompileLimitHit): generate(compile=True) warns once,
+    naming the version and what is missing, and gives the eager tokens without calling torch.compile."""
+    m, ids, am = tiny_text_vlm((0, 2))
+    want = m.generate(ids, am, max_new_tokens=8, eos_token_id=-1)
+    monkeypatch.delattr(torch._dynamo.config, "recompile_limit", raising=False)
+    monkeypatch.delattr(torch._dynamo.exc, "FailOnRecompileLimitHit", raising=False)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: pytest.fail("torch.compile called"))
+    monkeypatch.setattr(M, "_eager_warned", False)
+    with pytest.warns(UserWarning, match="decodes eagerly") as rec:
+        assert m.generate(ids, am, max_new_tokens=8, eos_token_id=-1, compile=True) == want
+    [msg] = [str(w.message) for w in rec if "decodes eagerly" in str(w.message)]
+    assert torch.__version__ in msg and "recompile_limit" in msg and "FailOnRecompileLimitHit" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                               # once per process
+        assert m.generate(ids, am, max_new_tokens=8, eos_token_id=-1, compile=True) == want
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_decode_step_matches_the_forward(compile, monkeypatch):
+    """generate's decode path (`_decode_step`, `_layer_step`, `_attention_step`, `_cache_append`; with compile=True the
+    fixed-shape step over the static cache, run eagerly here) against the plain forward: with left padding and GQA,
+    each step's logits equal the full forward's at the last position of the sequence so far."""
+    m, ids, am = tiny_text_vlm((0, 2, 4))
+    steps, real = [], M._decode_step
+    monkeypatch.setattr(M, "_decode_step", lambda *a: steps.append(real(*a)) or steps[-1])
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    out = m.generate(ids, am, max_new_tokens=6, eos_token_id=-1, compile=compile)
+    assert len(steps) == 5 and all(len(o) == 6 for o in out)
+    for i, logits in enumerate(steps):                              # step i reads the i-th new token
+        ids = torch.cat([ids, torch.tensor([[o[i]] for o in out])], 1)
+        am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+        with torch.no_grad():
+            torch.testing.assert_close(logits, m(ids, attention_mask=am)[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_fast_paths_match_the_formula():
+    """RMSNorm's float32 fast paths (`_rms_norm_fp32`: `_RMSNormFn`'s written-out backward with gradient, F.rms_norm
+    without) against autograd of the formula w * x * rsqrt(mean(x²) + eps): output and both gradients; gradcheck of
+    the backward in float64."""
+    torch.manual_seed(0)
+    norm = M.RMSNorm(16, 1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    want = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    y = norm(x)
+    assert y.grad_fn.name().startswith("_RMSNormFn")
+    torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-6)
+    g = torch.randn_like(y)
+    for got, ref in zip(torch.autograd.grad(y, (x, norm.weight), g), torch.autograd.grad(want, (x, norm.weight), g)):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), want, atol=1e-6, rtol=1e-6)
+    d = [torch.randn(3, 7, dtype=torch.float64, requires_grad=True), torch.randn(7, dtype=torch.float64,
+                                                                                 requires_grad=True)]
+    assert torch.autograd.gradcheck(lambda x, w: M._RMSNormFn.apply(x, w, 1e-6), d)
+
+
 def test_loss_matches_transformers_and_checkpointing(llava_llama):
     hf, d = llava_llama
     m = C.load_vlm(d).train()

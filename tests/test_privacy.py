@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 from test_fcit import SMALL, small_benchmarks  # noqa: F401 (fixture: FCIT-mini sizes, one thread)
-from test_federate import _one_thread, task_examples, tiny_cfg, tiny_model  # noqa: F401 (fixture)
+from toy import _one_thread, task_examples, tiny_cfg, tiny_model  # noqa: F401 (fixture)
 
+import disco
 import fcit
 import federate as fd
 import privacy
@@ -57,18 +58,18 @@ def test_server_adds_calibrated_noise_to_a_fixed_denominator():
     sel = fd.server.sample_clients(4, 2, 0, 0, 0)
     ups = [ref._local_train(data(p, sel[p]), 0, 0, 0, p, sel[p]) for p in (0, 1)]
     for k in g0:
-        want = g0[k] + sum(u["state"][k] - g0[k] for u in ups) / 2
+        want = g0[k] + sum(u.state[k] - g0[k] for u in ups) / 2
         assert torch.allclose(fed.global_state[k], want, atol=1e-6), k
 
 
 def test_disco_identity_tokens_are_clipped_and_noised_on_the_client():
     cfg = tiny_cfg(method="disco", local_epochs=1, dp_clip=1.0, dp_noise=0.0, dp_identity_noise=0.0)
     fed = fd.Federation(*tiny_model(), None, cfg)
-    tok = fed.method._token(task_examples("A", 6, 0), 0, 0, 3)
+    tok = disco.identity_token(fed, task_examples("A", 6, 0), 0, 0, 3)
     assert float(tok.norm()) <= 1.0 + 1e-6
     noisy = fd.Federation(*tiny_model(), None, tiny_cfg(method="disco", dp_clip=1.0, dp_identity_noise=0.5))
-    a = noisy.method._token(task_examples("A", 6, 0), 0, 0, 3)
-    b = noisy.method._token(task_examples("A", 6, 0), 0, 0, 3)
+    a = disco.identity_token(noisy, task_examples("A", 6, 0), 0, 0, 3)
+    b = disco.identity_token(noisy, task_examples("A", 6, 0), 0, 0, 3)
     assert torch.equal(a, b) and float((a - tok).std()) == pytest.approx(0.5, rel=0.3)   # seeded per client
     spent = fd.privacy_spent(noisy)
     assert spent["noise_multiplier"] == pytest.approx(privacy.effective_noise(1.0, 0.5))

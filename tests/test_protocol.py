@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_federate import _one_thread, task_examples, tiny_cfg, tiny_model  # noqa: F401 (fixture)
+from toy import _one_thread, task_examples, tiny_cfg, tiny_model  # noqa: F401 (fixture)
 
 import federate as fd
 import imaging
@@ -65,7 +65,7 @@ def test_fractional_local_epochs_train_a_seeded_prefix():
     fed = fd.Federation(*tiny_model(), None, tiny_cfg(method="finetune", local_epochs=1.5, batch_size=4))
     exs = task_examples("A", 10, 0)
     u = fed._local_train(exs, 0, 0, 0, 0, 0)
-    assert u["steps"] == math.ceil(10 / 4) + math.ceil(5 / 4)     # one full epoch, then 5 of the 10 samples
+    assert u.steps == math.ceil(10 / 4) + math.ceil(5 / 4)     # one full epoch, then 5 of the 10 samples
     with pytest.raises(ValueError, match="local-epochs"):
         tiny_cfg(local_epochs=0)
 
@@ -111,8 +111,8 @@ def test_max_length_cuts_training_sequences_but_never_a_prompt():
     ex = task_examples("A", 1, 0)[0]
     full = prompts.encode_example(fed.tok, ex.instruction, None, template=fed.cfg.template, max_length=None)[0]
     assert len(full) > 6
-    assert fed._collate([ex], with_answer=False)["input_ids"][0].tolist()[-len(full):] == full
-    assert fed._collate([ex])["input_ids"].shape[1] == 6
+    assert fed.batch([ex], with_answer=False)["input_ids"][0].tolist()[-len(full):] == full
+    assert fed.batch([ex])["input_ids"].shape[1] == 6
 
 
 def test_client_dropout_is_seeded_per_client_and_min_clients_keeps_the_model():
