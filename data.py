@@ -152,7 +152,7 @@ def _err(path, i, msg, rec=None):
 
 
 def atomic_write_json(path, obj, indent=None) -> None:
-    """json.dump to `path` atomically (model.atomic_write)."""
+    """json.dump to `path` atomically (files.atomic_write)."""
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=indent)

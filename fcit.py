@@ -264,11 +264,18 @@ def load_model(cfg: Config, device, dtype):
 
 
 def save_state(path, fed, progress):
-    """Federation state + experiment progress, atomically (safetensors + JSON; the JSON names the tensors file)."""
+    """Federation state + experiment progress with one commit point: the tensors go to a new file, then the JSON that
+    names them atomically replaces the old one (the commit), then the previous tensors file is removed. A kill at any
+    point leaves a JSON naming a complete tensors file of the same round: a resume sees the old round or the new one."""
     from safetensors.torch import save_file
     tensors, meta = fed.state_dict()
-    files.atomic_write(path + ".safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_json(path + ".json", {"federation": meta, "progress": progress})
+    folder, stem = os.path.split(path)
+    name = f"{stem}.{os.urandom(6).hex()}.safetensors"
+    files.atomic_write(os.path.join(folder, name), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    before = files.read_json(path + ".json", default={}, error=UsageError).get("tensors")
+    write_json(path + ".json", {"federation": meta, "progress": progress, "tensors": name})
+    if before and before != name and os.path.exists(os.path.join(folder, before)):
+        os.remove(os.path.join(folder, before))
 
 
 def save_progress(path, fed, progress, t_start, is_main):
@@ -279,13 +286,17 @@ def save_progress(path, fed, progress, t_start, is_main):
 
 
 def load_state(path):
-    """(tensors, the saved JSON) of a state file save_state wrote; None when there is none."""
+    """(tensors, the saved JSON) of the last state save_state committed; None when there is none. Tensors files that
+    no JSON names (a kill before the commit, or before the old file's removal) are removed."""
     from safetensors.torch import load_file
-    if not os.path.exists(path + ".json"):
+    st = files.read_json(path + ".json", default=None, error=UsageError)
+    if st is None:
         return None
-    with open(path + ".json") as f:
-        st = json.load(f)
-    return load_file(path + ".safetensors"), st
+    folder, stem = os.path.split(path)
+    for f in os.listdir(folder):
+        if f.startswith(stem + ".") and f.endswith(".safetensors") and f != st["tensors"]:
+            os.remove(os.path.join(folder, f))
+    return load_file(os.path.join(folder, st["tensors"])), st
 
 
 def client_score(fed, bench, k, client, cache=None):
@@ -585,6 +596,48 @@ def check_out_dir(out, cfg: Config):
     return path, mine
 
 
+def _started(pid: int):
+    """The kernel's start time of process `pid` (/proc/<pid>/stat, field 22): with the PID it names one process even
+    after the PID is reused; None when no such process runs (or no /proc: then only whether the PID exists)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        if os.path.isdir("/proc"):
+            return None
+        try:
+            os.kill(pid, 0)
+            return "alive"
+        except OSError:
+            return None
+
+
+def lock_out(out) -> str:
+    """OUT/.lock, created exclusively, holds this process's PID and start time: a second run on a busy --out stops
+    (UsageError naming the holder); a lock whose process is gone, as after a kill, is taken over."""
+    path = os.path.join(out, ".lock")
+    me = {"pid": os.getpid(), "start": _started(os.getpid()), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = files.read_json(path)
+                alive = holder["start"] is not None and _started(int(holder["pid"])) == holder["start"]
+            except (ValueError, KeyError, TypeError):
+                raise UsageError(f"{path} is unreadable: another run may be starting on {out}; if none is, delete "
+                                 "the file") from None
+            if alive:
+                raise UsageError(f"{out} is in use by another run: PID {holder['pid']}, started {holder['since']}; "
+                                 "wait for it to finish or use another --out") from None
+            os.remove(path)                                        # its process is gone: a stale lock
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return path
+    raise UsageError(f"{path}: could not take the lock (another run took it first)")
+
+
 class Logger:
     def __init__(self, quiet, json_log, is_main):
         self.quiet, self.json_log, self.is_main = quiet, json_log, is_main
@@ -645,7 +698,14 @@ def main(argv=None):
     except UsageError as e:
         print(f"fcit.py: error: {e}", file=sys.stderr)
         return 2
+    lock = None
     if is_main:
+        os.makedirs(out, exist_ok=True)
+        try:
+            lock = None if args.dry_run else lock_out(out)
+        except UsageError as e:
+            print(f"fcit.py: error: {e}", file=sys.stderr)
+            return 2
         os.makedirs(out if args.dry_run else os.path.join(out, "state"), exist_ok=True)
         write_json(cfg_path, cfg_json)
     if args.dry_run:
@@ -663,6 +723,8 @@ def main(argv=None):
         return run(args, cfg, out, bench, device, dtype, log, world)
     finally:
         torch.set_num_threads(threads)
+        if lock is not None:
+            os.remove(lock)
 
 
 def run(args, cfg: Config, out, bench, device, dtype, log, world):

@@ -1,0 +1,94 @@
+"""Faults: a run killed between any two of its state writes, or while a second run holds its --out, loses nothing and
+mixes nothing. The kill is injected at the file-system calls a save makes (the tensors file appearing, the JSON that
+commits it appearing, the old tensors file removed) as a KeyboardInterrupt, the way a signal stops the process."""
+import json
+import os
+
+import pytest
+import torch
+
+import fcit
+
+ARGS = ["--setting", "cap-hom", "--methods", "disco", "--stages", "2", "--rounds", "2", "--clients", "5",
+        "--clients-per-round", "5", "--batch-size", "8", "--eval-samples", "2", "--max-new-tokens", "3", "--quiet",
+        "--workers", "1", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def small_benchmarks(tmp_path_factory, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(fcit, "CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setattr(fcit, "MINI", dict(n_train=30, n_test=4))
+
+
+def results(out):
+    r = json.load(open(os.path.join(out, "results.json")))
+    for m in r["methods"].values():
+        m.pop("wall_s")
+    return r
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fcit, "CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+    mp.setattr(fcit, "MINI", dict(n_train=30, n_test=4))
+    torch.set_num_threads(1)
+    assert fcit.main(ARGS + ["--out", str(out)]) == 0
+    mp.undo()
+    return results(out)
+
+
+@pytest.mark.parametrize("write", ["tensors", "json", "remove"])
+def test_a_kill_between_state_writes_resumes_to_the_same_results(tmp_path, monkeypatch, reference, write):
+    """The third save (mid-stage) is cut before its tensors file is written, between that file and the JSON that
+    commits it, or between the commit and the removal of the previous tensors file; the rerun gives the uninterrupted
+    run's results and leaves exactly the committed files."""
+    calls = {"tensors": 0, "json": 0, "remove": 0}
+    real_replace, real_remove = os.replace, os.remove
+
+    def cut(kind):
+        calls[kind] += 1
+        if kind == write and calls[kind] == 3:
+            raise KeyboardInterrupt(f"killed at the {kind} step of the third save")
+
+    def replace(src, dst):                      # files.atomic_write's last step: the file appears whole
+        if os.sep + "state" + os.sep in str(dst):
+            cut("json" if str(dst).endswith(".json") else "tensors")
+        real_replace(src, dst)
+
+    def remove(path):
+        if os.sep + "state" + os.sep in str(path) and not os.path.basename(path).startswith("."):   # not a temp file
+            cut("remove")
+        real_remove(path)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "remove", remove)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        fcit.main(ARGS + ["--out", str(out)])
+    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.setattr(os, "remove", real_remove)
+    assert fcit.main(ARGS + ["--out", str(out)]) == 0
+    assert results(out) == reference
+    left = sorted(os.listdir(out / "state"))
+    assert left == sorted(["disco.json", json.load(open(out / "state" / "disco.json"))["tensors"]])   # no stray file
+
+
+def test_a_busy_out_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    """OUT/.lock names a live process (this one): a run on that --out exits 2 naming its PID, and writes nothing. A lock
+    of a process that has ended is taken over, the run completes, and the lock is gone afterwards."""
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"pid": os.getpid(), "start": fcit._started(os.getpid()), "since": "now"}))
+    small = ARGS[:4] + ["--stages", "1", "--rounds", "1"] + ARGS[8:] + ["--out", str(out)]
+    assert fcit.main(small) == 2
+    assert f"in use by another run: PID {os.getpid()}" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [".lock"]
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(ended.stdout)                             # that process has exited: its lock is stale
+    (out / ".lock").write_text(json.dumps({"pid": pid, "start": "12345", "since": "earlier"}))
+    assert fcit.main(small) == 0
+    assert not (out / ".lock").exists() and (out / "results.json").exists()
