@@ -16,7 +16,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -427,8 +429,22 @@ def run_method(cfg: Config, method, bench, out, device, dtype, log, is_main):
     return summarize(progress, bench, continual=not fed.method.schedule.centralised)
 
 
+def exit_with_parent():
+    """A worker whose parent has died (killed, so it could not stop its workers) exits on its own within a second;
+    the last committed round stays resumable."""
+    import threading
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def method_process(cfg: Config, method, bench, out, device, dtype, threads, quiet, json_log):
     """One method in a worker process of its own (--workers): the entry point's threads and seed, then run_method."""
+    exit_with_parent()
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     log = Logger(quiet, json_log, True)
@@ -460,12 +476,19 @@ def run_methods(cfg: Config, args, bench, out, device, dtype, log, world, result
     from concurrent.futures import ProcessPoolExecutor
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     start = sorted(cfg.methods, key=lambda m: not federate.METHODS[m].trains)    # the long ones first
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
         jobs = {m: pool.submit(method_process, cfg, m, bench, out, f"cuda:{i % gpus}" if gpus > 1 else device, dtype,
                                threads, args.quiet, args.json_log) for i, m in enumerate(start)}
         for method in cfg.methods:                          # results.json in the order of --methods
             results["methods"][method] = jobs[method].result()
             write_json(os.path.join(out, "results.json"), results)
+    except BaseException:                                   # SIGINT, SIGTERM (see main) or a failed method: stop them
+        for p in multiprocessing.active_children():
+            p.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def load_saved_adapter(cfg: Config, path, bench, device, dtype):
@@ -684,6 +707,11 @@ def write_results(results, bench, cfg: Config, out):
     print(f"wrote {out}/results.json, results.md, matrix_<method>.png")
 
 
+def interrupted(signum, frame):
+    """SIGTERM stops a run as Ctrl-C does: the workers are stopped, the lock released, the last committed round kept."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -719,10 +747,13 @@ def main(argv=None):
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    term = signal.signal(signal.SIGTERM, interrupted) if threading.current_thread() is threading.main_thread() else None
     try:
         return run(args, cfg, out, bench, device, dtype, log, world)
     finally:
         torch.set_num_threads(threads)
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
         if lock is not None:
             os.remove(lock)
 

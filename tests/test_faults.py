@@ -92,3 +92,57 @@ def test_a_busy_out_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
     (out / ".lock").write_text(json.dumps({"pid": pid, "start": "12345", "since": "earlier"}))
     assert fcit.main(small) == 0
     assert not (out / ".lock").exists() and (out / "results.json").exists()
+
+
+def _wait(cond, timeout):
+    import time
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def stop_run(tmp_path_factory):
+    """The command of a small two-method run with --workers 2 on a small FCIT-mini release, and its results when run
+    without interruption (in this process, one method after another: the same results, tested in test_fcit.py)."""
+    import mini
+    d = tmp_path_factory.mktemp("stop")
+    mini.make_fcit_mini(str(d / "release"), seed=0, n_train=16, n_test=2)
+    args = ["--setting", "cap-hom", "--data-root", str(d / "release"), "--methods", "disco,finetune", "--lm-identity",
+            "--on-full", "nearest", "--stages", "2", "--rounds", "2", "--clients", "5", "--clients-per-round", "5",
+            "--batch-size", "8", "--eval-samples", "2", "--max-new-tokens", "3", "--quiet", "--threads", "1"]
+    assert fcit.main(args + ["--workers", "1", "--out", str(d / "ref")]) == 0
+    return args + ["--workers", "2"], results(d / "ref")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_run_leaves_no_worker_behind(tmp_path, stop_run, sig):
+    """fcit.py with --workers 2 as a process of its own, stopped once a round is committed: SIGTERM stops its workers
+    and releases the lock; after SIGKILL (no chance to stop them) the workers notice and exit on their own. Either
+    way no process of the run is left, and the rerun completes with the results of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    args, want = stop_run
+    out = tmp_path / "out"
+    argv = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fcit.py"),
+            *args, "--out", str(out)]
+    run = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert _wait(lambda: (out / "state" / "disco.json").exists(), 120), run.stderr.read().decode()[-2000:]
+    os.kill(run.pid, getattr(signal, sig))
+    run.wait(30)
+    assert _wait(lambda: not _group_alive(run.pid), 4)           # the workers are gone too, at once
+    assert (out / ".lock").exists() == (sig == "SIGKILL")         # released on SIGTERM; stale after SIGKILL
+    assert subprocess.run(argv, capture_output=True).returncode == 0
+    assert results(out) == want
