@@ -220,11 +220,19 @@ def parse_test_record(rec, path, i, image_root=None, dataset=None, check_images=
 
 
 def _resolve_image(image, image_root, path, i, rec, check):
+    """A record's image path under image_root. It must stay inside it once `..` and symlinks are resolved: a record
+    cannot make the loader read an arbitrary file (FCITDataError naming the record)."""
     if image is None:
         return None
     if not isinstance(image, str) or not image:
         raise _err(path, i, f"'image' must be a relative path string, got {image!r}", rec)
-    p = image if os.path.isabs(image) or image_root is None else os.path.join(str(image_root), image)
+    if image_root is None:
+        p = image
+    else:
+        p, root = os.path.join(str(image_root), image), os.path.realpath(str(image_root))
+        if os.path.isabs(image) or os.path.commonpath([root, os.path.realpath(p)]) != root:
+            raise _err(path, i, f"image {image!r} is outside the image folder {image_root} (paths in a record are "
+                       "relative to it, and may not leave it)", rec)
     if check and not os.path.isfile(p):
         raise _err(path, i, f"image not found: {p}", rec)
     return p

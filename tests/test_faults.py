@@ -146,3 +146,24 @@ def test_a_stopped_run_leaves_no_worker_behind(tmp_path, stop_run, sig):
     assert (out / ".lock").exists() == (sig == "SIGKILL")         # released on SIGTERM; stale after SIGKILL
     assert subprocess.run(argv, capture_output=True).returncode == 0
     assert results(out) == want
+
+
+def test_a_record_cannot_read_outside_the_image_folder(tmp_path):
+    """An image path that is absolute, climbs out with `..`, or follows a symlink out of the image folder is refused,
+    naming the file and the record; a relative path inside it (even through a symlinked folder inside) is read."""
+    import data
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    (images / "sub" / "ok.png").write_bytes(b"x")
+    (images / "inside").symlink_to(images / "sub")
+    (images / "escape").symlink_to(tmp_path)
+    (tmp_path / "secret.png").write_bytes(b"x")
+    rec = lambda img: {"id": "r1", "image": img, "conversations": [{"from": "human", "value": "<image>\\nq"},  # noqa
+                                                                   {"from": "gpt", "value": "a"}]}
+    path = tmp_path / "train.json"
+    for bad in ("/etc/passwd", "../secret.png", "sub/../../secret.png", "escape/secret.png"):
+        path.write_text(json.dumps([rec("sub/ok.png"), rec(bad)]))
+        with pytest.raises(data.FCITDataError, match=r"train\.json: record 1 \(id='r1'\): image .* is outside"):
+            data.load_examples(path, image_root=images)
+    path.write_text(json.dumps([rec("sub/ok.png"), rec("inside/ok.png")]))
+    assert [os.path.basename(ex.image) for ex in data.load_examples(path, image_root=images)] == ["ok.png"] * 2
