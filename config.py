@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from scoring import CAPTION_METRICS
@@ -237,12 +238,17 @@ RANGES = {   # field -> (test, what it must be)
     "min_clients": (lambda v: v >= 1, ">= 1"), "dp_clip": (lambda v: v > 0, "> 0"),
     "dp_noise": (lambda v: v >= 0, ">= 0"), "dp_identity_noise": (lambda v: v >= 0, ">= 0"),
     "dp_delta": (lambda v: 0 < v < 1, "in (0, 1)"), "threads": (lambda v: v >= 0, ">= 0"),
-    "workers": (lambda v: v >= 1, ">= 1"),
+    "workers": (lambda v: v >= 1, ">= 1"), "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"),
+    "shard_seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"),
 }
 
 
 def check(cfg: Config):
     """Every rule on the values alone, once, naming the flag (UsageError)."""
+    for f in dataclasses.fields(Config):               # inf and nan pass every comparison test below; refuse them first
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number, not {v}")
     for name, (ok, want) in RANGES.items():
         v = getattr(cfg, name)
         if v is not None and not ok(v):

@@ -707,6 +707,23 @@ def write_results(results, bench, cfg: Config, out):
     print(f"wrote {out}/results.json, results.md, matrix_<method>.png")
 
 
+def resolve_device(flag, rank: int, world: int) -> str:
+    """--device (default: cuda if available), checked before any work: cpu, cuda or cuda:<index> of a present GPU;
+    under torchrun each rank takes GPU rank mod count."""
+    device = flag or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r}: expected cpu, cuda or cuda:<index>") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r}: expected cpu, cuda or cuda:<index>")
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise UsageError(f"--device {device!r}: no such CUDA device ({torch.cuda.device_count()} available)")
+    if dev.type == "cuda" and world > 1:
+        device = f"cuda:{rank % torch.cuda.device_count()}"
+    return device
+
+
 def interrupted(signum, frame):
     """SIGTERM stops a run as Ctrl-C does: the workers are stopped, the lock released, the last committed round kept."""
     raise KeyboardInterrupt(f"signal {signum}")
@@ -721,6 +738,7 @@ def main(argv=None):
     is_main = rank == 0
     log = Logger(args.quiet, args.json_log, is_main)
     try:
+        device = resolve_device(args.device, rank, world)
         cfg = resolve_config(args)
         out, cfg_path, cfg_json, bench = setup(args, cfg, log)
     except UsageError as e:
@@ -739,9 +757,6 @@ def main(argv=None):
     if args.dry_run:
         log(plan(cfg, bench) + f"\nwrote {cfg_path}")
         return 0
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and world > 1:
-        device = f"cuda:{rank % torch.cuda.device_count()}"
     dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     torch.manual_seed(cfg.seed)   # the entry point owns the global RNG; library code never reseeds it
     threads = torch.get_num_threads()

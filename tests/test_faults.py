@@ -167,3 +167,18 @@ def test_a_record_cannot_read_outside_the_image_folder(tmp_path):
             data.load_examples(path, image_root=images)
     path.write_text(json.dumps([rec("sub/ok.png"), rec("inside/ok.png")]))
     assert [os.path.basename(ex.image) for ex in data.load_examples(path, image_root=images)] == ["ok.png"] * 2
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--lr", "inf", "--lr must be a finite number, not inf"),
+    ("--tau", "nan", "--tau must be a finite number, not nan"),
+    ("--seed", str(2 ** 70), "--seed must be in [0, 2^32)"), ("--seed", "-1", "--seed must be in [0, 2^32)"),
+    ("--device", "foo", "--device 'foo': expected cpu, cuda or cuda:<index>"),
+    ("--device", "meta", "--device 'meta': expected cpu, cuda or cuda:<index>"),
+    ("--device", "cuda:7", "--device 'cuda:7': no such CUDA device")])
+def test_bad_numbers_and_devices_exit_2_before_any_folder(tmp_path, capsys, flag, value, message):
+    out = tmp_path / "out"
+    assert fcit.main(ARGS + [flag, value, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
