@@ -619,48 +619,6 @@ def check_out_dir(out, cfg: Config):
     return path, mine
 
 
-def _started(pid: int):
-    """The kernel's start time of process `pid` (/proc/<pid>/stat, field 22): with the PID it names one process even
-    after the PID is reused; None when no such process runs (or no /proc: then only whether the PID exists)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except OSError:
-        if os.path.isdir("/proc"):
-            return None
-        try:
-            os.kill(pid, 0)
-            return "alive"
-        except OSError:
-            return None
-
-
-def lock_out(out) -> str:
-    """OUT/.lock, created exclusively, holds this process's PID and start time: a second run on a busy --out stops
-    (UsageError naming the holder); a lock whose process is gone, as after a kill, is taken over."""
-    path = os.path.join(out, ".lock")
-    me = {"pid": os.getpid(), "start": _started(os.getpid()), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = files.read_json(path)
-                alive = holder["start"] is not None and _started(int(holder["pid"])) == holder["start"]
-            except (ValueError, KeyError, TypeError):
-                raise UsageError(f"{path} is unreadable: another run may be starting on {out}; if none is, delete "
-                                 "the file") from None
-            if alive:
-                raise UsageError(f"{out} is in use by another run: PID {holder['pid']}, started {holder['since']}; "
-                                 "wait for it to finish or use another --out") from None
-            os.remove(path)                                        # its process is gone: a stale lock
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return path
-    raise UsageError(f"{path}: could not take the lock (another run took it first)")
-
-
 class Logger:
     def __init__(self, quiet, json_log, is_main):
         self.quiet, self.json_log, self.is_main = quiet, json_log, is_main
@@ -748,8 +706,8 @@ def main(argv=None):
     if is_main:
         os.makedirs(out, exist_ok=True)
         try:
-            lock = None if args.dry_run else lock_out(out)
-        except UsageError as e:
+            lock = None if args.dry_run else files.lock_out(out)
+        except files.LockError as e:
             print(f"fcit.py: error: {e}", file=sys.stderr)
             return 2
         os.makedirs(out if args.dry_run else os.path.join(out, "state"), exist_ok=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fcit
+import files
 
 ARGS = ["--setting", "cap-hom", "--methods", "disco", "--stages", "2", "--rounds", "2", "--clients", "5",
         "--clients-per-round", "5", "--batch-size", "8", "--eval-samples", "2", "--max-new-tokens", "3", "--quiet",
@@ -82,7 +83,7 @@ def test_a_busy_out_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
     import sys
     out = tmp_path / "out"
     out.mkdir()
-    (out / ".lock").write_text(json.dumps({"pid": os.getpid(), "start": fcit._started(os.getpid()), "since": "now"}))
+    (out / ".lock").write_text(json.dumps({"pid": os.getpid(), "start": files._started(os.getpid()), "since": "now"}))
     small = ARGS[:4] + ["--stages", "1", "--rounds", "1"] + ARGS[8:] + ["--out", str(out)]
     assert fcit.main(small) == 2
     assert f"in use by another run: PID {os.getpid()}" in capsys.readouterr().err

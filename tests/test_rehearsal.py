@@ -206,6 +206,11 @@ def test_two_gloo_processes_give_the_single_process_results(world, task_hom, tmp
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "gloo"
-    mp.spawn(_rank, args=(port, fcit_args(world, "task-hom", "disco,fedsa", out, "--stages", "2")), nprocs=2)
+    try:
+        mp.spawn(_rank, args=(port, fcit_args(world, "task-hom", "disco,fedsa", out, "--stages", "2")), nprocs=2)
+    except mp.ProcessExitedException as e:   # gloo's C++ teardown can abort once the run is done (test_distributed.py)
+        if e.signal_name != "SIGABRT" or not (out / "results.json").exists():
+            raise
+        warnings.warn(f"gloo teardown aborted after the run completed: {e}")
     single = results(task_hom)["methods"]
     assert results(out)["methods"] == {m: single[m] for m in ("disco", "fedsa")}
