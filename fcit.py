@@ -69,10 +69,13 @@ def build_parser():
 
 def check_paths(args):
     """The local paths exist and hold what they should (UsageError naming the flag)."""
-    for flag in ("model", "vision_tower", "text_encoder", "data_root"):
+    for flag in ("model", "vision_tower", "text_encoder", "data_root", "adapters"):
         path = getattr(args, flag)
         if path is not None and not os.path.exists(path):
             raise UsageError(f"--{flag.replace('_', '-')} {path!r} does not exist")
+    if args.json_log is not None and (os.path.isdir(args.json_log) or not os.path.isdir(
+            os.path.dirname(os.path.abspath(args.json_log)))):
+        raise UsageError(f"--json-log {args.json_log!r}: expected a file path in an existing folder")
     if args.model is not None:
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             raise UsageError(f"--model {args.model!r} is not a model directory: no config.json in it")
@@ -295,10 +298,17 @@ def load_state(path):
     if st is None:
         return None
     folder, stem = os.path.split(path)
+    if not (isinstance(st, dict) and isinstance(st.get("tensors"), str) and {"federation", "progress"} <= set(st)):
+        raise UsageError(f"{path}.json: expected the saved state (federation, progress, tensors); delete {folder} "
+                         "to start the run over")
     for f in os.listdir(folder):
         if f.startswith(stem + ".") and f.endswith(".safetensors") and f != st["tensors"]:
             os.remove(os.path.join(folder, f))
-    return load_file(os.path.join(folder, st["tensors"])), st
+    try:
+        return load_file(os.path.join(folder, st["tensors"])), st
+    except Exception as e:      # safetensors' own errors: a truncated or damaged file
+        raise UsageError(f"{os.path.join(folder, st['tensors'])}: cannot read the saved state ({e}); delete {folder} "
+                         "to start the run over") from None
 
 
 def client_score(fed, bench, k, client, cache=None):
@@ -608,9 +618,11 @@ def check_out_dir(out, cfg: Config):
     path = os.path.join(out, "config.json")
     mine = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items()
             if k not in ("method", "device", "workers")}
+    problem = files.folder_problem(out)
+    if problem:
+        raise UsageError(f"--out {out!r} {problem}")
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = files.read_json(path, error=UsageError)
         diff = [f"  {k}: {old.get(k)!r} (in {out}) != {mine.get(k)!r} (now)" for k in sorted(set(old) | set(mine))
                 if old.get(k) != mine.get(k)]
         if diff:
@@ -704,14 +716,17 @@ def main(argv=None):
         return 2
     lock = None
     if is_main:
-        os.makedirs(out, exist_ok=True)
         try:
+            os.makedirs(out, exist_ok=True)
             lock = None if args.dry_run else files.lock_out(out)
-        except files.LockError as e:
-            print(f"fcit.py: error: {e}", file=sys.stderr)
+            os.makedirs(out if args.dry_run else os.path.join(out, "state"), exist_ok=True)
+            write_json(cfg_path, cfg_json)
+        except (files.LockError, OSError) as e:
+            print(f"fcit.py: error: {e}" if isinstance(e, files.LockError) else
+                  f"fcit.py: error: --out {out!r}: cannot write it ({e})", file=sys.stderr)
+            if lock is not None:
+                os.remove(lock)
             return 2
-        os.makedirs(out if args.dry_run else os.path.join(out, "state"), exist_ok=True)
-        write_json(cfg_path, cfg_json)
     if args.dry_run:
         log(plan(cfg, bench) + f"\nwrote {cfg_path}")
         return 0
@@ -723,6 +738,9 @@ def main(argv=None):
     term = signal.signal(signal.SIGTERM, interrupted) if threading.current_thread() is threading.main_thread() else None
     try:
         return run(args, cfg, out, bench, device, dtype, log, world)
+    except (UsageError, data.FCITDataError) as e:     # found during the run (a worker's too): a file, record or flag
+        print(f"fcit.py: error: {e}", file=sys.stderr)
+        return 2
     finally:
         torch.set_num_threads(threads)
         if term is not None:
@@ -741,11 +759,7 @@ def run(args, cfg: Config, out, bench, device, dtype, log, world):
             "task; {} method(s) at a time, {} thread(s) each".format(*parallelism(cfg, world)))
     results = {"setting": cfg.setting, "beta": cfg.beta, "seed": cfg.seed, "tasks": bench.tasks, "methods": {}}
     if args.eval_only:
-        try:
-            label, results["methods"][label] = evaluate_saved(cfg, args.adapters, bench, device, dtype, log)
-        except UsageError as e:
-            print(f"fcit.py: error: {e}", file=sys.stderr)
-            return 2
+        label, results["methods"][label] = evaluate_saved(cfg, args.adapters, bench, device, dtype, log)
         results["adapters"] = os.path.abspath(args.adapters)
     if not args.eval_only:
         run_methods(cfg, args, bench, out, device, dtype, log, world, results)

@@ -42,6 +42,26 @@ def read_json(path, default=_REQUIRED, error=ValueError):
         raise error(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
+def folder_problem(path) -> str | None:
+    """Why `path` cannot be (or become) a writable folder, or None: it is a file, a file stands where a parent folder
+    should, or the nearest existing folder refuses a new file (tried, then removed)."""
+    path = os.path.abspath(str(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file, not a folder"
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be created: {parent} is a file"
+    probe = os.path.join(parent, f".probe.{os.getpid()}.{os.urandom(4).hex()}")
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.remove(probe)
+    except OSError as e:
+        return f"is not writable ({parent}: {e.strerror})"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------
 # one run per output folder
 

@@ -183,3 +183,64 @@ def test_bad_numbers_and_devices_exit_2_before_any_folder(tmp_path, capsys, flag
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("where,message", [
+    ("file", "is a file, not a folder"), ("below-file", "cannot be created: {} is a file"),
+    ("read-only", "is not writable"), ("json-log-dir", "--json-log {!r}: expected a file path in an existing folder"),
+    ("missing-adapters", "--adapters {!r} does not exist")])
+def test_an_unusable_out_or_log_exits_2_before_any_folder(tmp_path, capsys, monkeypatch, where, message):
+    """--out a file, below a file or in a folder that refuses writes; --json-log a folder; --eval-only of adapters that
+    do not exist: exit 2 with one line naming the flag, and nothing is created (not even <adapters>/eval)."""
+    (tmp_path / "afile").write_text("x")
+    out, extra, name = tmp_path / "out", [], str(tmp_path / "afile")
+    if where == "file":
+        out = tmp_path / "afile"
+    elif where == "below-file":
+        out = tmp_path / "afile" / "out"
+    elif where == "read-only":                  # as root chmod does not refuse; the kernel's answer is simulated
+        real_open = os.open
+        def refuse(path, *a, **k):             # noqa: E306
+            if os.path.dirname(str(path)) == str(tmp_path):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, *a, **k)
+        monkeypatch.setattr(os, "open", refuse)
+    elif where == "json-log-dir":
+        extra, name = ["--json-log", str(tmp_path)], str(tmp_path)
+    else:
+        name = str(tmp_path / "missing" / "stage1")
+        extra, out = ["--eval-only", "--adapters", name], None
+    before = sorted(os.listdir(tmp_path))
+    assert fcit.main(ARGS + extra + (["--out", str(out)] if out else [])) == 2
+    err = capsys.readouterr().err
+    assert message.format(name) in err and "Traceback" not in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("damage", ["config.json", "state.json", "state tensors"])
+def test_a_damaged_out_exits_2_naming_the_file(tmp_path, capsys, damage):
+    """A resume on an --out whose config.json or state JSON is not valid JSON, or whose state tensors file is cut in
+    half: exit 2 with one line naming that file, no traceback."""
+    import shutil
+    out = tmp_path / "out"
+    small = ARGS[:4] + ["--stages", "1", "--rounds", "1"] + ARGS[8:] + ["--out", str(out)]
+    assert fcit.main(small) == 0
+    st = json.load(open(out / "state" / "disco.json"))
+    path = {"config.json": out / "config.json", "state.json": out / "state" / "disco.json",
+            "state tensors": out / "state" / st["tensors"]}[damage]
+    if damage == "state tensors":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_text(path.read_text()[:-7])
+    capsys.readouterr()
+    assert fcit.main(small) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "Traceback" not in err and err.count("\n") == 1
+    shutil.rmtree(out)
+
+
+def test_a_too_short_max_length_exits_2_naming_the_flag(tmp_path, capsys):
+    assert fcit.main(ARGS[:4] + ["--stages", "1", "--rounds", "1"] + ARGS[8:] + ["--max-length", "1", "--out",
+                                                                                  str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "max_length=1" in err and "Traceback" not in err
