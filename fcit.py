@@ -699,6 +699,22 @@ def interrupted(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def claim_out(args, out, cfg_path, cfg_json):
+    """Rank 0 takes --out: the folder, its lock (not for --dry-run), state/ and config.json. (lock path, None), or
+    (None, why not)."""
+    lock = None
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = None if args.dry_run else files.lock_out(out)
+        os.makedirs(out if args.dry_run else os.path.join(out, "state"), exist_ok=True)
+        write_json(cfg_path, cfg_json)
+        return lock, None
+    except (files.LockError, OSError) as e:
+        if lock is not None:
+            os.remove(lock)
+        return None, str(e) if isinstance(e, files.LockError) else f"--out {out!r}: cannot write it ({e})"
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -714,19 +730,12 @@ def main(argv=None):
     except UsageError as e:
         print(f"fcit.py: error: {e}", file=sys.stderr)
         return 2
-    lock = None
-    if is_main:
-        try:
-            os.makedirs(out, exist_ok=True)
-            lock = None if args.dry_run else files.lock_out(out)
-            os.makedirs(out if args.dry_run else os.path.join(out, "state"), exist_ok=True)
-            write_json(cfg_path, cfg_json)
-        except (files.LockError, OSError) as e:
-            print(f"fcit.py: error: {e}" if isinstance(e, files.LockError) else
-                  f"fcit.py: error: --out {out!r}: cannot write it ({e})", file=sys.stderr)
-            if lock is not None:
-                os.remove(lock)
-            return 2
+    lock, refused = claim_out(args, out, cfg_path, cfg_json) if is_main else (None, None)
+    if world > 1:                                   # every rank stops when rank 0 could not claim --out
+        refused = federate.all_gather(refused)[0]
+    if refused:
+        print(f"fcit.py: error: {refused}", file=sys.stderr)
+        return 2
     if args.dry_run:
         log(plan(cfg, bench) + f"\nwrote {cfg_path}")
         return 0

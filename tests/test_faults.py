@@ -244,3 +244,32 @@ def test_a_too_short_max_length_exits_2_naming_the_flag(tmp_path, capsys):
                                                                                   str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "max_length=1" in err and "Traceback" not in err
+
+
+def _locked_rank(rank, port, out, codes):
+    import sys
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    sys.stderr = open(os.path.join(codes, f"err{rank}"), "w")
+    code = fcit.main(ARGS + ["--out", out])
+    torch.distributed.destroy_process_group()
+    open(os.path.join(codes, f"rc{rank}"), "w").write(str(code))
+
+
+def test_a_busy_out_stops_every_rank(tmp_path):
+    """Under torch.distributed only rank 0 takes the lock; when it is refused, every rank exits 2 (none waits for a
+    collective that never comes), each saying why."""
+    import socket
+
+    import torch.multiprocessing as mp
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"pid": os.getpid(), "start": files._started(os.getpid()), "since": "now"}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_locked_rank, args=(port, str(out), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert (tmp_path / f"rc{rank}").read_text() == "2"
+        assert f"in use by another run: PID {os.getpid()}" in (tmp_path / f"err{rank}").read_text()
