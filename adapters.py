@@ -14,8 +14,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import config
 from checkpoint import canonical_key
-from files import atomic_write
+from files import atomic_write, read_json
 from lora import (
     NEVER,
     LoRALinear,
@@ -46,17 +47,19 @@ def _atomic_write_text(text, path):
     atomic_write(path, write)
 
 
-def _read_safetensors(path):
-    """(tensors, metadata); a clear error for anything that is not a safetensors file."""
+def _read_safetensors(path, tensors=True):
+    """(tensors, or only their shapes when tensors=False; metadata); a clear error for anything that is not a
+    safetensors file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
+            get = f.get_tensor if tensors else lambda k: tuple(f.get_slice(k).get_shape())
+            return {k: get(k) for k in f.keys()}, meta
     except Exception as e:  # SafetensorError, header errors
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                         f"only safetensors adapters are supported") from e
+                         f"only safetensors adapters are supported") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -64,6 +67,8 @@ def _read_safetensors(path):
 
 
 FORMAT_KEY = "fcit_lora"
+_LAYER_KEYS = {"rank": int, "num_subspaces": int, "alpha": (int, float), "scaling": str, "init": str,   # header
+               "dropout": (int, float), "in": int, "out": int, "router": bool}
 
 
 def _layer_config(m):
@@ -88,23 +93,31 @@ def save_adapter(model, path, extra=None, metadata=None):
     return path
 
 
-def adapter_metadata(path) -> dict:
-    """The JSON metadata a `save_adapter` file carries (e.g. the method and stage that wrote it)."""
-    _, header = _read_safetensors(path)
+def _our_header(path, header) -> tuple[dict, dict]:
+    """(per-layer LoRA configuration, metadata) of a `save_adapter` file's header; errors name the file."""
     if FORMAT_KEY not in header:
-        raise ValueError(f"{path}: not an fcit LoRA adapter (no '{FORMAT_KEY}' header)")
-    return json.loads(header.get("metadata") or "{}")
+        raise ValueError(f"{path}: not an fcit LoRA adapter (no '{FORMAT_KEY}' header; for PEFT adapters use "
+                         f"load_peft_adapter)")
+    try:
+        layers, meta = json.loads(header[FORMAT_KEY])["layers"], json.loads(header.get("metadata") or "{}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: damaged adapter header ({type(e).__name__}: {e})") from None
+    if not isinstance(layers, dict) or not isinstance(meta, dict):
+        raise ValueError(f"{path}: damaged adapter header (expected JSON objects for its layers and metadata)")
+    for name, c in layers.items():
+        bad = [k for k, t in _LAYER_KEYS.items() if not isinstance(c, dict) or not isinstance(c.get(k), t)]
+        if bad:
+            raise ValueError(f"{path}: damaged adapter header: layer {name!r} lacks a valid {', '.join(bad)}")
+    return layers, meta
 
 
 def load_adapter(model, path):
     """Load a `save_adapter` file. Modules without LoRA are wrapped with the stored configuration (then
-    everything else is frozen and subspace 0 is active); modules with LoRA must match it. Everything is
-    validated before the model is touched. Returns (extra: dict[str, Tensor], metadata)."""
+    everything else is frozen and subspace 0 is active); modules with LoRA must match it, and the file must cover
+    every one of them. Everything is validated before the model is touched. Returns (extra: dict[str, Tensor],
+    metadata)."""
     tensors, header = _read_safetensors(path)
-    if FORMAT_KEY not in header:
-        raise ValueError(f"{path}: not an fcit LoRA adapter (no '{FORMAT_KEY}' header; for PEFT adapters use "
-                         f"load_peft_adapter)")
-    layers = json.loads(header[FORMAT_KEY])["layers"]
+    layers, meta = _our_header(path, header)
     to_wrap = []
     for name, c in layers.items():
         try:
@@ -123,6 +136,9 @@ def load_adapter(model, path):
                 raise ValueError(f"{name}: model LoRA (rank, K, alpha, scaling)={got} != adapter {want}")
         else:
             raise ValueError(f"{name}: is a {type(mod).__name__}, not a linear layer")
+    missing = sorted(set(lora_modules(model)) - set(layers))
+    if missing:
+        raise ValueError(f"{path}: holds no LoRA for the model's {missing[0]} ({len(missing)} LoRA module(s) missing)")
     state = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
     for k, v in state.items():
         name, kind, j = _parse_key(k)
@@ -146,7 +162,64 @@ def load_adapter(model, path):
         _freeze_all(model)
         set_active(model, 0)
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
-    return extra, json.loads(header.get("metadata", "{}"))
+    return extra, meta
+
+
+def _identity_problems(cls, method, layers, shapes):
+    """How the tensors disagree with the method named in the metadata: DISCO's identity keys (K, D) and sizes (K,)
+    present exactly for DISCO, MoELoRA's routers exactly for MoELoRA."""
+    K = {c["num_subspaces"] for c in layers.values()}
+    want = {"extra.identity_keys": 2, "extra.identity_sizes": 1}
+    held, problems = [k for k in want if k in shapes], []
+    if cls.releases_identity and len(held) < len(want):
+        problems.append(f"no {' or '.join(repr(k) for k in want if k not in held)} tensor: method {method!r} "
+                        f"routes with its identity keys")
+    elif not cls.releases_identity and held:
+        problems.append(f"holds DISCO's {' and '.join(map(repr, held))} but its metadata says method {method!r}")
+    for key in held if cls.releases_identity else ():
+        if len(shapes[key]) != want[key] or {shapes[key][0]} != K:
+            problems.append(f"'{key}' has shape {list(shapes[key])}, expected {'(K, D)' if want[key] == 2 else '(K,)'}"
+                            f" with K={sorted(K)}")
+    routers = {bool(c["router"]) for c in layers.values()}
+    if routers != {bool(cls.router)}:
+        problems.append(f"method {method!r} {'needs' if cls.router else 'has no'} token routers, but the layers "
+                        f"have router={sorted(routers)}")
+    return problems
+
+
+def check_stage_adapter(path, cfg, stages, classes) -> dict:
+    """--eval-only's checks of a `save_adapter` stage file against the run `cfg` of `stages` stages, before any
+    model is loaded: the metadata's method (one of the setting's, one that trains, agreeing with the tensors:
+    `classes` maps names to method classes), setting and stage (an index < stages); the layers' targets, rank,
+    alpha and subspaces against the flags. One ValueError naming the file and every mismatch; returns the metadata."""
+    shapes, header = _read_safetensors(path, tensors=False)
+    layers, meta = _our_header(path, header)
+    method, stage = meta.get("method"), meta.get("stage")
+    known = config.FEDIT_METHODS if cfg.setting == "fedit" else config.FCIT_METHODS
+    cls = classes.get(method) if isinstance(method, str) else None
+    problems = []
+    if method not in known:
+        problems.append(f"method {method!r} is not one of --setting {cfg.setting}'s ({', '.join(known)})")
+    if cls is not None and not cls.trains:
+        problems.append(f"method {method!r} trains no adapter")
+        cls = None
+    if meta.get("setting") != cfg.setting:
+        problems.append(f"setting {meta.get('setting')!r} (this run: --setting {cfg.setting})")
+    if type(stage) is not int or not 0 <= stage < stages:
+        problems.append(f"stage index {stage!r}, outside this run's {stages} stage(s) 0..{stages - 1} "
+                        f"(--setting, --stages)")
+    K = cfg.subspaces if cls is not None and cls.subspaces else 1
+    seen = lambda key: sorted({c[key] for c in layers.values()})
+    targets = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    for flag, got, want in (("--lora-targets", targets, sorted(cfg.lora_targets)), ("--rank", seen("rank"), [cfg.rank]),
+                            ("--alpha", seen("alpha"), [cfg.alpha]), ("--subspaces", seen("num_subspaces"), [K])):
+        if got != want:
+            problems.append(f"{flag[2:]} {','.join(map(str, got))} (this run: {flag} {','.join(map(str, want))})")
+    if cls is not None:
+        problems += _identity_problems(cls, method, layers, shapes)
+    if problems:
+        raise ValueError(f"{path} does not fit this run: " + "; ".join(problems))
+    return meta
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,45 +305,127 @@ def _pattern_value(patterns, hf, default):
     return default
 
 
-def _read_peft_dir(adapter_dir):
-    """(adapter_config.json as a dict, adapter_model.safetensors tensors) of a PEFT LoRA folder; refuses what we
-    cannot load (another peft_type, DoRA, fan_in_fan_out, weights not in safetensors)."""
+# adapter_config.json's fields (peft 0.21's LoraConfig). Honoured: the scaling (r, lora_alpha, use_rslora, rank_pattern,
+# alpha_pattern) and the modules adapted (target_modules, exclude_modules, layers_to_transform, layers_pattern: the
+# file's tensors must be exactly these); checked: peft_type LORA, bias "none", init_lora_weights one of PEFT_INITS;
+# lora_dropout and these act in training only or describe the file:
+PEFT_NO_EFFECT = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+                  "megatron_core", "qalora_group_size", "runtime_config", "eva_config", "ensure_weight_tying"}
+PEFT_CHECKED = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+                "exclude_modules", "layers_to_transform", "layers_pattern", "lora_dropout", "bias",
+                "init_lora_weights"}
+# Refused when set: each changes the model beyond lora_B lora_A x, or needs the base weights an initialisation changed
+PEFT_REFUSED = {"use_dora": "DoRA's magnitude vectors", "fan_in_fan_out": "Conv1D (transposed) weights",
+                "lora_bias": "a bias on lora_B", "modules_to_save": "fully trained copies of whole modules",
+                "layer_replication": "duplicated decoder layers", "trainable_token_indices": "trained token embeddings",
+                "target_parameters": "LoRA on parameters, not modules", "megatron_config": "Megatron parallel layers",
+                "use_qalora": "quantization-aware LoRA", "use_bdlora": "block-diagonal LoRA",
+                "alora_invocation_tokens": "activated LoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
+                "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA",
+                "loftq_config": "LoftQ's quantized base weights", "corda_config": "CorDA's changed base weights",
+                "lora_ga_config": "LoRA-GA's initialisation"}
+PEFT_INITS = (True, False, "gaussian", "eva", "orthogonal")     # init_lora_weights that leave the base weights alone
+
+
+def _peft_config_problems(cfg) -> list[str]:
+    """The fields of an adapter_config.json that this loader cannot honour, each named with its value."""
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        return [f"peft_type={cfg['peft_type']!r} (only LORA adapters)"]
+    unset = lambda v: v is None or v is False or v == {} or v == [] or v == ""
+    problems = [f"{k}={v!r} ({PEFT_REFUSED.get(k, 'a field this loader does not know')})" for k, v in cfg.items()
+                if not unset(v) and k not in PEFT_CHECKED | PEFT_NO_EFFECT]
+    if cfg.get("bias", "none") != "none":
+        problems.append(f"bias={cfg['bias']!r} (trained biases of the base model; only 'none')")
+    if cfg.get("init_lora_weights", True) not in PEFT_INITS:
+        problems.append(f"init_lora_weights={cfg['init_lora_weights']!r} (changes the base weights; peft's "
+                        f"path_initial_model_for_weight_conversion saves a plain LoRA)")
+    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    pats = [cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}]
+    if type(r) is not int or isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or \
+            not all(isinstance(p, dict) for p in pats):
+        problems.append(f"r={r!r}, lora_alpha={alpha!r}, rank_pattern/alpha_pattern: expected numbers and objects")
+    return problems
+
+
+def read_peft_dir(adapter_dir):
+    """(adapter_config.json as a dict, adapter_model.safetensors tensors) of a PEFT LoRA folder; refuses, naming
+    the file and each field, what we cannot honour, and weights not in safetensors (never unpickled)."""
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: missing (not a PEFT adapter directory)")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    if cfg.get("peft_type", "LORA").upper() != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    if cfg.get("use_dora"):
-        raise ValueError(f"{cfg_path}: DoRA adapters are not supported")
-    if cfg.get("fan_in_fan_out"):
-        raise ValueError(f"{cfg_path}: fan_in_fan_out adapters (Conv1D models) are not supported")
+    cfg = read_json(cfg_path)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    problems = _peft_config_problems(cfg)
+    if problems:
+        raise ValueError(f"{cfg_path}: cannot load " + "; ".join(problems))
     wpath = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.isfile(wpath):
         others = [p for p in os.listdir(adapter_dir) if p.startswith("adapter_model")]
         raise ValueError(f"{adapter_dir}: no adapter_model.safetensors (found {others}); only safetensors "
-                         f"adapters are supported")
+                         f"adapters are supported (a .bin is a pickle, never loaded)")
     tensors, _ = _read_safetensors(wpath)
     return cfg, tensors
 
 
-def _peft_module_lookup(model):
-    """{name: our module name} for every linear (or LoRA) module, under our names and, through
-    model.hf_module_name, under its current and legacy transformers names."""
-    lookup = {}
-    has_hf = callable(getattr(model, "hf_module_name", None))
-    for n, mod in model.named_modules():
-        if not n or not isinstance(mod, (nn.Linear, LoRALinear)):
-            continue
-        lookup.setdefault(n, n)
-        if has_hf:
-            for legacy in (False, True):
-                try:
-                    lookup.setdefault(model.hf_module_name(n, legacy), n)
-                except ValueError:      # a module outside the mapped parts has no transformers name
-                    continue
-    return lookup
+def _peft_selects(cfg, key) -> bool:
+    """Whether the LoraConfig `cfg` adapts the module named `key`, as peft decides it
+    (peft.tuners.tuners_utils.check_target_module_exists): exclude_modules, target_modules (a regex fullmatch, or
+    names matching exactly or as a suffix), then layers_to_transform / layers_pattern."""
+    ex, tm = cfg.get("exclude_modules"), cfg.get("target_modules")
+    if ex and (re.fullmatch(ex, key) if isinstance(ex, str) else key in ex or any(key.endswith(f".{e}") for e in ex)):
+        return False
+    if tm is None or isinstance(tm, str):
+        return tm is not None and re.fullmatch(tm, key) is not None
+    if key in tm:
+        return True
+    if not any(key.endswith(f".{t}") for t in tm):
+        return False
+    layers = cfg.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    m, pats = None, cfg.get("layers_pattern") or [""]
+    for p in [pats] if isinstance(pats, str) else pats:
+        m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." if p else r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        if m:
+            break
+    return m is not None and (int(m["idx"]) == layers if isinstance(layers, int) else int(m["idx"]) in layers)
+
+
+def _check_peft_targets(model, adapter_dir, cfg, pairs, namings, lookup):
+    """The file's tensors are exactly the modules its config selects in this model, under the naming of the file's
+    keys: none outside the selection, none of the selection missing (peft would leave those at their initialisation)."""
+    names = dict(next((d for d in namings if all(p in d for p in pairs)), lookup))
+    loaded = set()
+    for path, ab in pairs.items():
+        key = next(iter(ab.values()))[0]
+        if not _peft_selects(cfg, path):
+            raise ValueError(f"{key}: module {path!r} is not selected by adapter_config.json's target_modules / "
+                             f"exclude_modules / layers_to_transform")
+        names[path] = _our_module(lookup, path, key)
+        loaded.add(names[path])
+    inner = tuple(f"{n}." for n in lora_modules(model))          # a LoRA layer's own router is no target
+    selected = {ours for n, ours in names.items() if _peft_selects(cfg, n) and not ours.startswith(inner)}
+    missing = sorted(selected - loaded)
+    if missing or not selected:
+        raise ValueError(f"{adapter_dir}/adapter_config.json: target_modules {cfg.get('target_modules')!r} selects "
+                         + (f"{missing[0]} ({len(missing)} module(s)), which adapter_model.safetensors holds no "
+                            f"lora_A/lora_B for" if missing else "no module of this model"))
+
+
+def _peft_namings(model) -> list[dict]:
+    """[{name: our module name}] of every linear (or LoRA) module under our names and, through model.hf_module_name,
+    under its current and its legacy transformers names."""
+    mods = [n for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, LoRALinear))]
+    namings = [{n: n for n in mods}]
+    for legacy in (False, True) if callable(getattr(model, "hf_module_name", None)) else ():
+        namings.append({})
+        for n in mods:
+            try:
+                namings[-1][model.hf_module_name(n, legacy)] = n
+            except ValueError:      # a module outside the mapped parts has no transformers name
+                continue
+    return namings
 
 
 def _our_module(lookup, path, key):
@@ -367,8 +522,15 @@ def load_peft_adapter(model, adapter_dir, subspace=None):
     """Load a PEFT LoRA adapter folder; returns our names of the modules loaded. A module without LoRA is wrapped as
     a K=1 layer; one with LoRA receives it in `subspace`, or in subspace 0 (K=1), or split over its K subspaces when the
     rank is K r (B rescaled). Everything is checked before the model is touched; errors name the key."""
-    cfg, tensors = _read_peft_dir(adapter_dir)
-    lookup = _peft_module_lookup(model)
-    plan = _plan_peft_load(model, cfg, _peft_pairs(tensors), lookup, subspace)
+    cfg, tensors = read_peft_dir(adapter_dir)
+    namings = _peft_namings(model)
+    lookup = {k: v for d in reversed(namings) for k, v in d.items()}      # a name in several namings: the first's
+    try:
+        pairs = _peft_pairs(tensors)
+        _check_peft_targets(model, adapter_dir, cfg, pairs, namings, lookup)
+        plan = _plan_peft_load(model, cfg, pairs, lookup, subspace)
+    except ValueError as e:                                                 # named by its tensor: name the file too
+        where = "" if str(e).startswith(str(adapter_dir)) else f"{adapter_dir}/adapter_model.safetensors: "
+        raise ValueError(f"{where}{e}") from None
     _apply_peft_plan(model, cfg, plan, subspace)
     return [p[0] for p in plan]

@@ -1,8 +1,9 @@
 """Checkpoint files for model.py: Hugging Face checkpoints in, llava-hf / causal-LM checkpoints out.
 
 config.json <-> configs, key renaming (llava-hf legacy and 5.x names, original LLaVA with a separate CLIP folder,
-text-only LLaMA / Qwen2), sharded safetensors and weights-only .bin reading, load_vlm / save_vlm / load_clip_text,
-and tokenizer files (tokenizer.json, or a SentencePiece tokenizer.model parsed by hand).
+text-only LLaMA / Qwen2), sharded safetensors and weights-only .bin reading, what is checked before any weight loads
+(check_checkpoint, check_clip), load_vlm / save_vlm / load_clip_text, and tokenizer files (tokenizer.json, or a
+SentencePiece tokenizer.model parsed by hand).
 """
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
+import imaging
 from files import atomic_write, read_json
 from model import (
     VLM,
+    CLIPImageTower,
     CLIPTextConfig,
     CLIPTextTower,
     DecoderConfig,
@@ -66,8 +69,18 @@ def _vision_dir_key(key: str) -> str | None:
     return None
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be used as it is; the message names the file, the key and what was expected."""
+
+
+def message(e: Exception) -> str:
+    """A loader error as one line (a KeyError's str() would quote it)."""
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# config.json <-> configs (fields missing from a config.json take transformers' documented defaults)
+# config.json <-> configs (fields missing from a config.json take transformers' documented defaults; those that fix a
+# weight's shape are checked against the weight files before any tensor loads: check_weights)
 
 _DECODER_DEFAULTS = {
     "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -186,7 +199,8 @@ def hf_config(c: VLMConfig) -> dict:
             "tie_word_embeddings": c.text.tie_word_embeddings, "image_seq_length": image_seq_len(c)}
 
 
-def _vision_config_from_dir(d: str) -> VisionConfig:
+def _vision_dict_from_dir(d: str) -> dict:
+    """The vision config dict of a CLIP / SigLIP folder (a full CLIPModel / SiglipModel or a vision-only model)."""
     cfg = read_json(os.path.join(d, "config.json"), None)
     if cfg is None:
         raise FileNotFoundError(f"vision tower directory {d} has no config.json")
@@ -194,11 +208,15 @@ def _vision_config_from_dir(d: str) -> VisionConfig:
     if mt in ("clip", "siglip"):
         v = dict(cfg.get("vision_config") or cfg.get("vision_config_dict") or {})
         v["model_type"] = mt + "_vision_model"
-        return vision_config(v)
+        return v
     if mt in ("clip_vision_model", "siglip_vision_model"):
-        return vision_config(cfg)
+        return cfg
     raise ValueError(f"{d}/config.json: unknown vision tower model_type {mt!r}; expected clip, siglip, "
                      f"clip_vision_model or siglip_vision_model")
+
+
+def _vision_config_from_dir(d: str) -> VisionConfig:
+    return vision_config(_vision_dict_from_dir(d))
 
 
 ORIGINAL_IMAGE_TOKEN = -200   # LLaVA's IMAGE_TOKEN_INDEX sentinel (original layout has no image token in the vocab)
@@ -242,6 +260,34 @@ def load_config(path: str, vision_tower: str | None = None) -> VLMConfig:
         return c
     raise ValueError(f"{cfg_path}: unknown model_type {mt!r}; supported: llava (llava-hf or original layout), "
                      f"llava_llama, llava_qwen2, llama, qwen2")
+
+
+_SHAPE_KEYS = {"text": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "head_dim"),
+               "vision": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                          "num_channels", "image_size", "patch_size")}
+
+
+def defaulted_shape_keys(path: str, config: VLMConfig) -> dict:
+    """{"text"|"vision": ["text_config.hidden_size (default 4096)", ...]}: the keys that fix weight shapes but that
+    config.json leaves to transformers' defaults, with the value the default gave them (llava-1.5-7b-hf's text_config
+    has none of its sizes: they are LlamaConfig's)."""
+    cfg = read_json(os.path.join(path, "config.json"))
+    if config.layout == "llava-hf":
+        parts = [("text", "text_config.", cfg.get("text_config") or {}, config.text)]
+        if cfg.get("vision_config") is None:
+            return {"text": _absent(*parts[0]), "vision": ["vision_config (LlavaConfig's CLIP-L/14-336 tower)"]}
+        parts.append(("vision", "vision_config.", cfg["vision_config"], config.vision))
+    else:
+        parts = [("text", "", cfg, config.text)]
+        if config.layout == "original":
+            parts.append(("vision", f"{config.vision_tower}/config.json:vision_config.",
+                          _vision_dict_from_dir(config.vision_tower), config.vision))
+    return {part: _absent(part, prefix, d, c) for part, prefix, d, c in parts}
+
+
+def _absent(part, prefix, d, c):
+    return [f"{prefix}{k} (default {getattr(c, k)})" for k in _SHAPE_KEYS[part] if d.get(k) is None]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,6 +349,59 @@ def iter_tensors(path: str):
     yield from sd.items()
 
 
+def _mismatch(path, key, name, have, want) -> str:
+    return (f"{path}: shape mismatch for {key!r} (-> {name}): checkpoint has {tuple(have)}, config.json implies "
+            f"{tuple(want)}")
+
+
+def tensor_shapes(path: str) -> dict:
+    """{key: shape} of a weight file without reading its tensors: the safetensors header (a file cut short raises
+    CheckpointError), or a .bin memory-mapped."""
+    if not path.endswith(".safetensors"):
+        return {k: tuple(t.shape) for k, t in iter_tensors(path)}
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}; expected a "
+                              f"complete safetensors file") from None
+
+
+def check_weights(model: VLM, path: str, files: list, vision_tower: str | None = None):
+    """Before any tensor loads: every weight file readable, and each weight's shape the one config.json implies. When
+    config.json left shape keys to transformers' defaults, any disagreement (shape, missing or extra layers) names
+    them (CheckpointError); otherwise a shape mismatch raises CheckpointError and missing weights KeyError."""
+    have = {canonical_key(k): (f, k, s) for f in files for k, s in tensor_shapes(f).items()}
+    if model.vision is not None and vision_tower and not any(str(n).startswith("vision.") for n in have):
+        have |= {_vision_dir_key(k): (f, k, s) for f in checkpoint_files(vision_tower)
+                 for k, s in tensor_shapes(f).items()}
+    have.pop(None, None)
+    if model.config.text.tie_word_embeddings:
+        have.pop("lm_head.weight", None)
+    want = {n: tuple(t.shape) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    bad = [(n, _mismatch(f, k, n, s, want[n])) for n, (f, k, s) in have.items() if n in want and s != want[n]]
+    missing = [n for n in want if n not in have and not n.startswith("vision.post_layernorm.")]
+    extra = [(n, f"{k!r} in {f} belongs to a layer that config.json does not have") for n, (f, k, _) in have.items()
+             if n not in want and re.search(r"\.layers\.\d+\.", n)]
+    problems = bad + [(n, f"no weight for {n} in {path}") for n in missing] + extra
+    if not problems:
+        return
+    name, first = problems[0]
+    absent = defaulted_shape_keys(path, model.config)
+    absent = absent.get("vision", []) if name.startswith("vision.") else absent["text"] + (
+        absent.get("vision", []) if name.startswith("projector.") else [])
+    more = lambda xs: f" (and {len(xs) - 1} more)" if len(xs) > 1 else ""
+    if absent:
+        raise CheckpointError(f"{path}/config.json lacks {', '.join(absent)}, and transformers' default does not "
+                              f"fit the weights: {first}{more(problems)}; expected the key in config.json")
+    if bad:
+        raise CheckpointError(bad[0][1] + more(bad))
+    if missing:
+        raise KeyError(f"load_vlm({path}): {len(missing)} missing weights after key mapping: {missing[:20]}"
+                       + (" ..." if len(missing) > 20 else ""))
+
+
 def _assign(model: nn.Module, name: str, t: torch.Tensor):
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
@@ -331,8 +430,7 @@ def load_weights(model: nn.Module, files: list, rename=canonical_key, dtype=None
                 continue
             want = targets[name]
             if tuple(t.shape) != tuple(want.shape):
-                raise ValueError(f"{path}: shape mismatch for {key!r} (-> {name}): checkpoint has {tuple(t.shape)}, "
-                                 f"config.json implies {tuple(want.shape)}")
+                raise CheckpointError(_mismatch(path, key, name, t.shape, want.shape))
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             _assign(model, name, t.to(device) if device is not None else t)
@@ -368,14 +466,47 @@ def load_vlm(path: str, vision_tower: str | None = None, dtype=None, device=None
     config = load_config(path, vision_tower)
     with torch.device("meta"):
         model = VLM(config)
-    loaded, unexpected = load_weights(model, checkpoint_files(path), dtype=dtype, device=device)
-    vt = vision_tower or config.vision_tower
+    files, vt = checkpoint_files(path), vision_tower or config.vision_tower
+    check_weights(model, path, files, vt)
+    loaded, unexpected = load_weights(model, files, dtype=dtype, device=device)
     if model.vision is not None and vt and not any(n.startswith("vision.") for n in loaded):
         load_weights(model, checkpoint_files(str(vt)), rename=_vision_dir_key, dtype=dtype, device=device,
                      loaded=loaded, unexpected=[])   # a CLIPModel file: text tower etc. are not ours
     model.load_info = _finish_load(model, loaded, unexpected, f"load_vlm({path})", dtype=dtype, device=device)
     model.tie_weights()
     return model.eval()
+
+
+def check_tokenizer(tokenizer: Tokenizer, config: VLMConfig, path: str):
+    """Every token id below the model's vocab_size, and (llava-hf) image_token_index the tokenizer's <image> id."""
+    key = "text_config." if config.layout == "llava-hf" else ""
+    vocab = tokenizer.tok.get_vocab(with_added_tokens=True)
+    top = max(vocab, key=vocab.get)
+    if vocab[top] >= config.text.vocab_size:
+        tf = "tokenizer.json" if os.path.exists(os.path.join(path, "tokenizer.json")) else "tokenizer.model"
+        raise CheckpointError(f"{path}/{tf}: token {top!r} has id {vocab[top]}, outside the model's vocabulary "
+                              f"(config.json {key}vocab_size {config.text.vocab_size}); expected every token id "
+                              f"below vocab_size")
+    img, idx = tokenizer.image_token_id, config.image_token_index
+    if config.layout == "llava-hf" and (img not in (None, idx) or not 0 <= idx < config.text.vocab_size):
+        cfg = read_json(os.path.join(path, "config.json"))
+        given = "image_token_index" in cfg or "image_token_id" in cfg
+        what = f"image_token_index {idx}" if given else f"no image_token_index (LlavaConfig's default {idx} was used)"
+        raise CheckpointError(f"{path}/config.json has {what}; expected " + (
+            f"the tokenizer's <image> id {img}" if img is not None else f"an id below {key}vocab_size "
+                                                                       f"{config.text.vocab_size}"))
+
+
+def check_checkpoint(path: str, vision_tower: str | None = None) -> VLMConfig:
+    """What can be checked before any weight loads: config.json, the weight files against it (check_weights), the
+    tokenizer against its vocabulary (check_tokenizer). Returns the config."""
+    path = str(path)
+    config = load_config(path, vision_tower)
+    with torch.device("meta"):
+        model = VLM(config)
+    check_weights(model, path, checkpoint_files(path), vision_tower or config.vision_tower)
+    check_tokenizer(load_tokenizer(path), config, path)
+    return config
 
 
 def _hf_state_dict(model: VLM) -> dict:
@@ -401,29 +532,59 @@ def save_vlm(model: VLM, out_dir: str, tokenizer: "Tokenizer | None" = None):
         save_tokenizer(tokenizer, out_dir)
 
 
-def load_clip_text(path: str, dtype=None, device=None):
-    """A CLIPModel / CLIPTextModel(WithProjection) directory -> (CLIPTextTower, Tokenizer)."""
+def load_clip_text(path: str, dtype=None, device=None, image_tower: bool = False, pad_to_square: bool = False):
+    """A CLIPModel / CLIPTextModel(WithProjection) directory -> (CLIPTextTower, Tokenizer). image_tower=True (a full
+    CLIPModel): also its vision tower and visual_projection as tower.image_tower, with the folder's image
+    pre-processing (padded to a square first with pad_to_square, as LLaVA-1.5) as tower.image_tower.processor."""
     path = str(path)
-    cfg = read_json(os.path.join(path, "config.json"), None)
-    if cfg is None:
-        raise FileNotFoundError(f"{path}/config.json does not exist")
+    cfg = _clip_config(path, image_tower)
     c = clip_text_config(cfg)
     files = checkpoint_files(path)
+    vision = r"^(visual_projection\.weight$|vision_model\.(embeddings|pre_layrnorm|encoder|post_layernorm)\.)"
 
-    def rename(k):   # CLIPModel: text_model.* (vision_model.* ignored); CLIPTextModel: with or without the prefix
+    def rename(k):   # CLIPModel: text_model.* (vision_model.* for image_tower); CLIPTextModel: with or without prefix
         if k == "text_projection.weight":
             return k
+        if image_tower and re.match(vision, k) and not k.endswith("position_ids"):
+            return "image_tower." + k
         k = re.sub(r"^text_model\.", "", k)
         ok = re.match(r"^(embeddings|encoder|final_layer_norm)\.", k) and not k.endswith("position_ids")
         return k if ok else None
 
     with torch.device("meta"):
         tower = CLIPTextTower(c)
+        if image_tower:
+            vc = vision_config(_vision_dict_from_dir(path))
+            tower.image_tower = CLIPImageTower(vc, cfg.get("projection_dim", 512))
     loaded, unexpected = load_weights(tower, files, rename=rename, dtype=dtype, device=device)
     if "text_projection.weight" not in loaded:   # a CLIPTextModel without projection
         tower.text_projection = None
     tower.load_info = _finish_load(tower, loaded, unexpected, f"load_clip_text({path})", optional=r"^$")
+    if image_tower:
+        tower.image_tower.processor = (
+            imaging.ImageProcessor.from_dir(path, pad_to_square=pad_to_square)
+            if os.path.exists(os.path.join(path, "preprocessor_config.json"))
+            else imaging.ImageProcessor.clip(vc.image_size, pad_to_square=pad_to_square))
     return tower.eval(), load_tokenizer(path)
+
+
+def _clip_config(path: str, image_tower: bool) -> dict:
+    cfg = read_json(os.path.join(path, "config.json"), None)
+    if cfg is None:
+        raise FileNotFoundError(f"{path}/config.json does not exist")
+    if image_tower and cfg.get("model_type") != "clip":
+        raise CheckpointError(f"{path}/config.json: model_type {cfg.get('model_type')!r}; image identities need a "
+                              f"full CLIPModel (model_type 'clip': a vision tower and visual_projection)")
+    return cfg
+
+
+def check_clip(path: str, image_tower: bool = False):
+    """load_clip_text's inputs before any weight loads: config.json, the weight files whole, the tokenizer."""
+    path = str(path)
+    clip_text_config(_clip_config(path, image_tower))
+    for f in checkpoint_files(path):
+        tensor_shapes(f)
+    load_tokenizer(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

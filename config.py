@@ -8,7 +8,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from scoring import CAPTION_METRICS
+from scoring import CAPTION_METRICS, SCORERS, official_caption_unavailable
 
 SETTINGS = ("task-hom", "task-het", "cap-hom", "cap-het", "fedit")
 STAGES = {"task-hom": 8, "task-het": 8, "cap-hom": 4, "cap-het": 4, "fedit": 1}   # stages of each setting
@@ -45,7 +45,8 @@ class Config:
     clients: int = opt(50, "clients in total (paper: 50; FedIT: 10)")
     clients_per_round: int = opt(5, "clients sampled per round (paper: 5; FedIT: 1)")
     client_sampling: str = opt("seeded", "official: the draw of FCIT's and Shepherd's code, np.random.seed(stage*10 "
-                               "+ round) then choice, ignoring --seed (the paper protocols); seeded: keyed by --seed, "
+                               "+ round) then choice, positions in the order of set(choice), ignoring --seed (the "
+                               "paper protocols); seeded: keyed by --seed, "
                                "stage and round (the embedded run)", ("official", "seeded"))
     rounds: int = opt(10, "communication rounds per stage")
     stages: int = opt(None, "run only the first N stages of the setting (a quick check of a real configuration); "
@@ -86,9 +87,6 @@ class Config:
     train_on_inputs: bool = opt(False, "supervise the prompt too (Shepherd's default for FedIT)")
     train_projector: bool = opt(True, "train and average the projector (FCIT trains mm_projector)")
     gradient_checkpointing: bool = opt(False, "recompute decoder layers in backward")
-    mtl_epochs: float = opt(None, "epochs of the centralised mtl upper bound over the union of every stage's "
-                            "training data (default: rounds x local epochs x clients-per-round / clients, the "
-                            "federated methods' budget)")
     # LoRA
     rank: int = opt(64, "total LoRA rank r (paper: 64 task-related, 32 capability; FedIT: 8)")
     alpha: float = opt(128.0, "LoRA alpha (paper: 128 task-related, 64 capability; FedIT: 16)")
@@ -110,8 +108,9 @@ class Config:
                       ("round0", "every_round"))
     on_full: str = opt("error", "DISCO when a new task arrives and all K subspaces are taken: stop with an error, or "
                        "join the nearest subspace (the official client rule), logged", ("error", "nearest"))
-    identity: str = opt("text", "DISCO task-identity source: the instruction text or the image (ablation)",
-                        ("text", "image"))
+    identity: str = opt("text", "DISCO task-identity source: the instruction text, or (ablations) CLIP's image "
+                        "embedding from --text-encoder, or both (the mean of the two cosines)",
+                        ("text", "image", "text+image"))
     text_encoder: str = opt(None, "local CLIP folder whose text tower gives DISCO's identity features (paper: "
                             "clip-vit-large-patch14-336); required by disco with --model unless --lm-identity")
     lm_identity: bool = opt(False, "DISCO without --text-encoder: take task identities from the base LM (a fallback "
@@ -121,7 +120,8 @@ class Config:
     identity_center: bool = opt(False, "with --lm-identity: centre the LM's token states on a fixed reference and "
                                 "normalise them before pooling")
     orthogonal_subspaces: bool = opt(False, "DISCO: keep each newly opened subspace orthogonal to the existing ones")
-    ewc_lambda: float = opt(1e6, "EWC penalty weight (a sweep on the toy tasks; sweep it on a real model)")
+    ewc_lambda: float = opt(1.0, "EWC penalty weight on the mean-normalised Fisher: the L2 anchor weight of a "
+                            "parameter of average importance, the same at every model scale")
     olora_lambda: float = opt(0.5, "O-LoRA orthogonality penalty weight")
     # model and data
     model: str = opt(None, "local model folder (llava-hf, original LLaVA or a text-only LLaMA/Qwen2); default: the "
@@ -135,6 +135,8 @@ class Config:
                          "fedit; default: FCIT-mini / FedIT-mini generated into the cache")
     embedded: bool = opt(False, "the embedded tiny VLM and built-in benchmark are used (recorded)", cli=False)
     shard_seed: int = opt(42, "fedit: seed of Shepherd's category-shard shuffle")
+    dolly_extra_categories: bool = opt(False, "fedit: accept categories other than databricks-dolly-15k's eight, each "
+                                       "a task of its own (otherwise an unknown category is an error)")
     # evaluation and numerics
     eval_samples: int = opt(None, "test samples per task (default: all)")
     max_new_tokens: int = opt(128, "generation budget")
@@ -146,8 +148,13 @@ class Config:
                               "instead of encoding it again every epoch and evaluation (no method trains the tower); "
                               "0: off")
     caption_metric: str = opt("average", "Flickr30k score: average = mean of BLEU-1..4, ROUGE-L and CIDEr x 100 "
-                              "(FCIT's 'Average' without METEOR); CIDEr, Bleu_N, ROUGE_L x 100; CIDEr_x10 = CIDEr-D "
-                              "on a 0..100 scale", CAPTION_METRICS)
+                              "(FCIT's 'Average' without METEOR; with METEOR under --scorer official); CIDEr, Bleu_N, "
+                              "ROUGE_L x 100; CIDEr_x10 = CIDEr-D on a 0..100 scale", CAPTION_METRICS)
+    scorer: str = opt("corrected", "corrected: FCIT's per-dataset rules with the official bugs fixed; official: FCIT's "
+                      "eval scripts as released, bugs included, for numbers comparable with the paper (Grounding's "
+                      "[1:-1] slice, empty FigureQA/DVQA answers right, METEOR in the caption average, scores "
+                      "rounded to 2 decimals; needs pycocoevalcap and Java). docs/differences.md lists each "
+                      "divergence", SCORERS)
     dtype: str = opt(None, "weights/compute dtype (default: bfloat16 on GPU, float32 on CPU)",
                      ("float32", "bfloat16", "float16"))
     device: str = opt("cpu", "cpu, cuda, cuda:1 ... (default: cuda if available)", cli=False)
@@ -160,8 +167,6 @@ class Config:
     def __post_init__(self):
         self.methods, self.lora_targets = tuple(self.methods), tuple(self.lora_targets)
         check(self)
-        if self.mtl_epochs is None:   # the federated methods' passes over each stage's data: rounds x E x share
-            self.mtl_epochs = round(self.rounds * self.local_epochs * self.clients_per_round / self.clients, 6)
 
 
 # The paper's protocols (FCIT's training scripts; Shepherd's README command and trainer) and the scaled-down
@@ -226,7 +231,7 @@ RANGES = {   # field -> (test, what it must be)
     "lr": (lambda v: v > 0, "> 0"), "projector_lr": (lambda v: v > 0, "> 0"),
     "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "max_length": (lambda v: v >= 1, ">= 1"),
     "max_grad_norm": (lambda v: v >= 0, ">= 0"), "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "mtl_epochs": (lambda v: v > 0, "> 0"), "tau": (lambda v: -1 <= v <= 1, "a cosine in [-1, 1]"),
+    "tau": (lambda v: -1 <= v <= 1, "a cosine in [-1, 1]"),
     "temperature": (lambda v: v > 0, "> 0"), "small_client": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "beta": (lambda v: v > 0, "> 0"), "eval_samples": (lambda v: v >= 1, ">= 1"),
     "eval_batch_size": (lambda v: v >= 1, ">= 1"), "image_cache_mb": (lambda v: v >= 0, ">= 0"),
@@ -278,21 +283,27 @@ def check(cfg: Config):
     if cfg.lora_avg == "product" and cfg.aggregator not in ("fedavg", "fedprox"):
         raise UsageError("--lora-avg product re-factorises the averaged update by SVD every round, which makes a "
                          "server optimizer's state meaningless; use it with --aggregator fedavg or fedprox")
+    if cfg.dp_clip and "ewc" in (cfg.method, *cfg.methods):
+        raise UsageError("--dp-clip with ewc: each client uploads its Fisher information un-noised, which the privacy "
+                         "accountant does not cover; run ewc without --dp-clip")
 
 
 def resolve(values: dict, embedded: bool) -> Config:
-    """Config from the flags given (None = unset): Config's defaults, then the setting's preset, then the flags;
-    mtl's budget follows from the others. Checked before it is returned."""
+    """Config from the flags given (None = unset): Config's defaults, then the setting's preset, then the flags.
+    Checked before it is returned."""
     given = {k: v for k, v in values.items() if v is not None}
     setting = given.get("setting", Config.setting)
     if setting not in SETTINGS:
         raise UsageError(f"unknown setting {setting!r}; expected one of {', '.join(SETTINGS)}")
     cfg = Config(**{**preset(setting, embedded), **given, "embedded": embedded})
-    if "disco" in cfg.methods and cfg.identity == "text" and cfg.text_encoder is None and not cfg.lm_identity:
+    if "disco" in cfg.methods and cfg.identity != "image" and cfg.text_encoder is None and not cfg.lm_identity:
         raise UsageError("disco needs a task-identity encoder: pass --text-encoder <local CLIP folder> (the paper "
                          "uses clip-vit-large-patch14-336). Without it, the base LM's pooled states can give every "
                          "task the same identity at --tau 0.9, and DISCO silently becomes Finetune; pass "
                          "--lm-identity to use that fallback anyway")
+    if cfg.scorer == "official" and setting != "fedit" and (why := official_caption_unavailable()):
+        raise UsageError(f"--scorer official scores Flickr30k as FCIT's eval_caption.py does, with pycocoevalcap: "
+                         f"{why}; or use --scorer corrected")
     if setting != "fedit":
         cfg.shard_seed = None
     return cfg

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from files import atomic_write, read_json
+from files import atomic_write, folder_problem, read_json
 from model import IGNORE_INDEX
 from prompts import encode_example
 
@@ -134,6 +134,7 @@ class Example:
     image: str | None = None      # absolute path or None (text-only)
     qid: str | int | None = None  # question_id (test) or "<file>:<index>"
     meta: dict = field(default_factory=dict)  # answer_bbox, size, captions, category, context...
+    source: tuple | None = None   # (file, record index) it was read from, for error messages
 
 
 class FCITDataError(ValueError):
@@ -141,14 +142,8 @@ class FCITDataError(ValueError):
 
 
 def _err(path, i, msg, rec=None):
-    rid = ""
-    if isinstance(rec, dict):
-        for k in ("question_id", "id"):
-            if k in rec:
-                rid = f" ({k}={rec[k]!r})"
-                break
-    where = f"{path}" + (f": record {i}{rid}" if i is not None else "")
-    return FCITDataError(f"{where}: {msg}")
+    rid = next((f" ({k}={rec[k]!r})" for k in ("question_id", "id") if isinstance(rec, dict) and k in rec), "")
+    return FCITDataError(f"{path}" + (f": record {i}{rid}" if i is not None else "") + f": {msg}")
 
 
 def atomic_write_json(path, obj, indent=None) -> None:
@@ -160,16 +155,20 @@ def atomic_write_json(path, obj, indent=None) -> None:
     atomic_write(path, write)
 
 
-def load_image(path):
-    """Open an image as RGB PIL.Image; errors name the path."""
+def load_image(path, ex: Example | None = None):
+    """Open an image as RGB PIL.Image (imaging.to_rgb: 16-bit scaled to 8); errors name the path and, given the
+    Example, the record it came from."""
     from PIL import Image
+
+    from imaging import to_rgb
+    where = f"{ex.source[0]}: record {ex.source[1]} (id={ex.qid!r}): image " if ex is not None and ex.source else ""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except FileNotFoundError:
-        raise FCITDataError(f"{path}: image not found") from None
+        raise FCITDataError(f"{where}{path}: image not found") from None
     except Exception as e:  # PIL.UnidentifiedImageError, truncated files, ...
-        raise FCITDataError(f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
+        raise FCITDataError(f"{where}{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
 
 
 def _clean_instruction(text: str) -> str:
@@ -192,15 +191,18 @@ def parse_train_record(rec, path, i, image_root=None, dataset=None, check_images
     conv = rec.get("conversations")
     if not isinstance(conv, list) or len(conv) < 2:
         raise _err(path, i, "missing 'conversations' (expected a list [{from: human}, {from: gpt}])", rec)
-    h, g = conv[0], conv[1]
-    if not (isinstance(h, dict) and isinstance(g, dict) and h.get("from") == "human" and g.get("from") == "gpt"
-            and isinstance(h.get("value"), str) and isinstance(g.get("value"), str)):
-        raise _err(path, i, "conversations[0:2] must be {from: human, value: str}, {from: gpt, value: str}", rec)
+    for j, role, what in ((0, "human", "instruction"), (1, "gpt", "answer")):
+        t = conv[j]
+        if not (isinstance(t, dict) and t.get("from") == role and isinstance(t.get("value"), str)):
+            raise _err(path, i, f"conversations[{j}] (the {what}) must be {{from: {role}, value: <string>}}, got "
+                       f"{json.dumps(t)[:80]}", rec)
+    if not conv[1]["value"].strip():
+        raise _err(path, i, "empty answer (conversations[1].value): a training record needs one", rec)
     image = rec.get("image")
     ds = rec.get("dataset") or _dataset_of_image(image, dataset or "unknown")
     img_path = _resolve_image(image, image_root, path, i, rec, check_images)
-    return Example(ds, _clean_instruction(h["value"]), g["value"].strip(), img_path,
-                   rec.get("id", f"{os.path.basename(str(path))}:{i}"), {})
+    return Example(ds, _clean_instruction(conv[0]["value"]), conv[1]["value"].strip(), img_path,
+                   rec.get("id", f"{os.path.basename(str(path))}:{i}"), {}, (path, i))
 
 
 def parse_test_record(rec, path, i, image_root=None, dataset=None, check_images=True) -> Example:
@@ -210,13 +212,19 @@ def parse_test_record(rec, path, i, image_root=None, dataset=None, check_images=
     for k in ("question_id", "text"):
         if k not in rec:
             raise _err(path, i, f"missing '{k}' (test records need question_id, image, text, answer)", rec)
+    if not isinstance(rec["text"], str):
+        raise _err(path, i, f"'text' (the instruction) must be a string, got {json.dumps(rec['text'])[:80]}", rec)
     meta = {k: rec[k] for k in ("answer_bbox", "size", "captions") if k in rec}
-    if dataset == "Grounding" and "answer_bbox" not in rec and "answer" not in rec:
-        raise _err(path, i, "grounding record without 'answer_bbox'", rec)
+    ans = rec.get("answer", rec.get("answer_bbox") if dataset == "Grounding" else None)
+    if dataset == "Flickr30k" and not rec.get("answer"):
+        ans = ""                                   # the references come from val_coco_type.json
+    elif not isinstance(ans, str) or not ans.strip():
+        what = f"'answer' {json.dumps(ans)[:80]}" if "answer" in rec else "missing 'answer'"
+        raise _err(path, i, f"{what}: expected a non-empty string" + (" (or 'answer_bbox')" if dataset == "Grounding"
+                                                                       else ""), rec)
     img_path = _resolve_image(rec.get("image"), image_root, path, i, rec, check_images)
-    ans = rec.get("answer", rec.get("answer_bbox", ""))
-    return Example(dataset or rec.get("dataset", "unknown"), _clean_instruction(str(rec["text"])),
-                   str(ans).strip(), img_path, rec["question_id"], meta)
+    return Example(dataset or rec.get("dataset", "unknown"), _clean_instruction(rec["text"]), ans.strip(), img_path,
+                   rec["question_id"], meta, (path, i))
 
 
 def _resolve_image(image, image_root, path, i, rec, check):
@@ -289,6 +297,10 @@ def load_fcit(root, datasets=None, split="test", image_root=None, check_images=T
 
 def _attach_coco_refs(exs, gt_path):
     if not os.path.exists(gt_path):
+        missing = [e.qid for e in exs if not e.answer]
+        if missing:
+            raise FCITDataError(f"{gt_path}: not found, and test records {missing[:3]} have no 'answer' (expected "
+                                "the COCO-style references of the release)")
         for e in exs:
             e.meta.setdefault("captions", [e.answer])
         return
@@ -370,16 +382,14 @@ def iid_partition(n_items: int, n_clients: int, seed: int) -> list[list[int]]:
     return [sorted(a.tolist()) for a in np.array_split(perm, n_clients)]
 
 
-def shepherd_partition(categories, n_clients: int, seed: int = 42, shards_per_client: int = 2) -> list[list[int]]:
-    """Shepherd's FedIT split (its client data allocation, diff_quantity=0): sort items by category,
-    cut into shards_per_client * n_clients contiguous shards, shuffle the shards, give each client
-    `shards_per_client` of them. (Shepherd sorts with pandas' unstable quicksort and shuffles with
-    the global `random`; here the sort is stable and the RNG is random.Random(seed).)"""
-    cats = list(categories)
-    order = sorted(range(len(cats)), key=lambda i: (str(cats[i]), i))
-    shards = [a.tolist() for a in np.array_split(np.array(order, dtype=np.int64), shards_per_client * n_clients)]
+def shepherd_partition(n_items: int, n_clients: int, seed: int = 42, shards_per_client: int = 2) -> list[list[int]]:
+    """Shepherd's client shards (client_data_allocation.py, diff_quantity=0) of dolly_split's train rows, which are in
+    its category order: shards_per_client * n_clients contiguous shards (np.array_split), shuffled by Python's
+    random seeded with `seed`; client c gets shards 2c and 2c+1, in that order."""
+    shards = np.array_split(np.arange(n_items), shards_per_client * n_clients)
     random.Random(seed).shuffle(shards)
-    return [sorted(sum(shards[c * shards_per_client:(c + 1) * shards_per_client], [])) for c in range(n_clients)]
+    k = shards_per_client
+    return [np.concatenate(shards[c * k:(c + 1) * k]).tolist() for c in range(n_clients)]
 
 
 def partition_hash(parts: list[list[int]]) -> str:
@@ -398,18 +408,12 @@ def partition_dir(root, setting: str, beta: float) -> str:
     return os.path.join(str(root), "partitioned_data", sub, str(float(beta)))
 
 
-def make_partitions(root, setting: str, beta: float, n_clients: int = 50, seed: int = 0,
-                    min_size: int = 1, overwrite: bool = False) -> str:
-    """Write partitioned_data/.../<beta>/Task<k>/client_<i>.json (+ manifest.json per beta) from the
-    train instruction files, with dirichlet_partition per task. Capability tasks concatenate their
-    group's datasets and shuffle (seeded), as the official code does (unseeded there). Records keep
-    their fields and gain "dataset". Existing folders are kept unless overwrite (as the official)."""
+def partition_tasks(root, setting: str, beta: float, n_clients: int, seed: int, min_size: int):
+    """Per task: (name, records, client index lists) from the train instruction files, dirichlet_partition per task.
+    Capability tasks concatenate their group's datasets and shuffle (seeded), as the official code does (unseeded
+    there). Records keep their fields and gain "dataset"."""
     s = canonical_setting(setting)
-    out = partition_dir(root, s, beta)
-    manifest = {"setting_level": SETTINGS[s][0], "beta": float(beta), "seed": seed, "min_size": min_size,
-                "n_clients": n_clients, "partitioner": "dirichlet_partition (quantity skew)", "tasks": []}
     for k, name in enumerate(task_names(s)):
-        tdir = os.path.join(out, f"Task{k + 1}")
         recs = []
         for ds in task_datasets(s, k):
             folder, train_f, _ = DATASET_FILES[ds]
@@ -420,7 +424,20 @@ def make_partitions(root, setting: str, beta: float, n_clients: int = 50, seed: 
             recs += [dict(r, dataset=ds) if isinstance(r, dict) else r for r in rows]
         if len(task_datasets(s, k)) > 1:
             random.Random(f"{seed}:{k}").shuffle(recs)
-        parts = dirichlet_partition(len(recs), n_clients, beta, seed * 1000 + k, min_size)
+        yield name, recs, dirichlet_partition(len(recs), n_clients, beta, seed * 1000 + k, min_size)
+
+
+def make_partitions(root, setting: str, beta: float, n_clients: int = 50, seed: int = 0,
+                    min_size: int = 1, overwrite: bool = False, home=None) -> str:
+    """Write <home>/partitioned_data/.../<beta>/Task<k>/client_<i>.json (+ manifest.json per beta) from the data
+    root's partition_tasks; home: the data root, or the cache folder partition_home picks when it is read-only.
+    Existing folders are kept unless overwrite (as the official)."""
+    s = canonical_setting(setting)
+    out = partition_dir(home or root, s, beta)
+    manifest = {"setting_level": SETTINGS[s][0], "beta": float(beta), "seed": seed, "min_size": min_size,
+                "n_clients": n_clients, "partitioner": "dirichlet_partition (quantity skew)", "tasks": []}
+    for k, (name, recs, parts) in enumerate(partition_tasks(root, s, beta, n_clients, seed, min_size)):
+        tdir = os.path.join(out, f"Task{k + 1}")
         if os.path.isdir(tdir) and not overwrite:
             manifest["tasks"].append({"task": k, "folder": f"Task{k + 1}", "name": name, "kept_existing": True})
             continue
@@ -435,6 +452,32 @@ def make_partitions(root, setting: str, beta: float, n_clients: int = 50, seed: 
             atomic_write_json(os.path.join(tdir, f"client_{c}.json"), [recs[i] for i in idx])
     atomic_write_json(os.path.join(out, "manifest.json"), manifest, indent=1)
     return out
+
+
+def partition_home(root, setting: str, beta: float, cache=None) -> str:
+    """Where generated partitions go (their partitioned_data/ folder's parent): the data root when it is writable
+    (the release layout), else cache_home(root, cache), where the next run finds them again."""
+    problem = folder_problem(partition_dir(root, setting, beta))
+    if problem is None:
+        return str(root)
+    if cache is None:
+        raise FCITDataError(f"{partition_dir(root, setting, beta)} {problem}, and no cache folder for the partitions")
+    return cache_home(root, cache)
+
+
+def cache_home(root, cache) -> str:
+    """The cache's folder for the data root `root`: <cache>/<name>-<hash of its real path>."""
+    real = os.path.realpath(str(root))
+    return os.path.join(str(cache), f"{os.path.basename(real)}-{hashlib.sha256(real.encode()).hexdigest()[:12]}")
+
+
+def _usable(d, n_clients: int, seed: int, min_size: int) -> bool:
+    """A partition folder to read as it is: released (no manifest.json), or ours made with these parameters."""
+    man = os.path.join(d, "manifest.json")
+    if not os.path.isdir(d) or not os.path.exists(man):
+        return os.path.isdir(d)
+    m = read_json(man, error=FCITDataError)
+    return isinstance(m, dict) and (m.get("n_clients"), m.get("seed"), m.get("min_size")) == (n_clients, seed, min_size)
 
 
 def _client_path(root, setting: str, beta: float, task: int, client: int) -> str:
@@ -503,37 +546,44 @@ def check_task_datasets(setting: str, task: int, found: Counter, where: str) -> 
 
 
 def load_partitions(root, setting: str, beta: float, n_clients: int = 50, seed: int = 0, min_size: int = 1,
-                    image_root=None, check_images=True, skip_bad=False, create=True,
-                    check_order=True) -> list[list[list[Example]]]:
-    """parts[task][client] -> [Example] from the released partitions; when the beta folder is absent
-    and create=True, generate it with make_partitions (manifest included). A folder that we generated
-    (it has our manifest.json) with other n_clients / seed / min_size is regenerated; a released folder
-    (no manifest) is never touched. check_order: every Task folder must hold its task's datasets
-    (check_task_datasets)."""
-    d = partition_dir(root, setting, beta)
-    man = os.path.join(d, "manifest.json")
-    if not os.path.isdir(d):
-        if not create:
-            raise FCITDataError(f"{d}: partition folder not found (expected Task<k>/client_<i>.json)")
-        make_partitions(root, setting, beta, n_clients, seed, min_size)
-    elif create and os.path.exists(man):
-        m = read_json(man, error=FCITDataError)
-        if (m.get("n_clients"), m.get("seed"), m.get("min_size")) != (n_clients, seed, min_size):
-            log.info("regenerating %s for n_clients=%d seed=%d min_size=%d", d, n_clients, seed, min_size)
-            make_partitions(root, setting, beta, n_clients, seed, min_size, overwrite=True)
-    for k in range(num_stages(setting)):
-        tdir = os.path.join(d, f"Task{k + 1}")
-        if not os.path.isdir(tdir):
-            raise FCITDataError(f"{tdir}: missing task folder (expected Task1..Task{num_stages(setting)})")
+                    image_root=None, check_images=True, skip_bad=False, create=True, check_order=True,
+                    cache=None, write=True) -> list[list[list[Example]]]:
+    """parts[task][client] -> [Example] from the released partitions, else from ours (they have a manifest.json)
+    made with these n_clients / seed / min_size, in the data root or in cache_home(root, cache). With create=True
+    other or missing partitions are generated: written by make_partitions to partition_home (the data root when
+    writable, else the cache), or with write=False (--dry-run) computed in memory only. A released folder is never
+    touched. check_order: every Task folder must hold its task's datasets (check_task_datasets)."""
+    d, rows = partition_dir(root, setting, beta), None
+    if create and not _usable(d, n_clients, seed, min_size):
+        cached = partition_dir(cache_home(root, cache), setting, beta) if cache is not None else None
+        if cached and _usable(cached, n_clients, seed, min_size):
+            d = cached
+        elif write:
+            home = partition_home(root, setting, beta, cache)
+            log.info("generating %s for n_clients=%d seed=%d min_size=%d", partition_dir(home, setting, beta),
+                     n_clients, seed, min_size)
+            d = make_partitions(root, setting, beta, n_clients, seed, min_size, overwrite=True, home=home)
+        else:
+            tasks = partition_tasks(root, setting, beta, n_clients, seed, min_size)
+            rows = [[(os.path.join(d, f"Task{k + 1}", f"client_{c}.json"), [recs[i] for i in idx])
+                     for c, idx in enumerate(parts)] for k, (_, recs, parts) in enumerate(tasks)]
+    elif not os.path.isdir(d):
+        raise FCITDataError(f"{d}: partition folder not found (expected Task<k>/client_<i>.json)")
+    if rows is None:
+        for k in range(num_stages(setting)):
+            if not os.path.isdir(os.path.join(d, f"Task{k + 1}")):
+                raise FCITDataError(f"{os.path.join(d, f'Task{k + 1}')}: missing task folder (expected "
+                                    f"Task1..Task{num_stages(setting)})")
+        rows = [[(p, read_json(p, error=FCITDataError))
+                 for p in (os.path.join(d, f"Task{k + 1}", f"client_{c}.json") for c in range(n_clients))]
+                for k in range(num_stages(setting))]
     out = []
-    for k in range(num_stages(setting)):
-        files = [(p, read_json(p, error=FCITDataError))
-                 for p in (_client_path(root, setting, beta, k, c) for c in range(n_clients))]
+    for k, files in enumerate(rows):
         if check_order:
-            found = Counter(record_dataset(r) for _, rows in files if isinstance(rows, list) for r in rows)
+            found = Counter(record_dataset(r) for _, recs in files if isinstance(recs, list) for r in recs)
             check_task_datasets(setting, k, found, os.path.join(d, f"Task{k + 1}"))
-        out.append([_client_examples(p, rows, root, setting, k, image_root, check_images, skip_bad)
-                    for p, rows in files])
+        out.append([_client_examples(p, recs, root, setting, k, image_root, check_images, skip_bad)
+                    for p, recs in files])
     return out
 
 
@@ -556,48 +606,68 @@ def alpaca_prompt(instruction: str, context: str = "", response: str | None = No
     return p + (response or "")
 
 
-def load_dolly(path) -> list[dict]:
-    """databricks-dolly-15k records (JSONL, or a JSON list as Shepherd's new-databricks-dolly-15k.json)
-    with fields instruction, context, response, category; errors name the file and line."""
+def load_dolly(path, extra_categories: bool = False) -> list[dict]:
+    """databricks-dolly-15k records (JSONL, or a JSON list as Shepherd's new-databricks-dolly-15k.json): non-empty
+    string instruction, response and category (one of DOLLY_CATEGORIES unless extra_categories), an optional string
+    context. Errors name the file and the line (JSONL) or record (list)."""
     path = str(path)
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise FCITDataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise FCITDataError(f"{path}: line {line}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
     if text.lstrip().startswith("["):
-        rows = [(i, r) for i, r in enumerate(read_json(path, error=FCITDataError))]
+        rows = [(f"record {i}", r) for i, r in enumerate(read_json(path, error=FCITDataError))]
     else:
         rows = []
         for ln, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
-                    rows.append((ln, json.loads(line)))
+                    rows.append((f"line {ln}", json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise FCITDataError(f"{path}: line {ln}: malformed JSON ({e.msg})") from None
-    out = []
-    for ln, r in rows:
-        if not isinstance(r, dict) or any(not isinstance(r.get(k), str)
-                                          for k in ("instruction", "response", "category")):
-            raise FCITDataError(f"{path}: record at line/index {ln}: expected an object with string fields "
-                                f"instruction, context, response, category")
-        out.append({"instruction": r["instruction"], "context": r.get("context") or "",
-                    "response": r["response"], "category": r["category"]})
-    return out
+    if not rows:
+        raise FCITDataError(f"{path}: no records (expected databricks-dolly-15k: one JSON object per line with "
+                            "instruction, context, response, category)")
+    return [_dolly_record(r, f"{path}: {where}", extra_categories) for where, r in rows]
+
+
+def _dolly_record(r, where: str, extra_categories: bool) -> dict:
+    if not isinstance(r, dict):
+        raise FCITDataError(f"{where}: expected an object with instruction, context, response, category")
+    for k in ("instruction", "response", "category"):
+        if not isinstance(r.get(k), str) or not r[k].strip():
+            raise FCITDataError(f"{where}: '{k}' must be a non-empty string, got "
+                                + (json.dumps(r[k])[:80] if k in r else "none"))
+    if not isinstance(r.get("context") or "", str):
+        raise FCITDataError(f"{where}: 'context' must be a string, got {json.dumps(r['context'])[:80]}")
+    if r["category"] not in DOLLY_CATEGORIES and not extra_categories:
+        raise FCITDataError(f"{where}: unknown category {r['category']!r}; dolly's are {', '.join(DOLLY_CATEGORIES)} "
+                            "(--dolly-extra-categories makes each other category a task)")
+    return {"instruction": r["instruction"], "context": r.get("context") or "", "response": r["response"],
+            "category": r["category"]}
 
 
 def dolly_split(records, n_per_category: int = 10, seed: int = 42):
-    """Shepherd's held-out test: n_per_category random records per category -> (train, test)."""
-    rng = random.Random(seed)
-    by_cat = defaultdict(list)
-    for i, r in enumerate(records):
-        by_cat[r["category"]].append(i)
-    test = set()
+    """Shepherd's held-out test, row for row (client_data_allocation.py): pandas' sort_values by category (numpy's
+    unstable quicksort), then per category in sorted order DataFrame.sample(n), i.e. choice(size, n, replace=False)
+    on one RandomState seeded once. -> (train: the other rows in sorted order, test: the drawn rows in draw order)."""
+    order = np.argsort(np.array([r["category"] for r in records], dtype=object), kind="quicksort")
+    rng, by_cat = np.random.RandomState(seed), defaultdict(list)
+    for p in order:
+        by_cat[records[p]["category"]].append(p)
+    test = []
     for c in sorted(by_cat):
         if len(by_cat[c]) < n_per_category:
-            raise ValueError(f"category {c!r} has {len(by_cat[c])} < {n_per_category} records")
-        test.update(rng.sample(by_cat[c], n_per_category))
-    train = [r for i, r in enumerate(records) if i not in test]
-    return train, [records[i] for i in sorted(test, key=lambda i: (records[i]["category"], i))]
+            raise FCITDataError(f"dolly category {c!r} has {len(by_cat[c])} records; the held-out split takes "
+                                f"{n_per_category} from each")
+        test += [by_cat[c][j] for j in rng.choice(len(by_cat[c]), n_per_category, replace=False)]
+    held = set(test)
+    return [records[p] for p in order if p not in held], [records[p] for p in test]
 
 
 def dolly_example(rec: dict, i=None) -> Example:
@@ -668,6 +738,6 @@ class Collator:
         if imgs and self.pixels:
             if self.image_processor is None:
                 raise ValueError("Collator: examples have images but no image_processor was given")
-            pix = self.image_processor([load_image(e.image) for e in imgs])
+            pix = self.image_processor([load_image(e.image, e) for e in imgs])
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pix}
 

@@ -11,12 +11,15 @@ docs/differences.md lists where this file departs from it, and why.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
 
+import data
 import lora
 import privacy
+from config import UsageError
 from methods import NOT_FINITE, Assignment, CapacityError, Finetune, Round, tally
 from server import Upload
 
@@ -87,14 +90,34 @@ def lm_features(fed, chunk) -> torch.Tensor:
     return ((h * att[..., None]).sum(1) / att.sum(1, keepdim=True)).cpu()
 
 
+def text_features(fed, chunk) -> torch.Tensor:
+    return clip_text_features(fed, chunk) if fed.text_encoder is not None else lm_features(fed, chunk)
+
+
+def text_image_features(fed, chunk) -> torch.Tensor:
+    """--identity text+image (ablation): [f_text(x), f_image(x)], the shorter zero-padded to the longer; compared
+    through identity_space."""
+    t, i = text_features(fed, chunk), image_features(fed, chunk)
+    d = max(t.shape[1], i.shape[1])
+    return torch.cat([F.pad(t, (0, d - t.shape[1])), F.pad(i, (0, d - i.shape[1]))], dim=1)
+
+
+def identity_space(x: torch.Tensor, cfg) -> torch.Tensor:
+    """Tokens, keys or features (..., D) as DKO and SSA compare them by cosine. With --identity text+image each half
+    is normalised and scaled by 1/√2, so that cos = (cos_text + cos_image) / 2: the official ablation's mean of the
+    text and image similarities [official: model_aggregation.py, commented out]. Otherwise x itself."""
+    if cfg.identity != "text+image":
+        return x
+    return F.normalize(x.unflatten(-1, (2, -1)), dim=-1, eps=1e-12).flatten(-2) / 2 ** 0.5
+
+
 @torch.no_grad()
 def identity_features(fed, examples, batch_size: int = 32) -> torch.Tensor:
-    """f(x) of each example, (N, D) float32: the CLIP text tower's (the paper's), the base LM's (fallback) or
-    the image's (ablation, last section)."""
+    """f(x) of each example, (N, D) float32: the CLIP text tower's (the paper's), the base LM's (fallback), the
+    image's or both (ablations, last section)."""
     was_training = fed.model.training
     fed.model.eval()
-    f = image_features if fed.cfg.identity == "image" else \
-        clip_text_features if fed.text_encoder is not None else lm_features
+    f = {"image": image_features, "text+image": text_image_features}.get(fed.cfg.identity, text_features)
     try:
         out = [f(fed, examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
     finally:
@@ -214,8 +237,9 @@ def match(mus: dict[int, tuple[torch.Tensor, int]], keys, sizes, cfg, ctx: Round
     """`organize` for the positions of `mus` ({position: (μ_k, n_k)}): ({position: subspace}, the subspaces opened,
     entries for the round log)."""
     pos, info, log = list(mus), {}, {}
-    slot, opened = organize(torch.stack([mus[p][0] for p in pos]).float(), [mus[p][1] for p in pos], keys, sizes,
-                            cfg.tau, cfg.small_client, cfg.on_full, info)
+    slot, opened = organize(identity_space(torch.stack([mus[p][0] for p in pos]).float(), cfg),
+                            [mus[p][1] for p in pos], identity_space(keys, cfg), sizes,
+                            cfg.tau, 0.0 if cfg.dp_clip else cfg.small_client, cfg.on_full, info)
     if info["merged_on_full"]:
         log["merged_on_full"] = [dict(d, clients=[pos[i] for i in d["clients"]]) for d in info["merged_on_full"]]
         ctx.say(f"no free subspace; positions joined the nearest: {log['merged_on_full']}")
@@ -326,6 +350,7 @@ class DISCO(Finetune):
         """Tokens up, a subspace down, before training; a position matched in round 0 of a stage keeps its subspace
         through the stage (the official schedule; --assign every_round re-matches every round)."""
         self.mus, bad = client_tokens(self.fed, ctx)
+        self.mus = released_counts(self.mus, self.cfg)
         if ctx.rnd == 0 or self.pos_slot.get("stage") != ctx.stage:
             self.pos_slot = {"stage": ctx.stage}
         slots = reused_slots(self.pos_slot, self.mus, ctx, self.cfg.assign)
@@ -333,6 +358,7 @@ class DISCO(Finetune):
         if new:
             if self.keys is None:
                 self.keys = torch.zeros(self.fed.K, next(iter(new.values()))[0].shape[0])
+                check_private_matching(self.cfg, self.keys.shape[1])
             got, self.opened, log = match(new, self.keys, self.sizes, self.cfg, ctx)
             slots |= got
             self.pos_slot |= {str(p): s for p, s in got.items() if str(p) not in self.pos_slot}
@@ -363,7 +389,8 @@ class DISCO(Finetune):
     def routing_weights(self, features: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         if self.keys is None:
             return torch.zeros(features.shape[0], self.fed.K)
-        return route(features, self.keys, mode or self.cfg.routing, self.cfg.temperature, valid=self.sizes > 0)
+        return route(identity_space(features, self.cfg), identity_space(self.keys, self.cfg), mode or self.cfg.routing,
+                     self.cfg.temperature, valid=self.sizes > 0)
 
     def prepare_inference(self, examples):
         return self.routing_weights(identity_features(self.fed, examples, batch_size=32))
@@ -401,10 +428,17 @@ class DISCO(Finetune):
 
 
 def image_features(fed, chunk) -> torch.Tensor:
-    """--identity image: f(x) = the mean-pooled last-layer patch features of the image (B, D_v)."""
-    px = fed.pixels(chunk)
+    """--identity image: f(x) = CLIP's image embedding visual_projection(post_layernorm(CLS)) (B, 768 for
+    ViT-L/14-336) from the --text-encoder CLIPModel [official: clip_encoder.py, CLIPVisionModelWithProjection's
+    image_embeds]. Without a --text-encoder (a fallback, as lm_features is for text): the VLM's own tower's last-layer
+    states, mean-pooled (B, D_v)."""
+    clip = fed.text_encoder[0].image_tower if fed.text_encoder is not None else None
+    if clip is not None and all(ex.image for ex in chunk):
+        px = clip.processor([data.load_image(ex.image, ex) for ex in chunk])
+        return clip(px.to(clip.visual_projection.weight.device)).float().cpu()
+    px = fed.pixels(chunk) if clip is None else None
     if px is None:
-        raise ValueError("identity='image' needs images and an image processor")
+        raise ValueError(f"--identity {fed.cfg.identity} needs an image in every example")
     with fed.autocast():
         return fed.model.vision(px)[-1].float().mean(1).cpu()
 
@@ -472,9 +506,35 @@ def reorthogonalize(method: DISCO, kept: list[Upload]):
                 orthogonalize(method.fed, j, old)
 
 
+def identity_noise(cfg) -> float:
+    """σ_id: --dp-identity-noise, default --dp-noise."""
+    return cfg.dp_identity_noise if cfg.dp_identity_noise is not None else cfg.dp_noise
+
+
 def private_token(mu: torch.Tensor, cfg, stage: int, rnd: int, client: int) -> torch.Tensor:
-    """Under DP (--dp-clip) the client clips its token to unit norm and adds N(0, σ²) of its own noise multiplier
-    (--dp-identity-noise, default --dp-noise), keyed by (seed, stage, round, client); the accountant counts it."""
-    sigma = cfg.dp_identity_noise if cfg.dp_identity_noise is not None else cfg.dp_noise
+    """Under DP (--dp-clip) the client clips its token to unit norm and adds N(0, σ_id²) per coordinate, keyed by
+    (seed, stage, round, client); the accountant counts it."""
     return mu / max(1.0, float(mu.norm())) + privacy.gaussian(
-        mu.shape, sigma, privacy.noise_generator(cfg.seed, stage, rnd, client, 0xD2))
+        mu.shape, identity_noise(cfg), privacy.noise_generator(cfg.seed, stage, rnd, client, 0xD2))
+
+
+def released_counts(mus: dict[int, tuple[torch.Tensor, int]], cfg) -> dict[int, tuple[torch.Tensor, int]]:
+    """Under DP a client sends its noised token and no sample count: each weighs 1, so the key update averages
+    tokens, sizes count client-rounds, centroids and --on-full's order count clients (the small-client rule is off)."""
+    return {p: (mu, 1) for p, (mu, _) in mus.items()} if cfg.dp_clip else mus
+
+
+def check_private_matching(cfg, dim: int):
+    """Two noised copies of one unit D-d token have a cosine of about 1/(1 + D σ_id²), at best; below τ no token
+    matches another or a key and every client opens a subspace: refused up front with --on-full error, else warned
+    (measured: tools/dp_identity_noise.py, docs/protocol.md)."""
+    sigma = identity_noise(cfg)
+    if not cfg.dp_clip or 1 / (1 + dim * sigma ** 2) >= cfg.tau:
+        return
+    msg = (f"DISCO under DP: {dim}-d identity tokens with N(0, {sigma:g}^2) noise per coordinate (--dp-identity-noise, "
+           f"default --dp-noise) have a cosine of about {1 / (1 + dim * sigma ** 2):.3f} even for one task, below "
+           f"--tau {cfg.tau}, so no client matches; matching needs --dp-identity-noise <= "
+           f"{math.sqrt((1 / cfg.tau - 1) / dim):.3g} (a far larger epsilon)")
+    if cfg.on_full == "error":
+        raise UsageError(msg + "; or pass --on-full nearest to merge into the nearest subspace when they run out")
+    logger.warning("%s; every cluster beyond the free subspaces joins its nearest (--on-full nearest)", msg)

@@ -13,6 +13,7 @@ atomically after every round, so rerunning the same command on the same `--out` 
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -30,7 +31,9 @@ import data
 import federate
 import files
 import imaging
+import methods
 import mini
+import report
 import scoring
 from config import Config, UsageError
 
@@ -80,9 +83,16 @@ def check_paths(args):
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             raise UsageError(f"--model {args.model!r} is not a model directory: no config.json in it")
         try:
-            checkpoint.load_config(args.model, args.vision_tower)
-        except (ValueError, KeyError, FileNotFoundError, json.JSONDecodeError) as e:
-            raise UsageError(f"--model {args.model!r} is not a model this loader reads: {e}") from None
+            checkpoint.check_checkpoint(args.model, args.vision_tower)
+        except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as e:
+            raise UsageError(f"--model {args.model!r} is not a model this loader reads: {checkpoint.message(e)}") \
+                from None
+    if args.text_encoder is not None:
+        try:
+            checkpoint.check_clip(args.text_encoder, image_tower=args.identity not in (None, "text"))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise UsageError(f"--text-encoder {args.text_encoder!r} is not a CLIP folder this loader reads: "
+                             f"{checkpoint.message(e)}") from None
     if args.data_root is not None:
         if args.setting == "fedit":      # FedIT reads one dolly file, FCIT a release folder
             if not os.path.isfile(args.data_root):
@@ -121,55 +131,6 @@ def write_json(path, obj):
     data.atomic_write_json(path, obj, indent=1)
 
 
-def results_markdown(results):
-    """A paper-style table: one row per method, per-task final scores, then Last and Avg."""
-    tasks = results["tasks"]
-    head = ["Method"] + tasks + ["Last", "Avg", "BWT"]
-    lines = [f"**{results['setting']}**, beta={results['beta']}, seed={results['seed']}", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    fmt = lambda v: "–" if v is None else f"{v:.2f}"
-    for name, r in results["methods"].items():
-        cells = [fmt(r["per_task_last"].get(t)) for t in tasks] + [fmt(r["last"]), fmt(r["avg"]), fmt(r["bwt"])]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    personal = {name: r["personalized"] for name, r in results["methods"].items() if r.get("personalized")}
-    if personal:
-        lines += ["", "Personalized: each client's own model on the tasks it trained on", "",
-                  "| Method | Client | Own tasks | Mean |", "|---|---|---|---|"]
-        for name, p in personal.items():
-            for c, d in p["clients"].items():
-                own = ", ".join(f"{t} {fmt(v)}" for t, v in d["tasks"].items())
-                lines.append(f"| {name} | {c} | {own} | {fmt(d['mean'])} |")
-            lines.append(f"| {name} | mean over clients | | **{fmt(p['mean'])}** |")
-    return "\n".join(lines) + "\n"
-
-
-def draw_matrix(matrix, tasks, title, path):
-    """Accuracy-matrix heatmap with Pillow: rows are tasks, columns are stages, values in the cells."""
-    from PIL import Image, ImageDraw, ImageFont
-    font = ImageFont.load_default()
-    cell_w, cell_h, left, top = 56, 24, 8 + 7 * max(len(t) for t in tasks), 40
-    n_stages = len(matrix)
-    img = Image.new("RGB", (left + cell_w * n_stages + 10, top + cell_h * len(tasks) + 10), "white")
-    d = ImageDraw.Draw(img)
-    d.text((8, 6), title, fill="black", font=font)
-    for t in range(n_stages):
-        d.text((left + t * cell_w + 14, top - 16), f"T{t + 1}", fill="black", font=font)
-    for i, task in enumerate(tasks):
-        y = top + i * cell_h
-        d.text((6, y + 6), task, fill="black", font=font)
-        for t in range(n_stages):
-            x, v = left + t * cell_w, matrix[t][i]
-            if v is None:
-                colour = (235, 235, 235)
-            else:  # white (0) -> blue (100)
-                s = max(0.0, min(1.0, v / 100.0))
-                colour = (int(255 - 200 * s), int(255 - 150 * s), 255)
-            d.rectangle([x, y, x + cell_w - 2, y + cell_h - 2], fill=colour)
-            if v is not None:
-                d.text((x + 10, y + 6), f"{v:.1f}", fill="black" if v < 60 else "white", font=font)
-    files.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
-
-
 # ----------------------------------------------------------------------------------------------------
 # the benchmark: tasks, client data and test sets of one setting
 
@@ -179,22 +140,21 @@ class Benchmark:
     client c's shard of part k: FCIT's task k (a dataset, or a capability group) from the released or generated
     partitions; FedIT's single part holds Shepherd's category shards, and its tasks are dolly's categories."""
 
-    def __init__(self, cfg: Config, log=print):
+    def __init__(self, cfg: Config, log=print, dry_run=False):
         self.cfg = cfg
         if cfg.setting == "fedit":     # the one place the two benchmarks differ: how they are read
             self._load_fedit(cfg)
         else:
-            self._load_fcit(cfg, log)
+            self._load_fcit(cfg, log, write=not dry_run)   # --dry-run writes no partitions
         self.stages = cfg.stages or self.stages                    # --stages N: the first N stages only
 
     def _load_fedit(self, cfg: Config):
         folder = os.path.join(CACHE_DIR, f"fedit-mini-s{cfg.seed}-{MINI_FEDIT['n_per_category']}")
         self.source = cfg.data_root or mini.make_fedit_mini(folder, seed=cfg.seed, **MINI_FEDIT)
         self.name = "FedIT-mini" if cfg.data_root is None else "dolly"
-        train, test = data.dolly_split(data.load_dolly(self.source))
-        cats = [r["category"] for r in train]
-        self.tasks, self.stages = sorted(set(cats)), 1
-        shards = data.shepherd_partition(cats, cfg.clients, seed=cfg.shard_seed)
+        train, test = data.dolly_split(data.load_dolly(self.source, cfg.dolly_extra_categories))
+        self.tasks, self.stages = sorted({r["category"] for r in train}), 1
+        shards = data.shepherd_partition(len(train), cfg.clients, seed=cfg.shard_seed)
         self.parts = [[[data.dolly_example(train[i], i) for i in idx] for idx in shards]]
         self.stage_parts = [[0]]                                   # the one stage trains the one part
         self.seen_by = self.stage_tasks = [list(range(len(self.tasks)))]
@@ -202,7 +162,7 @@ class Benchmark:
         self.test = {f"dolly/{t}": [data.dolly_example(r, j) for j, r in enumerate(test) if r["category"] == t]
                      [:cfg.eval_samples] for t in self.tasks}
 
-    def _load_fcit(self, cfg: Config, log):
+    def _load_fcit(self, cfg: Config, log, write=True):
         root, self.name = cfg.data_root, "FCIT"
         if root is None:
             root, self.name = os.path.join(CACHE_DIR, f"fcit-mini-s{cfg.seed}-{MINI['n_train']}-{MINI['n_test']}"), \
@@ -212,7 +172,8 @@ class Benchmark:
             log(f"FCIT-mini ready in {root} ({time.time() - t0:.1f}s)")
         self.source, s = root, cfg.setting
         self.tasks, self.stages = data.task_names(s), data.num_stages(s)
-        self.parts = data.load_partitions(root, s, cfg.beta, cfg.clients, seed=cfg.seed)
+        self.parts = data.load_partitions(root, s, cfg.beta, cfg.clients, seed=cfg.seed, write=write,
+                                          cache=os.path.join(CACHE_DIR, "partitions"))   # for a read-only root
         self.stage_parts = self.stage_tasks = [data.tasks_of_stage(s, t) for t in range(self.stages)]
         self.seen_by = [data.seen_tasks(s, t) for t in range(self.stages)]
         self.test_datasets = {t: data.task_datasets(s, k) for k, t in enumerate(self.tasks)}
@@ -231,21 +192,27 @@ class Benchmark:
         """The callable Federation.run_round asks for a client's examples (position -> task by the setting)."""
         def get(position, client):
             if position is None:   # mtl
-                return self.pooled()
+                return self.pooled(client)
             return self.parts[self.part_of(stage, position)][client]
         return get
 
-    def pooled(self):
-        """mtl's data: the union of every (run) stage's training data, every client's shard."""
+    def pooled(self, client=None):
+        """mtl's data: the union of every (run) stage's training data, or client's share of it (methods.MTL)."""
         parts = sorted({k for s in range(self.stages) for k in self.stage_parts[s]})
-        return [ex for k in parts for shard in self.parts[k] for ex in shard]
+        every = [ex for k in parts for shard in self.parts[k] for ex in shard]
+        return every if client is None else [every[i] for i in self.mtl_shares[client]]
+
+    @functools.cached_property
+    def mtl_shares(self):
+        return methods.MTL.partition(len(self.pooled()), self.cfg)
 
     def score_task(self, k, predict):
         """Score of task k in 0..100: the mean over its datasets (a capability group has several)."""
         scores = []
         for ds in self.test_datasets[self.tasks[k]]:
             exs = self.test[ds]
-            scores.append(scoring.evaluate_task(ds, predict(exs), exs, caption_metric=self.cfg.caption_metric))
+            scores.append(scoring.evaluate_task(ds, predict(exs), exs, caption_metric=self.cfg.caption_metric,
+                                                 scorer=self.cfg.scorer))
         return sum(scores) / len(scores)
 
     def examples_by_task(self, tasks):
@@ -259,12 +226,16 @@ class Benchmark:
 def load_model(cfg: Config, device, dtype):
     """The base model (frozen weights in `dtype`), its tokenizer, image processor and the optional CLIP text tower."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = checkpoint.load_vlm(cfg.model, vision_tower=cfg.vision_tower, dtype=dtype, device=device)
+    try:
+        model = checkpoint.load_vlm(cfg.model, vision_tower=cfg.vision_tower, dtype=dtype, device=device)
+    except checkpoint.CheckpointError as e:
+        raise UsageError(f"--model {cfg.model!r}: {e}") from None
     tokenizer = checkpoint.load_tokenizer(cfg.model)
     improc = None
     if model.vision is not None and cfg.image_preprocess is not None:      # FedIT is text-only
         improc = imaging.ImageProcessor.for_checkpoint(cfg.model, cfg.vision_tower, cfg.image_aspect)
-    text_encoder = checkpoint.load_clip_text(cfg.text_encoder, device=device) if cfg.text_encoder else None
+    text_encoder = checkpoint.load_clip_text(cfg.text_encoder, device=device, image_tower=cfg.identity != "text",
+                                             pad_to_square=cfg.image_aspect == "pad") if cfg.text_encoder else None
     return model, tokenizer, improc, text_encoder
 
 
@@ -323,12 +294,13 @@ def client_score(fed, bench, k, client, cache=None):
 
 
 def evaluate(fed, bench, tasks, cache=None):
-    """One row of the accuracy matrix: the scores of `tasks` (None for the others), averaged over the models the
-    method evaluates (one, or every client's own for the local and FedSA baselines)."""
+    """One row of the accuracy matrix: the scores of `tasks` (None for the others), each averaged over the models
+    the method scores it with (fed.eval_clients: one; local: every client's own; FedSA: those of the clients holding
+    the task, None when none does)."""
     row = [None] * len(bench.tasks)
-    clients = fed.eval_clients()
     for k in tasks:
-        row[k] = sum(client_score(fed, bench, k, c, cache) for c in clients) / len(clients)
+        clients = fed.eval_clients(bench.test_datasets[bench.tasks[k]])
+        row[k] = sum(client_score(fed, bench, k, c, cache) for c in clients) / len(clients) if clients else None
     return row
 
 
@@ -380,7 +352,7 @@ def close_stage(fed, bench, stage, progress, out, log, is_main, t0):
     row = evaluate(fed, bench, tasks, cache)
     progress["matrix"].append(row)
     log(f"[{fed.cfg.method}] after stage {stage + 1}/{stages} ({time.time() - t0:.0f}s): "
-        + ", ".join(f"{bench.tasks[k]} {row[k]:.1f}" for k in tasks))
+        + ", ".join(f"{bench.tasks[k]} {row[k]:.1f}" for k in tasks if row[k] is not None))
     progress["stage"], progress["round"] = stage + 1, 0
     progress["done"] = stage + 1 == stages
     t_save = time.time()
@@ -436,7 +408,7 @@ def run_method(cfg: Config, method, bench, out, device, dtype, log, is_main):
     log(f"[{method}] {progress['wall_s']:.0f}s: train {spent['train']:.0f}s (clients' local training "
         f"{spent['local']:.1f}s, identity features and aggregation {spent['train'] - spent['local']:.1f}s), eval "
         f"{spent['eval']:.0f}s, save {spent['save']:.0f}s (adapters; the rest: state files)")
-    return summarize(progress, bench, continual=not fed.method.schedule.centralised)
+    return summarize(progress, bench, continual=not fed.method.schedule.joint)
 
 
 def exit_with_parent():
@@ -501,43 +473,54 @@ def run_methods(cfg: Config, args, bench, out, device, dtype, log, world, result
     pool.shutdown()
 
 
-def load_saved_adapter(cfg: Config, path, bench, device, dtype):
-    """A Federation holding a saved stage adapter (ours: the method that wrote it, its keys and projector; PEFT: one
-    LoRA on the base model), and the stage it evaluates. Errors name the file and what was expected."""
+def _adapter_error(load, *args):
+    try:
+        return load(*args)
+    except (ValueError, FileNotFoundError) as e:      # the message names the file, key or field
+        raise UsageError(f"--adapters {e}") from None
+
+
+def check_saved_adapter(cfg: Config, path, bench):
+    """--eval-only's checks that need no model, run before --out is claimed: (our stage file, PEFT folder, its checked
+    metadata); our file's metadata and layer header against the run, or a PEFT folder's config and weights file."""
     ours = path if os.path.isfile(path) else os.path.join(path, "fcit_adapter.safetensors")
     peft_dir = next((d for d in (path, os.path.join(path, "peft"))
                      if os.path.isfile(os.path.join(d, "adapter_config.json"))), None)
-    model, tokenizer, improc, text_encoder = load_model(cfg, device, dtype)
-    if os.path.isfile(ours):
-        meta = adapters.adapter_metadata(ours)
-        if meta.get("method") not in config.FCIT_METHODS + config.FEDIT_METHODS:
-            raise UsageError(f"--adapters {ours}: no method in its metadata (got {meta}); expected a stage adapter "
-                             "fcit wrote")
-        fed = federate.Federation(model, tokenizer, improc, dataclasses.replace(
-            cfg, method=meta["method"], device=device, dtype=dtype), text_encoder)
-        try:
-            extra, _ = adapters.load_adapter(model, ours)
-        except ValueError as e:
-            raise UsageError(f"--adapters {ours} does not fit this configuration ({e}); pass the flags it was "
-                             "trained with (--rank, --alpha, --subspaces, --lora-targets)") from None
-        federate.adopt_adapter(fed, extra, meta)
-        return fed, int(meta.get("stage", bench.stages - 1)), meta["method"]
-    if peft_dir is None:
+    if not os.path.isfile(ours) and peft_dir is None:
         raise UsageError(f"--adapters {path}: expected a stage folder with fcit_adapter.safetensors, that file, or a "
                          "PEFT adapter folder with adapter_config.json")
-    adapters.load_peft_adapter(model, peft_dir)
-    fed = federate.Federation(model, tokenizer, improc,
-                              dataclasses.replace(cfg, method="zeroshot", device=device, dtype=dtype), text_encoder)
-    return fed, bench.stages - 1, "peft"
+    if os.path.isfile(ours):
+        return ours, peft_dir, _adapter_error(adapters.check_stage_adapter, ours, cfg, bench.stages, federate.METHODS)
+    _adapter_error(adapters.read_peft_dir, peft_dir)
+    return ours, peft_dir, None
+
+
+def load_saved_adapter(cfg: Config, path, bench, device, dtype):
+    """A Federation holding a saved stage adapter (ours: the method that wrote it, its keys and projector; PEFT: one
+    LoRA on the base model), and the stage it evaluates. What the file says is checked against the run first
+    (adapters.check_stage_adapter; PEFT's fields); errors name the file and what was expected."""
+    ours, peft_dir, meta = check_saved_adapter(cfg, path, bench)
+    model, tokenizer, improc, text_encoder = load_model(cfg, device, dtype)
+    if meta is None:
+        _adapter_error(adapters.load_peft_adapter, model, peft_dir)
+    method = meta["method"] if meta else "zeroshot"
+    fed = federate.Federation(model, tokenizer, improc, dataclasses.replace(cfg, method=method, device=device,
+                                                                            dtype=dtype), text_encoder)
+    if meta is None:
+        return fed, bench.stages - 1, "peft"
+    if meta["stage"] >= fed.method.schedule.stages(bench.stages):     # mtl: one joint stage
+        raise UsageError(f"--adapters {ours}: stage index {meta['stage']}, but {method} trains one joint stage")
+    federate.adopt_adapter(fed, _adapter_error(adapters.load_adapter, model, ours)[0], meta)
+    return fed, meta["stage"], method
 
 
 def evaluate_saved(cfg: Config, path, bench, device, dtype, log):
     """--eval-only: one row of scores for the tasks the adapter's stage has seen; Last only."""
     t0 = time.time()
     fed, stage, label = load_saved_adapter(cfg, path, bench, device, dtype)
-    tasks = bench.seen(bench.stages - fed.method.schedule.stages(bench.stages) + min(stage, bench.stages - 1))
+    tasks = bench.seen(bench.stages - fed.method.schedule.stages(bench.stages) + stage)
     row = evaluate(fed, bench, tasks)
-    log(f"[{label}] {path}: " + ", ".join(f"{bench.tasks[k]} {row[k]:.1f}" for k in tasks))
+    log(f"[{label}] {path}: " + ", ".join(f"{bench.tasks[k]} {row[k]:.1f}" for k in tasks if row[k] is not None))
     progress = {"matrix": [row], "comm_bytes": 0, "wall_s": time.time() - t0,
                 "routing_accuracy": fed.routing_accuracy(bench.examples_by_task(tasks))}
     return label, summarize(progress, bench, continual=False)
@@ -554,7 +537,7 @@ def save_adapters(fed, model, out, stage, is_main):
     d = os.path.join(out, "adapters", fed.cfg.method, f"stage{stage + 1}")
     os.makedirs(d, exist_ok=True)
     adapters.save_adapter(model, os.path.join(d, "fcit_adapter.safetensors"), extra=extra,
-                      metadata={"method": fed.cfg.method, "stage": stage})
+                          metadata={"method": fed.cfg.method, "setting": fed.cfg.setting, "stage": stage})
     adapters.save_peft_adapter(model, os.path.join(d, "peft"), alpha=alpha)
 
 
@@ -606,8 +589,7 @@ def plan(cfg: Config, bench):
     lines.append(f"~{total} optimizer steps per method in all")
     if "mtl" in cfg.methods:
         n = len(bench.pooled())
-        lines.append(f"mtl: one joint training, {cfg.mtl_epochs:g} epoch(s) over {n} pooled samples, "
-                     f"~{math.ceil(math.ceil(n * cfg.mtl_epochs / cfg.batch_size) / cfg.grad_accum)} optimizer steps")
+        lines.append(f"mtl: one stage of {cfg.rounds} rounds, its {cfg.clients} clients sharing {n} pooled samples")
     if cfg.image_preprocess:
         lines.append(f"images: {cfg.image_preprocess}")
     return "\n".join(lines)
@@ -658,23 +640,12 @@ def setup(args, cfg: Config, log):
         import build_tiny_model
         build_tiny_model.main(["--out", TINY_MODEL_DIR])
     try:
-        bench = Benchmark(cfg, log)
+        bench = Benchmark(cfg, log, dry_run=args.dry_run)
     except (data.FCITDataError, FileNotFoundError, ValueError) as e:
         raise UsageError(f"cannot read the data: {e}") from None
+    if args.eval_only:
+        check_saved_adapter(cfg, args.adapters, bench)
     return out, cfg_path, cfg_json, bench
-
-
-def write_results(results, bench, cfg: Config, out):
-    write_json(os.path.join(out, "results.json"), results)
-    md = results_markdown(results)
-    def write_md(tmp):
-        with open(tmp, "w") as f:
-            f.write(md)
-    files.atomic_write(os.path.join(out, "results.md"), write_md)
-    for name, r in results["methods"].items():
-        draw_matrix(r["matrix"], bench.tasks, f"{name} - {cfg.setting}", os.path.join(out, f"matrix_{name}.png"))
-    print("\n" + md)
-    print(f"wrote {out}/results.json, results.md, matrix_<method>.png")
 
 
 def resolve_device(flag, rank: int, world: int) -> str:
@@ -773,7 +744,7 @@ def run(args, cfg: Config, out, bench, device, dtype, log, world):
     if not args.eval_only:
         run_methods(cfg, args, bench, out, device, dtype, log, world, results)
     if is_main:
-        write_results(results, bench, cfg, out)
+        report.write_results(results, out)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

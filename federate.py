@@ -30,7 +30,7 @@ from server import Upload
 METHODS = {"finetune": methods.Finetune, "fedit": methods.FedIT, "zeroshot": methods.ZeroShot, "mtl": methods.MTL,
            "local": methods.Local, "fedsa": methods.FedSA, "ewc": methods.EWC, "olora": methods.OLoRA,
            "moelora": methods.MoELoRA, "disco": disco.DISCO}     # the one list of method names
-STATE_VERSION = 3                                                  # of state_dict's metadata
+STATE_VERSION = 4                                                  # of state_dict's metadata
 
 logger = logging.getLogger("fcit.federate")
 
@@ -255,6 +255,7 @@ class Federation:
         self.opt = server.ServerOptimizer(cfg.aggregator, cfg.server_lr, cfg.server_momentum, cfg.beta1,
                                           cfg.beta2, cfg.tau_adaptive)
         self.last, self.round_key, self.dp_rounds = None, (0, 0), 0   # last: (stage, round) of the last run_round
+        self.dp_participations: Counter = Counter()      # client -> DP rounds it took part in (the accountant's)
         self.rank, self.world = dist_info()
         self.gather = gather_by_position          # every rank's {position: value} of this round, merged
         self.lm_reference, self._collators = None, {}   # the LM-identity centre (computed once); the collators
@@ -275,7 +276,7 @@ class Federation:
             return None
         if not all(ex.image for ex in examples):
             raise ValueError("a batch mixes examples with and without images; batch them separately")
-        return self.improc([data.load_image(ex.image) for ex in examples]).to(self.device)
+        return self.improc([data.load_image(ex.image, ex) for ex in examples]).to(self.device)
 
     def batch(self, examples, with_answer=True) -> dict:
         """A right-padded training batch (data.Collator) or, with_answer=False, a left-padded prompt batch."""
@@ -341,22 +342,20 @@ class Federation:
     # ---------------------------------------------------------------- one communication round
     def run_round(self, stage: int, rnd: int, client_data: Callable, log: Callable | None = None) -> dict:
         """Round `rnd` of `stage` (both 0-based). client_data(position, client) -> [Example] gives a client's data
-        (the position picks the task in Het-FCIT; (None, None): every stage's pooled data). Returns the round log:
-        clients, per-client accounting, dropped clients with reasons and the method's entries (DISCO: the
-        assignments and opened subspaces)."""
+        (the position picks the task in Het-FCIT; None for mtl: the client's share of every stage's data pooled).
+        Returns the round log: clients, per-client accounting, dropped clients with reasons and the method's entries
+        (DISCO: the assignments and opened subspaces)."""
         cfg, t0 = self.cfg, time.perf_counter()
         rec = {"stage": stage, "round": rnd, "method": cfg.method, "aggregator": cfg.aggregator,
                "assignments": None, "opened": [], "active_subspaces": None}
         if not self.method.trains:
             self.last = (stage, rnd)
             return {**rec, "clients": [], "per_client": [], "skipped": f"{cfg.method}: no training"}
-        central = self.method.schedule.centralised
-        clients = [-1] if central else server.sample_clients(cfg.clients, cfg.clients_per_round, cfg.seed, stage, rnd,
-                                                             cfg.client_sampling)
+        clients = server.sample_clients(cfg.clients, cfg.clients_per_round, cfg.seed, stage, rnd, cfg.client_sampling)
         mine = [p for p in range(len(clients)) if p % self.world == self.rank]
-        failed = set() if central else server.dropouts(clients, cfg.client_dropout, cfg.seed, stage, rnd)
-        get = (lambda p: client_data(None, None)) if central else (lambda p: client_data(p, clients[p]))
-        data = {p: [] if p in failed else list(get(p) or []) for p in mine}
+        failed = server.dropouts(clients, cfg.client_dropout, cfg.seed, stage, rnd)
+        joint = self.method.schedule.joint
+        data = {p: [] if p in failed else list(client_data(None if joint else p, clients[p]) or []) for p in mine}
         ctx = Round(stage, rnd, clients, data, log or logger.info)
         asg = self.method.assign(ctx)
         rec.update(asg.log)
@@ -368,10 +367,11 @@ class Federation:
         for d in dropped:
             ctx.say(f"client {d['client']} (position {d['position']}) excluded: {d['reason']}")
         self.round_key = (stage, rnd)
-        if cfg.dp_clip and not central:                  # every training round spends privacy budget
+        if cfg.dp_clip and self.method.releases_updates:   # its clients spend privacy budget
             self.dp_rounds += 1
+            self.dp_participations.update(c for p, c in enumerate(clients) if p not in failed)
             rec["epsilon"] = privacy_spent(self)["epsilon"]
-        if len(kept) < (1 if central else cfg.min_clients):
+        if len(kept) < cfg.min_clients:
             rec["aggregation_skipped"] = f"{len(kept)} of {len(clients)} clients uploaded (--min-clients " \
                                          f"{cfg.min_clients}): the global model is left unchanged"
         elif kept:
@@ -413,9 +413,13 @@ class Federation:
             self.opt.m, self.opt.v = {}, {}
         return {"stage": stage, **self.method.end_stage(stage)}
 
-    def eval_clients(self) -> list:
-        """The models evaluated: every client's own (a personalized method), else the global one (None)."""
-        return sorted(self.method.personal) or [None]
+    def eval_clients(self, datasets=None) -> list:
+        """The models a task (its test `datasets`) is scored with: the global one (None), or a personalized method's
+        every client's own; with method.scores_own_tasks (FedSA-LoRA) those of the clients whose data holds it."""
+        if not self.method.personal:
+            return [None]
+        own = self.method.scores_own_tasks and datasets is not None
+        return [c for c, d in sorted(self.method.personal.items()) if not own or set(d) & set(datasets)]
 
     @torch.no_grad()
     def predict(self, examples, batch_size: int | None = None, client: int | None = None,
@@ -460,7 +464,8 @@ class Federation:
         t.update({f"method/{k}": v for k, v in mt.items()})
         t = {k: v.detach().cpu().contiguous().clone() for k, v in t.items()}
         meta = {"version": STATE_VERSION, "method": self.cfg.method, "K": self.K,
-                "last": list(self.last) if self.last else None, "method_state": mmeta, "dp_rounds": self.dp_rounds}
+                "last": list(self.last) if self.last else None, "method_state": mmeta, "dp_rounds": self.dp_rounds,
+                "dp_participations": {str(c): k for c, k in sorted(self.dp_participations.items())}}
         return t, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict):
@@ -479,6 +484,7 @@ class Federation:
         self.method.load_state(sub("method/"), meta["method_state"])
         self.last = tuple(meta["last"]) if meta["last"] else None
         self.dp_rounds = int(meta["dp_rounds"])
+        self.dp_participations = Counter({int(c): int(k) for c, k in meta["dp_participations"].items()})
         self.load(self.global_state)
 
 
@@ -512,11 +518,12 @@ def dp_aggregate(fed: Federation, groups: list[tuple[list[str], list[Upload]]]) 
 
 
 def privacy_spent(fed: Federation) -> dict:
-    """DP-FedAvg's (ε, δ) so far: the sampled Gaussian mechanism with q = clients per round / clients, one
-    step per round, the noise of the updates and (DISCO) of the identity tokens composed."""
+    """DP-FedAvg's (ε, δ) so far, for the worst client: the draws are public, so each round a client took part in
+    (sampled, not dropped out) is one Gaussian mechanism with q = 1 (privacy.worst_client); the noise of the updates
+    and (DISCO) of the identity tokens composed. docs/protocol.md says what it covers."""
     c = fed.cfg
     sigma = privacy.effective_noise(c.dp_noise, (c.dp_identity_noise if c.dp_identity_noise is not None
                                                  else c.dp_noise) if fed.method.releases_identity else None)
-    eps, order = privacy.epsilon(c.clients_per_round / c.clients, sigma, fed.dp_rounds, c.dp_delta)
-    return {"epsilon": eps, "delta": c.dp_delta, "rounds": fed.dp_rounds, "noise_multiplier": sigma,
-            "clip": c.dp_clip, "order": order}
+    eps, order, worst = privacy.worst_client(fed.dp_participations, sigma, c.dp_delta)
+    return {"epsilon": eps, "delta": c.dp_delta, "rounds": fed.dp_rounds, "participations": worst,
+            "noise_multiplier": sigma, "clip": c.dp_clip, "order": order}

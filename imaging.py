@@ -13,6 +13,16 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def to_rgb(img):
+    """A PIL image as 8-bit RGB. 16-bit greyscale (modes I;16*, and I as PNG decoders give it) is scaled,
+    round(v / 257), where PIL's convert("RGB") would clip every value above 255."""
+    from PIL import Image
+    if img.mode.startswith("I"):
+        v = np.asarray(img).astype(np.int64).clip(0, 65535)
+        img = Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def _hw(v, square: bool):
     """preprocessor size spec -> ("shortest", n) or ("exact", (h, w))."""
     if isinstance(v, dict):
@@ -88,7 +98,7 @@ class ImageProcessor:
 
     def _one(self, img) -> np.ndarray:
         from PIL import Image
-        img = img.convert("RGB")
+        img = to_rgb(img)
         if self.pad_to_square and img.width != img.height:   # LLaVA expand2square
             s = max(img.width, img.height)
             bg = Image.new("RGB", (s, s), tuple(int(x * 255) for x in self.image_mean))

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+import data
 import lora
 from server import Upload
 
@@ -30,15 +31,15 @@ class CapacityError(RuntimeError):
 
 @dataclass(frozen=True)
 class Schedule:
-    """How a method trains: `rounds` per stage and `local_epochs` per client and round. centralised (MTL): one client,
-    -1, holding every stage's pooled data, in one stage, without client sampling, dropout or privacy (Last only)."""
+    """How a method trains: `rounds` per stage and `local_epochs` per client and round. joint (MTL): one stage, in
+    which each client holds its share of every stage's data pooled (Last only)."""
     rounds: int
     local_epochs: float
-    centralised: bool = False
+    joint: bool = False
 
     def stages(self, n_stages: int) -> int:
         """The stages it trains of a benchmark of n_stages."""
-        return 1 if self.centralised else n_stages
+        return 1 if self.joint else n_stages
 
 
 @dataclass
@@ -86,6 +87,8 @@ class Finetune:
     subspaces = False             # K = cfg.subspaces LoRA subspaces per layer, else one
     router = False                # a token-level router per layer (MoELoRA)
     releases_identity = False     # uploads an identity token (DISCO), noised under DP
+    releases_updates = True       # the server aggregates the clients' updates: DP-noised and accounted under --dp-clip
+    scores_own_tasks = False      # a client's personalized model is scored only on the tasks its data holds (FedSA)
 
     def __init__(self, fed):
         self.fed, self.cfg = fed, fed.cfg
@@ -167,17 +170,26 @@ class ZeroShot(Finetune):
 
 
 class MTL(Finetune):
-    """The centralised upper bound: one joint training on every stage's pooled data, as one client for mtl_epochs
-    (the federated methods' budget), evaluated once (Last only)."""
+    """The multi-task upper bound as the official code trains it (fcit_type 'multask', whose model
+    multi_task/multask_llava_lora_ours/llava_lora_finetune_epoch_9 the eval scripts default to): one federated stage
+    of the usual rounds and client draws, each client holding its Dirichlet(β) share of every stage's training data
+    pooled (process_data.py's FCIT_multi_task_data_path partitioned as one task), evaluated once (Last only)."""
 
     def __init__(self, fed):
         super().__init__(fed)
-        self.schedule = Schedule(rounds=1, local_epochs=fed.cfg.mtl_epochs, centralised=True)
+        self.schedule = replace(self.schedule, joint=True)
+
+    @staticmethod
+    def partition(n_items: int, cfg) -> list[list[int]]:
+        """Each client's indices into the pooled data: FCIT's quantity skew over cfg.clients, seeded (seed·1000 + 999,
+        apart from data.make_partitions' per-task seed·1000 + k)."""
+        return data.dirichlet_partition(n_items, cfg.clients, cfg.beta, seed=cfg.seed * 1000 + 999)
 
 
 class Local(Finetune):
     """FedIT's local baseline: every client trains its own adapter alone; evaluation averages over clients, and
     each client's adapter is also scored on the tasks it trained on."""
+    releases_updates = False      # nothing leaves a client: no noise, no ε
 
     def __init__(self, fed):
         super().__init__(fed)
@@ -215,8 +227,11 @@ class Local(Finetune):
 
 class FedSA(Local):
     """FedSA-LoRA (Guo et al., ICLR 2025): A is shared and FedAvg'ed, B stays on its client (personalization);
-    a client trains from the global A and its own B. Evaluation averages over the clients' models (global A + own
-    B) on the global test sets, and scores each client's model on its own tasks."""
+    a client trains from the global A and its own B. As its code (FederatedScope, make_global_eval off) evaluates,
+    each client's model (global A + own B) is scored on its own data's tasks only: a task's score is the mean over
+    the clients holding it."""
+    releases_updates = True       # A is aggregated
+    scores_own_tasks = True
 
     def job(self, slot):
         names = self.fed.slot_names(slot)
@@ -229,10 +244,42 @@ class FedSA(Local):
             self.keep(u, u.local)
         return log
 
+    def export(self):
+        """The adapter: global A and the clients' sample-weighted mean B (the one model PEFT's copy can hold); extra:
+        each client's B ('B/<client>/<name>') and trained datasets ('personal/<client>/<dataset>': samples). None
+        under --dp-clip: the B stay on their clients, un-noised."""
+        if self.cfg.dp_clip:
+            return None
+        n = {c: sum(d.values()) for c, d in self.personal.items()}
+        mean_b = {name: sum(st[name] * (n[c] / sum(n.values())) for c, st in self.states.items())
+                  for name in next(iter(self.states.values()), {})}
+        self.fed.load({**self.fed.global_state, **mean_b})
+        extra = {f"B/{c}/{name}": v for c, st in self.states.items() for name, v in st.items()}
+        extra |= {f"personal/{c}/{ds}": torch.tensor(k) for c, d in self.personal.items() for ds, k in d.items()}
+        return extra, None
+
+    def restore(self, extra, meta):
+        self.states, self.personal = {}, {}
+        for key, v in extra.items():
+            kind, c, rest = (key.split("/", 2) + [None, None])[:3]
+            if kind == "B":
+                self.states.setdefault(int(c), {})[rest] = v
+            elif kind == "personal":
+                self.personal.setdefault(int(c), {})[rest] = int(v)
+
+
+def normalised(F: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """F / mean(F) over every entry of every tensor: mean 1, the same for F and c·F (None when F is all zero)."""
+    mean = sum(float(f.double().sum()) for f in F.values()) / max(1, sum(f.numel() for f in F.values()))
+    return {n: f / mean for n, f in F.items()} if mean > 0 else None
+
 
 class EWC(Finetune):
-    """Finetune + λ/2 Σ F (w − w*)² (Kirkpatrick et al. 2017): F the diagonal empirical Fisher of each stage's
-    last round (per-sample gradients, sample-weighted over clients) summed over stages, w* the stage's end."""
+    """Finetune + λ/2 Σ F̂ (w − w*)² (Kirkpatrick et al. 2017): F the diagonal empirical Fisher of each stage's
+    last round (per-sample gradients, sample-weighted over clients) summed over stages, w* the stage's end, and
+    F̂ = F / mean(F), scale-free as Cossu et al. 2021 normalise it (ContinualLearning_RecurrentNetworks,
+    clutils/strategies/utils.py; we divide by the mean, not min-max): λ is the weight of an L2 anchor on a weight of
+    average importance, whatever the model's or the loss's scale."""
 
     def __init__(self, fed):
         super().__init__(fed)
@@ -247,8 +294,10 @@ class EWC(Finetune):
         super().configure(slot)
         if not self.F or self.cfg.ewc_lambda <= 0:
             return None
-        p, dev = self.fed.params, self.fed.device
-        anchor = {n: (self.F[n].to(dev), self.star[n].to(dev)) for n in self.F}
+        p, dev, F = self.fed.params, self.fed.device, normalised(self.F)
+        if F is None:
+            return None
+        anchor = {n: (F[n].to(dev), self.star[n].to(dev)) for n in F}
         return lambda: self.cfg.ewc_lambda / 2 * sum((f * (p[n] - w) ** 2).sum() for n, (f, w) in anchor.items())
 
     def after_local_train(self, examples, names, rnd):

@@ -355,6 +355,20 @@ class VisionTower(nn.Module):
         return hs
 
 
+class CLIPImageTower(nn.Module):
+    """CLIPVisionModelWithProjection: image_embeds = visual_projection(post_layernorm(last layer's CLS)) (DISCO's image
+    identity)."""
+
+    def __init__(self, c: VisionConfig, projection_dim: int):
+        super().__init__()
+        self.vision_model = VisionTower(c)
+        self.visual_projection = nn.Linear(c.hidden_size, projection_dim, bias=False)
+
+    def forward(self, pixel_values):
+        v = self.vision_model
+        return self.visual_projection(v.post_layernorm(v(pixel_values)[-1][:, 0]))
+
+
 class Projector(nn.Module):
     def __init__(self, in_dim, out_dim, act):
         super().__init__()
@@ -574,6 +588,7 @@ class CLIPTextTower(nn.Module):
         self.encoder.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.text_projection = nn.Linear(c.hidden_size, c.projection_dim, bias=False) if projection else None
+        self.image_tower: CLIPImageTower | None = None   # the same CLIPModel's, for image identities (load_clip_text)
 
     def forward(self, input_ids, attention_mask=None, project: bool = True):
         """(B, S) -> (B, D): EOS-pooled states, then text_projection when present and project=True."""

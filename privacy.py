@@ -1,6 +1,9 @@
 """Client-level differential privacy for federated rounds (DP-FedAvg, McMahan et al. 2018): each client's update is
 clipped to L2 norm C, the server adds Gaussian noise of standard deviation σ·C to the sum and divides by a fixed
-denominator; an RDP accountant for the sampled Gaussian mechanism (Mironov et al. 2019) gives ε at δ."""
+denominator; an RDP accountant (Mironov et al. 2019) gives ε at δ. The client draws are a public function of public
+numbers, so no amplification by sampling is claimed: each round a client takes part in is one Gaussian mechanism
+(q = 1), and the reported ε is the worst client's (`worst_client`). Neighbouring data sets differ in one client's
+data, replaced by none (its update and token zero: the "zero-out" relation of Kairouz et al. 2021)."""
 from __future__ import annotations
 
 import math
@@ -61,6 +64,13 @@ def epsilon(q: float, sigma: float, steps: int, delta: float, orders=ORDERS) -> 
         eps = rdp + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1)
         best = min(best, (eps, a))
     return max(best[0], 0.0), best[1]
+
+
+def worst_client(participations: dict, sigma: float, delta: float) -> tuple[float, int, int]:
+    """(ε, best order, rounds) of the client that took part in the most rounds: its participations composed, each a
+    Gaussian mechanism of noise multiplier sigma without amplification (q = 1)."""
+    rounds = max(participations.values(), default=0)
+    return (*epsilon(1.0, sigma, rounds, delta), rounds)
 
 
 def effective_noise(*sigmas: float) -> float:

@@ -1,10 +1,12 @@
 """Scoring: the official FCIT metrics per dataset (exact match, substring, Grounding IoU, captions by
-pycocoevalcap's BLEU, ROUGE-L and CIDEr-D) with the official bugs fixed, FedIT's ROUGE-L, and the continual
-metrics Last, Avg and BWT over the accuracy matrix."""
+pycocoevalcap's BLEU, ROUGE-L and CIDEr-D) with the official bugs fixed, or (--scorer official) FCIT's eval
+scripts as released, bugs included; FedIT's ROUGE-L; and the continual metrics Last, Avg and BWT."""
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
+import shutil
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -229,22 +231,33 @@ def caption_metric_value(scores: dict, metric: str = "average") -> float:
     return 100.0 * scores[metric]
 
 
+def _caption_refs(examples) -> list[list[str]]:
+    return [e.meta.get("captions") or [e.answer] for e in examples]
+
+
+def _box_answer(e):
+    return e.meta.get("answer_bbox", e.answer)
+
+
 def evaluate_task(dataset: str, predictions: list[str], examples: list,
-                  caption_metric: str = "average") -> float:
+                  caption_metric: str = "average", scorer: str = "corrected") -> float:
     """Task score x 100: accuracy, Acc@IoU>0.5 (meta["answer_bbox"] when present), mean ROUGE-L for
-    "dolly/...", or for Flickr30k (references in meta["captions"]) caption_metric_value(caption_metric)."""
+    "dolly/...", or for Flickr30k (references in meta["captions"]) caption_metric_value(caption_metric).
+    scorer "official": official_task_score, FCIT's eval scripts as released (FedIT has none)."""
     _check_caption_metric(caption_metric)   # for every dataset, so a typo fails before any caption task
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; expected one of {', '.join(SCORERS)}")
     if len(predictions) != len(examples):
         raise ValueError(f"{dataset}: {len(predictions)} predictions for {len(examples)} examples")
     if not examples:
         raise ValueError(f"{dataset}: no examples to evaluate")
-    preds = [p.strip() for p in predictions]
+    preds = [p.strip() for p in predictions]   # model_*.py: outputs = outputs.strip()
+    if scorer == "official" and dataset in KNOWN:
+        return official_task_score(dataset, preds, examples, caption_metric)
     if dataset in CAPTION:
-        refs = [e.meta.get("captions") or [e.answer] for e in examples]
-        return caption_metric_value(caption_scores(preds, refs), caption_metric)
+        return caption_metric_value(caption_scores(preds, _caption_refs(examples)), caption_metric)
     if dataset == "Grounding":
-        return 100.0 * float(np.mean([grounding_score(p, e.meta.get("answer_bbox", e.answer))
-                                      for p, e in zip(preds, examples)]))
+        return 100.0 * float(np.mean([grounding_score(p, _box_answer(e)) for p, e in zip(preds, examples)]))
     return 100.0 * float(np.mean([score(dataset, p, e.answer) for p, e in zip(preds, examples)]))
 
 
@@ -262,6 +275,110 @@ def evaluate_fedit(predictions: list[str], examples: list) -> dict:
            for k, (r, x) in rows.items()}
     return {"rouge_l": out["all"]["rouge_l"], "exact_match": out["all"]["exact_match"],
             "per_category": {k: v for k, v in sorted(out.items()) if k != "all"}}
+
+
+# ----------------------------------------------------------------------------------------------------
+# --scorer official: FCIT's eval scripts as released (ETrain/Eval/LLaVA/CoIN/eval_*.py, run by
+# scripts/LLaVA/Eval_FCIT/eval_<dataset>.sh), bugs included, for numbers comparable with the paper.
+# docs/differences.md lists where they differ from the corrected scorers above.
+
+SCORERS = ("corrected", "official")
+OFFICIAL_CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+def official_box(text) -> list[float] | None:
+    """eval_grounding.py's parse of a predicted box: pred_bbox.replace('[', '').replace(']', ''), then
+    [float(x) for x in pred_bbox[1:-1].split(',')], which also drops the first and last characters
+    ("[0.12,0.34,0.56,0.78]" -> .12, .34, .56, 0.7). None where that raises or gives other than 4 numbers."""
+    fields = str(text).replace("[", "").replace("]", "")[1:-1].split(",")
+    try:
+        box = [float(x) for x in fields]
+    except ValueError:
+        return None
+    return box if len(box) == 4 else None
+
+
+def official_grounding(prediction: str, answer_bbox, size=None) -> float:
+    """eval_grounding.py: the ground truth parsed without the slice, both boxes x max(size) (IoU is unchanged
+    up to rounding), right += iou > 0.5; an unparsable prediction counts as wrong."""
+    fields = answer_bbox if isinstance(answer_bbox, (list, tuple)) else \
+        str(answer_bbox).replace("[", "").replace("]", "").split(",")
+    try:
+        gt = [float(x) for x in fields]
+    except ValueError:
+        gt = []
+    if len(gt) != 4:
+        raise ValueError(f"unparsable ground-truth box {answer_bbox!r}")
+    pred = official_box(prediction)
+    if pred is None:
+        return 0.0
+    if size:
+        max_wh = max(size)
+        pred, gt = [x * max_wh for x in pred], [x * max_wh for x in gt]
+    return float(box_iou(pred, gt) > 0.5)
+
+
+def official_score(dataset: str, prediction: str, answer, size=None) -> float:
+    """One sample by the script FCIT's eval_<dataset>.sh runs. The prediction is stripped as model_*.py
+    writes it; the answer is compared as the test file holds it (data.py strips it when loading)."""
+    pred = prediction.strip()
+    if dataset in EXACT_MATCH:      # eval_iconqa.py, eval_aokvqa.py, eval_arxivqa.py
+        return float(pred.upper() == str(answer).upper())
+    if dataset in SUBSTRING:        # eval_okvqa.py: '' is in every answer, so an empty prediction is right
+        return float(pred.upper() in str(answer).upper())
+    if dataset == "Grounding":
+        return official_grounding(pred, answer, size)
+    return score(dataset, pred, answer)   # captions: per corpus; dolly: Shepherd releases no eval script
+
+
+def official_caption_unavailable() -> str | None:
+    """Why official_caption_scores cannot run here, or None: it needs pycocoevalcap and a Java runtime."""
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        return "pycocoevalcap is not installed (pip install pycocoevalcap==1.2)"
+    if shutil.which("java") is None:
+        return "pycocoevalcap's PTB tokenizer and METEOR need Java, and 'java' is not on PATH"
+    return None
+
+
+def official_caption_scores(preds: list[str], refs: list[list[str]]) -> dict[str, float]:
+    """eval_caption.py: pycocoevalcap's COCOEvalCap with SPICE removed (the repo's eval.py): PTB tokenizer,
+    Bleu(4), Meteor, Rouge, Cider, on image ids 1..N in file order. 0-1 scales (CIDEr 0-10)."""
+    why = official_caption_unavailable()
+    if why:
+        raise ValueError(f"--scorer official scores captions with pycocoevalcap: {why}")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    tok = PTBTokenizer()
+    gts = tok.tokenize({i: [{"caption": c} for c in rs] for i, rs in enumerate(refs, start=1)})
+    res = tok.tokenize({i: [{"caption": p}] for i, p in enumerate(preds, start=1)})
+    out = dict(zip(OFFICIAL_CAPTION_METRICS[:4], Bleu(4).compute_score(gts, res, verbose=0)[0]))
+    for name, scorer in (("METEOR", Meteor), ("ROUGE_L", Rouge), ("CIDEr", Cider)):
+        out[name] = float(scorer().compute_score(gts, res)[0])
+    return out
+
+
+def official_caption_value(scores: dict, metric: str = "average") -> float:
+    """eval_caption.py's Result.text: each metric x 100, and "Average" = sum(results) / len(results) over
+    Bleu_1..4, METEOR, ROUGE_L and CIDEr (x 100) in that order; other names as caption_metric_value."""
+    if metric == "average":
+        results = [scores[k] * 100. for k in OFFICIAL_CAPTION_METRICS]
+        return sum(results) / len(results)
+    return caption_metric_value(scores, metric)
+
+
+def official_task_score(dataset: str, preds: list[str], examples: list, caption_metric: str = "average") -> float:
+    """The number FCIT's Result.text holds for a test set, printed '{:.2f}' (the paper's Last and Avg were
+    assembled from these files): 100. * right / total over every sample, or the caption value."""
+    if dataset in CAPTION:
+        v = official_caption_value(official_caption_scores(preds, _caption_refs(examples)), caption_metric)
+    else:
+        right = sum(official_score(dataset, p, _box_answer(e) if dataset == "Grounding" else e.answer,
+                                   e.meta.get("size")) for p, e in zip(preds, examples))
+        v = 100. * right / len(examples)
+    return float(f"{v:.2f}")
 
 
 # ----------------------------------------------------------------------------------------------------

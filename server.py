@@ -44,18 +44,57 @@ def sample_clients(n_clients: int, per_round: int, seed: int, stage: int, rnd: i
                    scheme: str = "seeded") -> list[int]:
     """Uniform sampling without replacement; the order is the position (Het-FCIT maps positions to tasks).
 
-    official: the draw of FCIT's and Shepherd's code, np.random.seed(stage*10 + round) then choice, made on a
-    local RandomState (same numbers, global RNG untouched; independent of `seed`, and repeating for stages
-    with more than 10 rounds, as the original does). seeded: a local generator keyed by (seed, stage, round)."""
+    official: the draw of FCIT's and Shepherd's client_selection, set(np.random.choice(...)) after
+    np.random.seed(stage*10 + round), made on a local RandomState (same numbers, global RNG untouched; independent of
+    `seed`, and repeating for stages with more than 10 rounds, as the original does); train.py enumerates that set, so
+    the positions follow the set's iteration order (`set_order`). seeded: a local generator keyed by (seed, stage,
+    round), in the order drawn."""
     if not 0 < per_round <= n_clients:
         raise ValueError(f"need 0 < clients_per_round ({per_round}) <= n_clients ({n_clients})")
     if scheme == "official":
         rng = np.random.RandomState(int(stage) * 10 + int(rnd))
-    elif scheme == "seeded":
+        return set_order([int(c) for c in rng.choice(np.arange(n_clients), per_round, replace=False)])
+    if scheme == "seeded":
         rng = np.random.default_rng([int(seed), int(stage), int(rnd)])
-    else:
-        raise ValueError(f"client sampling scheme {scheme!r}; expected 'seeded' or 'official'")
-    return [int(c) for c in rng.choice(n_clients, size=per_round, replace=False)]
+        return [int(c) for c in rng.choice(n_clients, size=per_round, replace=False)]
+    raise ValueError(f"client sampling scheme {scheme!r}; expected 'seeded' or 'official'")
+
+
+SET_MINSIZE, LINEAR_PROBES, PERTURB_SHIFT = 8, 9, 5       # CPython's Objects/setobject.c
+
+
+def set_order(keys: list[int]) -> list[int]:
+    """The order in which CPython (3.7 to 3.13, setobject.c) iterates set(keys), for distinct ints in [0, 2^61 - 1)
+    (hash(i) == i, numpy's integers alike), written out: the slots of an 8-slot table, grown to the smallest power of
+    two above 4·used (2·used past 50,000) once 5·fill >= 3·mask, the old table re-inserted slot by slot."""
+    table: list[int | None] = [None] * SET_MINSIZE
+    for used, key in enumerate(keys, 1):
+        if not 0 <= key < 2 ** 61 - 1:
+            raise ValueError(f"set_order: key {key} is not an int in [0, 2^61 - 1)")
+        _set_insert(table, key)
+        if used * 5 >= (len(table) - 1) * 3:
+            size = SET_MINSIZE
+            while size <= (used * 2 if used > 50000 else used * 4):
+                size <<= 1
+            old, table = table, [None] * size
+            for k in old:
+                if k is not None:
+                    _set_insert(table, k)
+    return [k for k in table if k is not None]
+
+
+def _set_insert(table: list, key: int):
+    """set_add_entry's probe sequence: slot hash & mask, then the next LINEAR_PROBES slots when they fit in the table,
+    then i = 5i + 1 + perturb (perturb = hash, shifted right by PERTURB_SHIFT each time)."""
+    mask, perturb = len(table) - 1, key
+    i = key & mask
+    while True:
+        for j in range(i, i + (LINEAR_PROBES if i + LINEAR_PROBES <= mask else 0) + 1):
+            if table[j] is None:
+                table[j] = key
+                return
+        perturb >>= PERTURB_SHIFT
+        i = (i * 5 + 1 + perturb) & mask
 
 
 # ----------------------------------------------------------------------------------------------------

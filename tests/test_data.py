@@ -124,21 +124,74 @@ def test_label_partition_and_iid():
 
 
 def test_shepherd_partition_categories():
-    cats = [c for c in range(8) for _ in range(100)]           # 8 categories x 100, 4 clients -> 8 pure shards
-    parts = data.shepherd_partition(cats, 4, seed=42)
+    cats = [c for c in range(8) for _ in range(100)]           # dolly_split's train rows come sorted by category
+    parts = data.shepherd_partition(len(cats), 4, seed=42)     # 8 categories x 100, 4 clients -> 8 pure shards
     _check_partition(parts, 800, 4)
     assert all(len({cats[i] for i in p}) == 2 for p in parts)
     # dolly-15k v1 category sizes minus 10 held out each, 10 clients, 2 shards each (Shepherd's README setup)
     sizes = {"open_qa": 3601, "general_qa": 2181, "classification": 2126, "closed_qa": 1813, "brainstorming": 1758,
              "information_extraction": 1502, "summarization": 1253, "creative_writing": 701}
-    cats = [c for c, n in sizes.items() for _ in range(n)]
-    parts = data.shepherd_partition(cats, 10, seed=42)
+    cats = sorted(c for c, n in sizes.items() for _ in range(n))
+    parts = data.shepherd_partition(len(cats), 10, seed=42)
     _check_partition(parts, len(cats), 10)
     lens = [len(p) for p in parts]
     assert max(lens) - min(lens) <= 2                          # near-equal sizes
     ncat = [len({cats[i] for i in p}) for p in parts]
     assert min(ncat) >= 1 and max(ncat) <= 4 and np.mean(ncat) < 3.5   # pathological category skew
-    assert parts == data.shepherd_partition(cats, 10, seed=42)
+    assert parts == data.shepherd_partition(len(cats), 10, seed=42)
+
+
+def _shepherd_oracle(path, num_clients):
+    """Shepherd's client_data_allocation.py (JayZhang42/FederatedGPT-Shepherd, diff_quantity=0) run verbatim with
+    pandas, up to its file output: (test rows, train rows, each client's rows)."""
+    import random
+    import warnings
+    pd = pytest.importorskip("pandas")
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        np.random.seed(42)
+        random.seed(42)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            df = pd.read_json(path, orient='records')
+            sorted_df = df.sort_values(by=['category'])
+            grouped = sorted_df.groupby('category')
+            sampled_df = grouped.apply(lambda x: x.sample(n=10))
+        sampled_df = sampled_df.reset_index(level=0, drop=True)
+        remaining_df = sorted_df.drop(index=sampled_df.index)
+        sampled_df = sampled_df.reset_index().drop('index', axis=1)
+        remaining_df = remaining_df.reset_index().drop('index', axis=1)
+        num_shards_per_clients = 2
+        remaining_df_index = remaining_df.index.values
+        shards = np.array_split(remaining_df_index, int(num_shards_per_clients * num_clients))
+        random.shuffle(shards)
+        shards = [shards[i:i + num_shards_per_clients] for i in range(0, len(shards), num_shards_per_clients)]
+        idx_partition = [np.concatenate(shards[n]).tolist() for n in range(num_clients)]
+        rows = lambda d: [r["instruction"] for r in d.to_dict(orient="records")]
+        return rows(sampled_df), rows(remaining_df), [rows(remaining_df.loc[idx]) for idx in idx_partition]
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+def test_fedit_split_is_shepherds_row_for_row(tmp_path):
+    """The held-out rows, the train order and every client's rows equal Shepherd's pandas procedure on a dolly-like
+    file (eight categories of uneven sizes, interleaved), for several client counts."""
+    rng = np.random.default_rng(5)
+    cats = [c for c, n in zip(data.DOLLY_CATEGORIES, (13, 57, 24, 80, 31, 11, 45, 19)) for _ in range(n)]
+    rng.shuffle(cats)
+    recs = [{"instruction": f"q{i}", "context": "", "response": f"a{i}", "category": c} for i, c in enumerate(cats)]
+    path = tmp_path / "new-databricks-dolly-15k.json"
+    path.write_text(json.dumps(recs))
+    train, test = data.dolly_split(data.load_dolly(path))
+    for n in (3, 10):
+        want_test, want_train, want_clients = _shepherd_oracle(str(path), n)
+        assert [r["instruction"] for r in test] == want_test
+        assert [r["instruction"] for r in train] == want_train
+        clients = data.shepherd_partition(len(train), n)
+        assert [[train[i]["instruction"] for i in idx] for idx in clients] == want_clients
+    stable = [r["instruction"] for r in sorted(recs, key=lambda r: r["category"]) if r["instruction"] not in want_test]
+    assert stable != want_train                    # pandas' sort is unstable: a stable sort gives other shards
 
 
 def test_manifest_hash():
@@ -647,14 +700,14 @@ def test_fedit_mini_and_dolly(tmp_path):
     ev = scoring.evaluate_fedit([e.answer for e in exs[:-1]] + ["nothing"], exs)
     assert ev["exact_match"] == pytest.approx(100 * 79 / 80) and len(ev["per_category"]) == 8
     assert ev["per_category"]["open_qa"]["rouge_l"] == 100.0 and ev["rouge_l"] < 100.0
-    parts = data.shepherd_partition([r["category"] for r in train], 4, seed=42)
+    parts = data.shepherd_partition(len(train), 4, seed=42)
     assert sorted(sum(parts, [])) == list(range(80))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(recs[0]) + "\n{oops\n")
     with pytest.raises(data.FCITDataError, match=r"bad\.jsonl: line 2: malformed JSON"):
         data.load_dolly(bad)
     bad.write_text(json.dumps({"instruction": "x"}) + "\n")
-    with pytest.raises(data.FCITDataError, match="line/index 1"):
+    with pytest.raises(data.FCITDataError, match=r"bad\.jsonl: line 1: 'response' must be a non-empty string"):
         data.load_dolly(bad)
 
 

@@ -500,14 +500,15 @@ def test_ewc_fisher_per_sample_and_online_consolidation():
     w = {n: anchors[1][n] + 0.01 * torch.randn(anchors[1][n].shape, generator=g) for n in names}
     fed.load(w)
     got = float(fd.client_penalty(fed, names, None, fed.method.configure(0)).detach())
-    want_pen = lam / 2 * sum(float((expected_F[n] * (w[n] - anchors[1][n]) ** 2).sum()) for n in names)
+    m = float(torch.cat([f.flatten() for f in expected_F.values()]).double().mean())      # F̂ = F / mean(F)
+    want_pen = lam / 2 * sum(float((expected_F[n] / m * (w[n] - anchors[1][n]) ** 2).sum()) for n in names)
     assert got == pytest.approx(want_pen, rel=1e-3) and want_pen > 0
 
 
 def test_mechanism_ewc_retains_first_task_at_default_lambda():
     """At the default λ, EWC keeps clearly more of task A than Finetune on the mechanism task while learning B."""
     ewc = fd.Federation(*tiny_model(), None, tiny_cfg(method="ewc"))
-    assert ewc.cfg.ewc_lambda == Config.ewc_lambda == 1e6
+    assert ewc.cfg.ewc_lambda == Config.ewc_lambda == 1.0
     accs, _, _ = run_two_tasks(ewc)
     ft = fd.Federation(*tiny_model(), None, tiny_cfg(method="finetune"))
     accs_ft, _, _ = run_two_tasks(ft)
@@ -534,7 +535,7 @@ def test_zeroshot_mtl_local():
     calls = []
     mtl = fd.Federation(*tiny_model(), None, tiny_cfg(method="mtl", local_epochs=1))
     rec = mtl.run_round(0, 0, lambda p, c: calls.append((p, c)) or task_examples("A", 8, 0) + task_examples("B", 8, 0))
-    assert calls == [(None, None)] and rec["clients"] == [-1] and rec["samples"] == 16
+    assert calls == [(None, c) for c in rec["clients"]]
     loc = fd.Federation(*tiny_model(), None, tiny_cfg(method="local", local_epochs=2))
     g0 = {k: v.clone() for k, v in loc.global_state.items()}
     rec = loc.run_round(0, 0, client_data_for("A", 0, 0, n=8))

@@ -13,21 +13,54 @@ import imaging
 import prompts
 import server
 
+# (clients, per round, stage, round) -> the positions of FCIT's train.py, `enumerate(client_selection(...))`, worked
+# out from its procedure: np.random.seed(stage*10 + round); set(np.random.choice(np.arange(clients), per_round,
+# replace=False)); the set's iteration order. Shepherd's main.py is stage 0 (np.random.seed(round)).
+OFFICIAL_DRAWS = [
+    ((50, 5, 0, 0), [28, 11, 10, 41, 2], [2, 41, 10, 11, 28]),
+    ((50, 5, 7, 9), [39, 44, 21, 42, 48], [39, 42, 44, 48, 21]),             # 39, 42, 44, 48 wrap at 32
+    ((50, 5, 3, 3), [5, 27, 37, 15, 40], [37, 5, 40, 15, 27]),               # 5 and 37 share a slot: 37 first
+    ((50, 5, 4, 6), [9, 14, 3, 35, 10], [3, 35, 9, 10, 14]),
+    ((10, 5, 0, 3), [5, 4, 1, 2, 9], [1, 2, 4, 5, 9]),                       # FedIT-sized
+    ((10, 1, 0, 4), [3], [3]),                                             # Shepherd's 1 of 10
+    ((100, 20, 2, 5), [41, 29, 33, 65, 74, 6, 57, 89, 87, 98, 0, 64, 81, 72, 66, 91, 95, 63, 59, 46],
+     [0, 6, 29, 33, 41, 46, 57, 59, 63, 64, 65, 66, 72, 74, 81, 87, 89, 91, 95, 98]),   # two resizes
+    ((1000, 30, 1, 3), [945, 452, 304, 433, 864, 291, 986, 923, 260, 546, 591, 390, 407, 261, 594, 618, 196, 78,
+                        765, 644, 991, 417, 416, 165, 279, 388, 576, 810, 729, 669],
+     [260, 261, 390, 644, 388, 407, 279, 923, 669, 416, 417, 546, 291, 165, 810, 304, 945, 433, 576, 452, 196, 78,
+      591, 594, 729, 986, 991, 864, 618, 765])]                             # collisions in a 128-slot table
 
-def test_official_client_draw_matches_the_reseeding_code_and_leaves_numpy_alone():
+
+@pytest.mark.parametrize("args,choice,positions", OFFICIAL_DRAWS)
+def test_official_client_draw_is_the_set_order_of_the_reseeding_code(args, choice, positions):
+    n, k, stage, rnd = args
     saved = np.random.get_state()
     try:
-        for stage, rnd in [(0, 0), (0, 9), (3, 4), (7, 9)]:
-            np.random.seed(stage * 10 + rnd)                      # FCIT's train.py / Shepherd's client_selection
-            expected = np.random.choice(50, 5, replace=False).tolist()
-            np.random.seed(123)
-            before = np.random.random()
-            np.random.seed(123)
-            got = server.sample_clients(50, 5, seed=7, stage=stage, rnd=rnd, scheme="official")
-            assert got == expected
-            assert np.random.random() == before                   # the global RNG was not touched
+        np.random.seed(stage * 10 + rnd)                          # FCIT's / Shepherd's client_selection
+        drawn = np.random.choice(np.arange(n), k, replace=False)
+        assert drawn.tolist() == choice
+        np.random.seed(123)
+        before = np.random.random()
+        np.random.seed(123)
+        got = server.sample_clients(n, k, seed=7, stage=stage, rnd=rnd, scheme="official")
+        assert np.random.random() == before                       # the global RNG was not touched
     finally:
         np.random.set_state(saved)
+    assert got == positions
+    assert got == [int(c) for c in set(drawn)]                    # and this interpreter's set agrees
+
+
+def test_set_order_emulates_cpython_sets():
+    rng = np.random.default_rng(0)
+    for n, k in [(8, 8), (64, 40), (10 ** 6, 300), (2 ** 40, 5)]:
+        keys = [int(x) for x in rng.choice(n, k, replace=False)]
+        assert server.set_order(keys) == list(set(keys))
+    assert server.set_order([8, 0, 16]) == [8, 0, 16]     # all at slot 0 of 8: too near the end for linear probes
+    with pytest.raises(ValueError, match="key -1"):
+        server.set_order([-1])
+
+
+def test_seeded_draw_and_unknown_scheme():
     seeded = [server.sample_clients(50, 5, seed=s, stage=0, rnd=0) for s in (0, 1)]
     assert seeded[0] != seeded[1] and seeded[0] == server.sample_clients(50, 5, seed=0, stage=0, rnd=0)
     with pytest.raises(ValueError, match="scheme"):

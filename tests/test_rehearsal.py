@@ -22,7 +22,7 @@ import model as M
 pytest.importorskip("transformers")
 
 FCIT_ALL = "disco,finetune,ewc,olora,moelora,fedsa,mtl,zeroshot"
-EXPORTS = {"disco", "finetune", "ewc", "olora", "moelora", "mtl", "fedit"}    # methods that save a stage adapter
+EXPORTS = {"disco", "finetune", "ewc", "olora", "moelora", "mtl", "fedit", "fedsa"}  # those saving a stage adapter
 SHORT = ["--dtype", "bfloat16", "--device", "cpu", "--gradient-checkpointing", "--lm-identity", "--on-full",
          "nearest", "--clients", "5", "--clients-per-round", "5", "--rounds", "1", "--local-epochs", "2",
          "--batch-size", "4", "--lr", "0.05", "--eval-samples", "2", "--max-new-tokens", "3", "--eval-batch-size", "1",
@@ -104,7 +104,10 @@ def spy(monkeypatch):
     return seen
 
 
-def check_run(out, setting, methods, stages):
+def check_run(out, setting, methods, stages, dp=False):
+    """Every method's matrix is finite; each saves its stage adapter (FedSA none under DP: the clients' B are not
+    noised)."""
+    exports = EXPORTS - ({"fedsa"} if dp else set())
     r = results(out)
     assert list(r["methods"]) == methods
     for name, m in r["methods"].items():
@@ -112,8 +115,8 @@ def check_run(out, setting, methods, stages):
         final = [v for v in m["matrix"][-1] if v is not None]
         assert final and all(math.isfinite(v) for v in final), (name, m["matrix"])
         saved = os.path.join(out, "adapters", name, f"stage{len(m['matrix'])}")
-        assert os.path.isfile(os.path.join(saved, "fcit_adapter.safetensors")) == (name in EXPORTS), name
-        assert os.path.isfile(os.path.join(saved, "peft", "adapter_config.json")) == (name in EXPORTS), name
+        assert os.path.isfile(os.path.join(saved, "fcit_adapter.safetensors")) == (name in exports), name
+        assert os.path.isfile(os.path.join(saved, "peft", "adapter_config.json")) == (name in exports), name
     return r
 
 
@@ -138,7 +141,7 @@ def test_every_method_of_every_setting_in_half_precision(world, tmp_path, spy, m
     out = tmp_path / "out"
     stages = 1 if setting == "fedit" else 2
     assert fcit.main(fcit_args(world, setting, methods, out, "--stages", str(stages), "--dtype", dtype, *extra)) == 0
-    check_run(out, setting, methods.split(","), stages)
+    check_run(out, setting, methods.split(","), stages, dp="--dp-clip" in extra)
     half = getattr(torch, dtype)
     want = {(True, half, half, frozenset({torch.float32}), frozenset({torch.float32}), True)}
     assert {(a, d, w, frozenset(lw), frozenset(pj), gc) for _, a, d, w, lw, pj, gc in spy} == want
