@@ -393,13 +393,7 @@ class Federation:
         """The server update, generic: each group's tensors `names` averaged over the group's uploads (FedAvg with
         weights n_k, or the server optimizer; DP-FedAvg with --dp-clip), written into the global state only when
         every result is finite. Returns whether it was."""
-        if self.cfg.dp_clip:
-            new = dp_aggregate(self, groups)
-        else:
-            new = {}
-            for names, us in groups:
-                new.update(server.aggregate({n: self.global_state[n] for n in names}, [u.state for u in us],
-                                            [u.n for u in us], self.opt, self.cfg.lora_avg))
+        new = (dp_aggregate if self.cfg.dp_clip else weighted_aggregate)(self, groups)
         if not server.finite_state(new):
             return False
         self.global_state.update(new)
@@ -495,6 +489,15 @@ def adopt_adapter(fed: Federation, extra: dict, meta: dict):
     fed.global_state = {n: fed.params[n].detach().to("cpu", copy=True) for n in fed.lora_names + fed.proj_names}
     fed.last = (int(meta["stage"]), 0)
     fed.method.restore(extra, meta)
+
+
+def weighted_aggregate(fed: Federation, groups: list[tuple[list[str], list[Upload]]]) -> dict:
+    """Each group's tensors averaged over its uploads with weights n_k (FedAvg), or the server optimizer's step."""
+    new = {}
+    for names, us in groups:
+        new.update(server.aggregate({n: fed.global_state[n] for n in names}, [u.state for u in us],
+                                    [u.n for u in us], fed.opt, fed.cfg.lora_avg))
+    return new
 
 
 def dp_aggregate(fed: Federation, groups: list[tuple[list[str], list[Upload]]]) -> dict:
