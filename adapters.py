@@ -347,9 +347,10 @@ def _peft_config_problems(cfg) -> list[str]:
     return problems
 
 
-def read_peft_dir(adapter_dir):
-    """(adapter_config.json as a dict, adapter_model.safetensors tensors) of a PEFT LoRA folder; refuses, naming
-    the file and each field, what we cannot honour, and weights not in safetensors (never unpickled)."""
+def read_peft_dir(adapter_dir, tensors=True):
+    """(adapter_config.json as a dict, adapter_model.safetensors tensors, or only their shapes when tensors=False) of
+    a PEFT LoRA folder; refuses, naming the file and each field, what we cannot honour, and weights not in
+    safetensors (never unpickled)."""
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: missing (not a PEFT adapter directory)")
@@ -364,8 +365,8 @@ def read_peft_dir(adapter_dir):
         others = [p for p in os.listdir(adapter_dir) if p.startswith("adapter_model")]
         raise ValueError(f"{adapter_dir}: no adapter_model.safetensors (found {others}); only safetensors "
                          f"adapters are supported (a .bin is a pickle, never loaded)")
-    tensors, _ = _read_safetensors(wpath)
-    return cfg, tensors
+    weights, _ = _read_safetensors(wpath, tensors)
+    return cfg, weights
 
 
 def _peft_selects(cfg, key) -> bool:

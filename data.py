@@ -161,14 +161,17 @@ def load_image(path, ex: Example | None = None):
     from PIL import Image
 
     from imaging import to_rgb
-    where = f"{ex.source[0]}: record {ex.source[1]} (id={ex.qid!r}): image " if ex is not None and ex.source else ""
+    def fail(msg):
+        if ex is not None and ex.source:
+            return _err(*ex.source, f"image {path}: {msg}", {"id": ex.qid})
+        return FCITDataError(f"{path}: {msg}")
     try:
         with Image.open(path) as im:
             return to_rgb(im)
     except FileNotFoundError:
-        raise FCITDataError(f"{where}{path}: image not found") from None
+        raise fail("image not found") from None
     except Exception as e:  # PIL.UnidentifiedImageError, truncated files, ...
-        raise FCITDataError(f"{where}{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
+        raise fail(f"corrupt or unreadable image ({type(e).__name__}: {e})") from None
 
 
 def _clean_instruction(text: str) -> str:

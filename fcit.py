@@ -491,7 +491,7 @@ def check_saved_adapter(cfg: Config, path, bench):
                          "PEFT adapter folder with adapter_config.json")
     if os.path.isfile(ours):
         return ours, peft_dir, _adapter_error(adapters.check_stage_adapter, ours, cfg, bench.stages, federate.METHODS)
-    _adapter_error(adapters.read_peft_dir, peft_dir)
+    _adapter_error(adapters.read_peft_dir, peft_dir, False)      # the header only: loaded later
     return ours, peft_dir, None
 
 

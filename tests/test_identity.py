@@ -140,3 +140,24 @@ def test_image_identity_needs_a_full_clip_model(tmp_path, clip, capsys):
     err = capsys.readouterr().err
     assert f"{text_only}/config.json: model_type 'clip_text_model'" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_clip_identities_in_the_bf16_recipe(clip, tmp_path, monkeypatch):
+    """The GPU recipe on a CPU with CLIP identities: bf16 frozen weights under autocast, --identity text+image from
+    the --text-encoder folder; DISCO trains, routes and writes its adapter, and --eval-only reproduces its row. The
+    CLIP towers stay float32 whatever --dtype is (their features are the matching's, not the VLM's)."""
+    import model as M
+    d, _, _ = clip
+    seen, real = [], M.CLIPImageTower.forward
+    monkeypatch.setattr(M.CLIPImageTower, "forward", lambda self, px: seen.append(
+        (torch.is_autocast_enabled("cpu"), self.visual_projection.weight.dtype)) or real(self, px))
+    out = tmp_path / "out"
+    args = ["--setting", "cap-hom", "--methods", "disco", "--identity", "text+image", "--text-encoder", str(d),
+            "--dtype", "bfloat16", "--stages", "1", "--rounds", "1", "--quiet"]
+    assert fcit.main(args + ["--out", str(out)]) == 0
+    row = json.load(open(out / "results.json"))["methods"]["disco"]["matrix"][0]
+    assert any(v is not None for v in row)
+    assert fcit.main(args + ["--eval-only", "--adapters", str(out / "adapters" / "disco" / "stage1"),
+                             "--out", str(tmp_path / "e")]) == 0
+    assert json.load(open(tmp_path / "e" / "results.json"))["methods"]["disco"]["matrix"][0] == row
+    assert seen and set(seen) == {(False, torch.float32)}       # CLIP's image embedding, in float32, in both runs
